@@ -1,0 +1,3 @@
+"""jaxpt: JAX-native post-training for language models."""
+
+__version__ = "0.1.0"
