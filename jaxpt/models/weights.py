@@ -21,6 +21,7 @@ from flax import nnx
 
 from jaxpt.models.config import ModelConfig
 from jaxpt.models.decoder import Decoder, abstract_model
+from jaxpt.tree import path_names, path_str
 
 
 class WeightsError(ValueError):
@@ -269,21 +270,6 @@ def _np_dtype(dtype) -> np.dtype:
     )
 
 
-def _path_keys(path) -> list[str]:
-    """Tree path -> param names, without nnx's trailing `.value` attribute key."""
-    keys = []
-    for k in path:
-        name = getattr(k, "key", getattr(k, "name", None))
-        name = str(k) if name is None else str(name)
-        if name != "value":
-            keys.append(name)
-    return keys
-
-
-def _path_str(path) -> str:
-    return ".".join(_path_keys(path))
-
-
 def load_params(source, cfg: ModelConfig, shardings=None) -> nnx.State:
     """Read `source` into jaxpt's param state. `shardings` is a state-shaped tree of
     `jax.sharding.Sharding` (default: the first device); each parameter is built directly
@@ -295,7 +281,9 @@ def load_params(source, cfg: ModelConfig, shardings=None) -> nnx.State:
     single = jax.sharding.SingleDeviceSharding(device)
     shard_leaves = None
     if shardings is not None:
-        shard_leaves = dict(jax.tree_util.tree_leaves_with_path(shardings))
+        shard_leaves = {
+            path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)
+        }
 
     def host_tensor(name: str, layer: int | None) -> np.ndarray:
         if layer is None:
@@ -308,13 +296,13 @@ def load_params(source, cfg: ModelConfig, shardings=None) -> nnx.State:
         return convert(np.asarray(w))
 
     def build(path, leaf):
-        keys = _path_keys(path)
+        keys = path_names(path)
         name = keys[-1]
         if name not in expected:
-            raise WeightsError(f"{source.description}: jaxpt param {_path_str(path)} has no source")
+            raise WeightsError(f"{source.description}: jaxpt param {path_str(path)} has no source")
         in_layers = keys[0] == "layers"
         dtype = _np_dtype(leaf.dtype)
-        sharding = shard_leaves.get(path, single) if shard_leaves else single
+        sharding = shard_leaves.get(path_str(path), single) if shard_leaves else single
 
         def check(arr, want, label):
             if arr.shape != tuple(want):
@@ -378,7 +366,7 @@ def export_hf(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         tensors: dict[str, np.ndarray] = {}
-        flat = {_path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
+        flat = {path_str(p): v for p, v in jax.tree_util.tree_leaves_with_path(params)}
 
         def get(name):
             return np.asarray(jax.device_get(flat[name]))

