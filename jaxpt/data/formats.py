@@ -246,7 +246,8 @@ def validate_row(row: dict[str, Any], task: Task) -> RowFormat:
     """Check one row for ``task``; return its format or raise DataError naming the key."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    fmt = detect_format(row)
+    if not isinstance(row, dict):
+        raise DataError(f"row must be a JSON object / dict, got {type(row).__name__}")
     if task == "prompt":
         prompt = _require(row, "prompt")
         if isinstance(prompt, list):
@@ -255,6 +256,7 @@ def validate_row(row: dict[str, Any], task: Task) -> RowFormat:
         _check_str(row, "prompt", allow_empty=False)
         return RowFormat("prompt_only", False)
 
+    fmt = detect_format(row)
     if task == "preference":
         if fmt.kind != "preference":
             raise DataError(
