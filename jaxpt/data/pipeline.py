@@ -1,0 +1,409 @@
+"""Validated, tokenized examples -> grain loaders of batch dicts with checkpointable state.
+
+Flow for every task (all validation and tokenization happen before training starts, so a bad
+row 7,000 fails at startup naming file and row)::
+
+    records = read_records(path, split=..., skip_invalid=..., stats=stats)   # sources.py
+    examples, stats = prepare_sft(records, tokenizer, max_length=..., stats=stats)
+    loader = sft_loader(examples, batch_size=..., max_length=..., seed=...)
+    it = iter(loader); batch = next(it); state = it.get_state(); it.set_state(state)
+
+Loaders are ``grain.MapDataset`` pipelines: items -> per-process shard -> seeded shuffle
+(reshuffled every epoch) -> batch (drop remainder, so every process gets the same number of
+equally shaped batches) -> repeat. Packed SFT packs the whole dataset once with best-fit
+decreasing (the packed rows are the items that get shuffled), as TRL packs once per dataset.
+
+Sharding: ``shard_index``/``shard_count`` default to ``jax.process_index()`` /
+``jax.process_count()``; items are first cut to a multiple of ``shard_count`` and shard k
+takes items k, k + shard_count, ... ``batch_size`` is the per-process batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import grain
+import numpy as np
+
+from jaxpt.data.formats import DataError, DataStats, Record, validate_records
+from jaxpt.data.packing import (
+    PromptTruncation,
+    Truncation,
+    _empty_batch,
+    _fill_row,
+    best_fit_decreasing,
+    collate_padded,
+    collate_preference,
+    collate_prompts,
+    truncate_example,
+    truncate_preference,
+    truncate_prompt,
+)
+from jaxpt.data.tokenize import (
+    TokenizedExample,
+    TokenizedPreference,
+    tokenize_preference,
+    tokenize_prompt,
+    tokenize_sft,
+)
+
+
+@dataclass
+class PromptExample:
+    """A generation prompt: ``prompt_ids`` int32 [P] and the row's columns (incl. ``prompt``)."""
+
+    prompt_ids: np.ndarray
+    columns: dict[str, Any] = field(default_factory=dict)
+
+
+def _new_stats(records: Sequence[Record], stats: DataStats | None) -> DataStats:
+    if stats is None:
+        stats = DataStats(rows_read=len(records))
+    return stats
+
+
+def _tokenize_all(records, task, fn, skip_invalid, stats):
+    valid, _ = validate_records(records, task, skip_invalid=skip_invalid, stats=stats)
+    out = []
+    for rec in valid:
+        try:
+            out.append(fn(rec.data))
+        except DataError as e:
+            if not skip_invalid:
+                raise e.at(rec.source, rec.row) from None
+            stats.invalid_skipped += 1
+    return out
+
+
+def prepare_sft(
+    records: Sequence[Record],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    truncation: Truncation = "keep_start",
+    completion_only: bool = True,
+    assistant_only: bool = True,
+    skip_invalid: bool = False,
+    stats: DataStats | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> tuple[list[TokenizedExample], DataStats]:
+    """Validate, tokenize (:func:`~jaxpt.data.tokenize.tokenize_sft`) and truncate every row."""
+    stats = _new_stats(records, stats)
+    fn = lambda row: tokenize_sft(
+        tokenizer,
+        row,
+        completion_only=completion_only,
+        assistant_only=assistant_only,
+        chat_template_kwargs=chat_template_kwargs,
+    )
+    out = []
+    for ex in _tokenize_all(records, "sft", fn, skip_invalid, stats):
+        ex = truncate_example(ex, max_length, truncation, stats)
+        if ex is not None:
+            out.append(ex)
+            stats.tokens += len(ex)
+            stats.target_tokens += ex.num_targets
+    stats.examples = len(out)
+    return out, stats
+
+
+def prepare_preference(
+    records: Sequence[Record],
+    tokenizer: Any,
+    *,
+    max_length: int,
+    truncation: Truncation = "keep_start",
+    skip_invalid: bool = False,
+    stats: DataStats | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> tuple[list[TokenizedPreference], DataStats]:
+    """Validate, tokenize (:func:`~jaxpt.data.tokenize.tokenize_preference`) and truncate pairs.
+
+    ``stats.tokens`` counts both sequences of a pair (prompt counted twice)."""
+    stats = _new_stats(records, stats)
+    fn = lambda row: tokenize_preference(tokenizer, row, chat_template_kwargs=chat_template_kwargs)
+    out = []
+    for pair in _tokenize_all(records, "preference", fn, skip_invalid, stats):
+        pair = truncate_preference(pair, max_length, truncation, stats)
+        if pair is not None:
+            out.append(pair)
+            n_c, n_r = len(pair.chosen_ids), len(pair.rejected_ids)
+            stats.tokens += 2 * len(pair.prompt_ids) + n_c + n_r
+            stats.target_tokens += n_c + n_r
+    stats.examples = len(out)
+    return out, stats
+
+
+def prepare_prompts(
+    records: Sequence[Record],
+    tokenizer: Any,
+    *,
+    max_prompt_length: int,
+    truncation: PromptTruncation = "drop",
+    skip_invalid: bool = False,
+    stats: DataStats | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> tuple[list[PromptExample], DataStats]:
+    """Validate and tokenize GRPO / eval prompts; every other column is kept for rewards."""
+    stats = _new_stats(records, stats)
+    fn = lambda row: PromptExample(
+        tokenize_prompt(tokenizer, row, chat_template_kwargs=chat_template_kwargs), dict(row)
+    )
+    out = []
+    for ex in _tokenize_all(records, "prompt", fn, skip_invalid, stats):
+        ids = truncate_prompt(ex.prompt_ids, max_prompt_length, truncation, stats)
+        if ids is not None:
+            out.append(PromptExample(ids, ex.columns))
+            stats.tokens += len(ids)
+    stats.examples = len(out)
+    return out, stats
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+class BatchIterator:
+    """Iterator over batch dicts whose position can be saved and restored.
+
+    ``get_state()`` returns a JSON-serializable dict; ``set_state(state)`` on an iterator of
+    an identically built loader resumes exactly where the state was taken (it checks that
+    the seed, shard and sizes match and raises ValueError naming the field otherwise).
+    """
+
+    def __init__(self, dataset: grain.MapDataset, meta: dict[str, Any], read_options):
+        self._meta = meta
+        self._it = iter(dataset.to_iter_dataset(read_options))
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        return next(self._it)
+
+    def get_state(self) -> dict[str, Any]:
+        return {"grain": self._it.get_state(), **self._meta}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        for k, v in self._meta.items():
+            if state.get(k) != v:
+                raise ValueError(
+                    f"data iterator state has {k}={state.get(k)!r} but this loader has {k}={v!r}"
+                )
+        self._it.set_state(state["grain"])
+
+
+@dataclass
+class Loader:
+    """A batched, sharded, shuffled, repeated grain dataset; ``iter(loader)`` -> BatchIterator.
+
+    batches_per_epoch: batches one process sees per epoch; stats: the data statistics.
+    """
+
+    dataset: grain.MapDataset
+    batches_per_epoch: int
+    stats: DataStats
+    meta: dict[str, Any]
+    num_threads: int = 2
+
+    def __iter__(self) -> BatchIterator:
+        opts = grain.ReadOptions(num_threads=self.num_threads, prefetch_buffer_size=4)
+        return BatchIterator(self.dataset, self.meta, opts)
+
+
+def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    """Default to this JAX process's index and the process count."""
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
+    return shard_index, shard_count
+
+
+def _make_loader(
+    kind: str,
+    items: Sequence[Any],
+    batch_fn: Callable[[Sequence[Any]], dict[str, Any]],
+    *,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    num_epochs: int | None,
+    shard_index: int | None,
+    shard_count: int | None,
+    stats: DataStats,
+    num_threads: int,
+) -> Loader:
+    shard_index, shard_count = resolve_shard(shard_index, shard_count)
+    per_shard = len(items) // shard_count
+    if per_shard < batch_size:
+        raise ValueError(
+            f"{kind}: {len(items)} rows over {shard_count} shard(s) give {per_shard} per shard, "
+            f"fewer than batch_size={batch_size}"
+        )
+    ds = grain.MapDataset.source(list(items[: per_shard * shard_count]))
+    ds = ds[shard_index::shard_count]
+    if shuffle:
+        ds = ds.shuffle(seed)
+    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=batch_fn)
+    ds = ds.repeat(num_epochs)
+    meta = {
+        "kind": kind,
+        "seed": seed,
+        "shuffle": shuffle,
+        "shard_index": shard_index,
+        "shard_count": shard_count,
+        "num_items": len(items),
+        "batch_size": batch_size,
+    }
+    return Loader(ds, per_shard // batch_size, stats, meta, num_threads)
+
+
+def sft_loader(
+    examples: Sequence[TokenizedExample],
+    *,
+    batch_size: int,
+    max_length: int,
+    packing: bool = True,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    pad_id: int = 0,
+    stats: DataStats | None = None,
+    num_threads: int = 2,
+) -> Loader:
+    """SFT batches (packing.py contract) of ``batch_size`` rows x ``max_length`` tokens.
+
+    ``packing=True`` packs all examples once (best-fit decreasing) and shuffles the packed
+    rows; ``packing=False`` puts one example per row. ``num_epochs=None`` repeats forever.
+    """
+    stats = stats if stats is not None else DataStats(examples=len(examples))
+    if packing:
+        bins = best_fit_decreasing([len(e) for e in examples], max_length)
+        items: list[Any] = [tuple(examples[i] for i in b) for b in bins]
+
+        def batch_fn(rows):
+            batch = _empty_batch(len(rows), max_length, pad_id)
+            for r, row in enumerate(rows):
+                _fill_row(batch, r, row)
+            return batch
+
+    else:
+        items = list(examples)
+        batch_fn = lambda rows: collate_padded(rows, max_length, pad_id=pad_id)
+    stats.rows = len(items)
+    return _make_loader(
+        "sft_packed" if packing else "sft_padded",
+        items,
+        batch_fn,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        stats=stats,
+        num_threads=num_threads,
+    )
+
+
+def preference_loader(
+    pairs: Sequence[TokenizedPreference],
+    *,
+    batch_size: int,
+    max_length: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    pad_id: int = 0,
+    stats: DataStats | None = None,
+    num_threads: int = 2,
+) -> Loader:
+    """Preference batches (``chosen_*`` / ``rejected_*``, one pair per row)."""
+    stats = stats if stats is not None else DataStats(examples=len(pairs))
+    stats.rows = len(pairs)
+    return _make_loader(
+        "preference",
+        pairs,
+        lambda rows: collate_preference(rows, max_length, pad_id=pad_id),
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        stats=stats,
+        num_threads=num_threads,
+    )
+
+
+def prompt_batch(
+    prompts: Sequence[PromptExample],
+    *,
+    pad_id: int = 0,
+    bucket: int | Literal["pow2"] = "pow2",
+    min_length: int = 16,
+    max_prompt_length: int | None = None,
+) -> dict[str, Any]:
+    """``collate_prompts`` of the prompts plus ``"columns"``: {column name: list of B values}
+    (missing values are None). Pop ``"columns"`` before sending the batch to a device."""
+    batch: dict[str, Any] = collate_prompts(
+        [p.prompt_ids for p in prompts],
+        pad_id=pad_id,
+        bucket=bucket,
+        min_length=min_length,
+        max_length=max_prompt_length,
+    )
+    names: list[str] = []
+    for p in prompts:
+        names.extend(k for k in p.columns if k not in names)
+    batch["columns"] = {k: [p.columns.get(k) for p in prompts] for k in names}
+    return batch
+
+
+def prompt_loader(
+    prompts: Sequence[PromptExample],
+    *,
+    batch_size: int,
+    max_prompt_length: int | None = None,
+    bucket: int | Literal["pow2"] = "pow2",
+    min_length: int = 16,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: int | None = None,
+    shard_index: int | None = None,
+    shard_count: int | None = None,
+    pad_id: int = 0,
+    stats: DataStats | None = None,
+    num_threads: int = 2,
+) -> Loader:
+    """GRPO prompt batches (:func:`prompt_batch`): left-padded, P bucketed."""
+    stats = stats if stats is not None else DataStats(examples=len(prompts))
+    stats.rows = len(prompts)
+    return _make_loader(
+        "prompt",
+        prompts,
+        lambda rows: prompt_batch(
+            rows,
+            pad_id=pad_id,
+            bucket=bucket,
+            min_length=min_length,
+            max_prompt_length=max_prompt_length,
+        ),
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        num_epochs=num_epochs,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        stats=stats,
+        num_threads=num_threads,
+    )

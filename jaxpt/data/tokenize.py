@@ -1,0 +1,391 @@
+"""Rows -> token ids + loss masks, for any `transformers` tokenizer and chat template.
+
+Axis legend: T = tokens of one example, P = prompt tokens, C = completion tokens.
+
+Loss-mask semantics: ``loss_mask[t]`` is True when token ``t`` is a training target, i.e. the
+model is trained to predict ``input_ids[t]`` from ``input_ids[:t]``. The first token of an
+example is never a target (nothing precedes it), so ``loss_mask[0]`` is always False, and
+trailing tokens that are not targets are trimmed from SFT examples (they would only waste
+space in a packed row).
+
+Conversations (assistant-only loss, any chat template)
+------------------------------------------------------
+Masks are computed by rendering the conversation *incrementally* with the tokenizer's chat
+template, with no ``{% generation %}`` markers needed. For each trained assistant message
+``i``:
+
+* ``before = render(messages[:i], add_generation_prompt=True)`` ends where the model starts
+  generating;
+* ``upto = render(messages[:i + 1])`` ends after the turn;
+* the trained text is ``upto[len(before):]`` (the assistant content plus the template's
+  end-of-turn), **minus trailing whitespace that follows a special token**. With ChatML
+  templates (SmolLM2, Qwen2.5) an assistant turn renders as
+  ``<|im_start|>assistant\\n{content}<|im_end|>\\n``: ``<|im_start|>assistant\\n`` is the
+  generation prompt (not trained), ``{content}<|im_end|>`` is trained, and the ``\\n`` after
+  ``<|im_end|>`` is not trained (generation stops at ``<|im_end|>``, so the model never
+  produces it). TRL's ``assistant_only_loss`` training templates also train that ``\\n`` for
+  Qwen2.5; jaxpt counts one token fewer per turn there. When the end-of-turn is plain text
+  (no special token, e.g. ``"\\n\\n"``), the whole tail including the whitespace is trained,
+  because it *is* the end-of-turn marker the model must learn to emit.
+
+The rendering of every prefix must be a string prefix of the full rendering, and the
+generation prompt must be a prefix of the rendered assistant turn; otherwise
+:class:`~jaxpt.data.formats.ChatTemplateError` says which of the two the template breaks
+(templates that rewrite history, e.g. strip reasoning from earlier turns, break the first).
+
+The rendered text is tokenized piece by piece (untrained piece, trained piece, ...), with
+``add_special_tokens=False`` (templates write their own BOS), so every token lies wholly in
+one piece and the prompt pieces tokenize exactly as the prompt does at generation time. For
+templates whose pieces meet at special tokens (ChatML and most others) this equals
+tokenizing the full rendering in one go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from jaxpt.data.formats import (
+    ChatTemplateError,
+    DataError,
+    split_implicit_prompt,
+    validate_row,
+)
+
+
+@dataclass
+class TokenizedExample:
+    """One SFT example: ``input_ids`` int32 [T], ``loss_mask`` bool [T] (see module doc)."""
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+
+    def __post_init__(self):
+        self.input_ids = np.asarray(self.input_ids, dtype=np.int32)
+        self.loss_mask = np.asarray(self.loss_mask, dtype=bool)
+        if self.input_ids.ndim != 1 or self.input_ids.shape != self.loss_mask.shape:
+            raise ValueError(
+                f"input_ids {self.input_ids.shape} and loss_mask {self.loss_mask.shape} "
+                "must be 1-D of the same length"
+            )
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_targets(self) -> int:
+        return int(self.loss_mask[1:].sum())
+
+
+@dataclass
+class TokenizedPreference:
+    """One preference pair: the shared prompt and the two completions (int32 1-D each).
+
+    The training sequences are ``prompt_ids + chosen_ids`` and ``prompt_ids + rejected_ids``
+    with the loss mask on the completion tokens only.
+    """
+
+    prompt_ids: np.ndarray
+    chosen_ids: np.ndarray
+    rejected_ids: np.ndarray
+
+    def __post_init__(self):
+        self.prompt_ids = np.asarray(self.prompt_ids, dtype=np.int32)
+        self.chosen_ids = np.asarray(self.chosen_ids, dtype=np.int32)
+        self.rejected_ids = np.asarray(self.rejected_ids, dtype=np.int32)
+
+    def sequence(self, which: str) -> TokenizedExample:
+        """``which`` in {"chosen", "rejected"}: prompt + completion with its completion mask."""
+        completion = self.chosen_ids if which == "chosen" else self.rejected_ids
+        ids = np.concatenate([self.prompt_ids, completion])
+        mask = np.concatenate(
+            [np.zeros(len(self.prompt_ids), bool), np.ones(len(completion), bool)]
+        )
+        mask[:1] = False
+        return TokenizedExample(ids, mask)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def encode(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
+    """Token ids of ``text`` (no truncation, no padding)."""
+    if not text:
+        return list(tokenizer("", add_special_tokens=add_special_tokens)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _with_eos(tokenizer: Any, ids: list[int]) -> list[int]:
+    eos = tokenizer.eos_token_id
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids = [*ids, int(eos)]
+    return ids
+
+
+def special_token_strings(tokenizer: Any) -> frozenset[str]:
+    """The tokenizer's special tokens as text (used to find the end-of-turn of a turn)."""
+    out = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    out.update(tok.content for tok in decoder.values() if getattr(tok, "special", False))
+    return frozenset(t for t in out if t)
+
+
+def render_chat(
+    tokenizer: Any,
+    messages: Sequence[dict],
+    *,
+    add_generation_prompt: bool,
+    chat_template_kwargs: dict | None = None,
+) -> str:
+    """Render messages with the tokenizer's chat template (text, not ids)."""
+    if getattr(tokenizer, "chat_template", None) is None and not (chat_template_kwargs or {}).get(
+        "chat_template"
+    ):
+        raise ChatTemplateError(
+            "conversational data needs a tokenizer with a chat template "
+            "(tokenizer.chat_template is None)"
+        )
+    try:
+        text = tokenizer.apply_chat_template(
+            list(messages),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            **(chat_template_kwargs or {}),
+        )
+    except Exception as e:  # jinja raise_exception(...) and template errors
+        raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+    if not isinstance(text, str):
+        raise ChatTemplateError(f"apply_chat_template returned {type(text).__name__}, not text")
+    return text
+
+
+def _turn_end(text: str, start: int, specials: frozenset[str]) -> int:
+    """End of the trained part of ``text[start:]``: drop whitespace after a final special token."""
+    tail = text[start:]
+    stripped = tail.rstrip()
+    if stripped != tail and any(stripped.endswith(s) for s in specials):
+        return start + len(stripped)
+    return len(text)
+
+
+def _divergence(a: str, b: str) -> str:
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    lo, hi = max(0, i - 30), i + 30
+    return f"they differ at character {i}: {a[lo:hi]!r} vs {b[lo:hi]!r}"
+
+
+def conversation_segments(
+    tokenizer: Any,
+    messages: Sequence[dict],
+    trained_turns: Sequence[int] | None,
+    *,
+    key: str = "messages",
+    chat_template_kwargs: dict | None = None,
+) -> list[tuple[str, bool]]:
+    """Split the rendered conversation into ``(text, trained)`` pieces (see module doc).
+
+    ``trained_turns`` are indices of assistant messages to train on; None trains everything.
+    The pieces concatenate to ``render_chat(messages, add_generation_prompt=False)``.
+    """
+    kw = chat_template_kwargs
+    full = render_chat(tokenizer, messages, add_generation_prompt=False, chat_template_kwargs=kw)
+    if trained_turns is None:
+        return [(full, True)]
+    specials = special_token_strings(tokenizer)
+    pieces: list[tuple[str, bool]] = []
+    cursor = 0
+    for i in sorted(trained_turns):
+        if i == 0:
+            raise DataError(
+                "message 0 is an assistant turn; a trained assistant turn needs a preceding "
+                "system or user message (the generation prompt is rendered after it)",
+                key=key,
+            )
+        before = render_chat(
+            tokenizer, messages[:i], add_generation_prompt=True, chat_template_kwargs=kw
+        )
+        upto = render_chat(
+            tokenizer, messages[: i + 1], add_generation_prompt=False, chat_template_kwargs=kw
+        )
+        if not upto.startswith(before):
+            raise ChatTemplateError(
+                f"chat template issue at message {i}: rendering messages[:{i}] with "
+                f"add_generation_prompt=True is not a prefix of rendering messages[:{i + 1}], "
+                "so the generation prompt does not match how the template writes an assistant "
+                f"turn; {_divergence(before, upto)}",
+                key=key,
+            )
+        if not full.startswith(upto):
+            raise ChatTemplateError(
+                f"chat template issue at message {i}: rendering messages[:{i + 1}] is not a "
+                "prefix of rendering the whole conversation; the template renders earlier turns "
+                "differently once later turns follow (e.g. it strips reasoning from earlier "
+                "assistant turns), so loss masks cannot be computed incrementally; "
+                f"{_divergence(upto, full)}",
+                key=key,
+            )
+        start, end = len(before), _turn_end(upto, len(before), specials)
+        if start < cursor:
+            raise ChatTemplateError(
+                f"chat template issue at message {i}: the generation prompt ends before the "
+                "previous assistant turn does",
+                key=key,
+            )
+        pieces.append((full[cursor:start], False))
+        pieces.append((full[start:end], True))
+        cursor = end
+    pieces.append((full[cursor:], False))
+    return [(t, m) for t, m in pieces if t]
+
+
+def _example_from_pieces(tokenizer: Any, pieces: list[tuple[list[int], bool]]) -> TokenizedExample:
+    ids: list[int] = []
+    mask: list[bool] = []
+    for piece_ids, trained in pieces:
+        ids.extend(piece_ids)
+        mask.extend([trained] * len(piece_ids))
+    mask_T = np.asarray(mask, dtype=bool)
+    if mask_T.size:
+        mask_T[0] = False
+    targets = np.flatnonzero(mask_T)
+    if targets.size == 0:
+        raise DataError("no training targets (nothing to learn after tokenization)")
+    end = int(targets[-1]) + 1
+    return TokenizedExample(np.asarray(ids[:end], np.int32), mask_T[:end])
+
+
+def _tokenize_conversation(tokenizer, messages, trained_turns, key, kw) -> TokenizedExample:
+    pieces = conversation_segments(
+        tokenizer, messages, trained_turns, key=key, chat_template_kwargs=kw
+    )
+    return _example_from_pieces(
+        tokenizer, [(encode(tokenizer, t, add_special_tokens=False), m) for t, m in pieces]
+    )
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def tokenize_sft(
+    tokenizer: Any,
+    row: dict[str, Any],
+    *,
+    completion_only: bool = True,
+    assistant_only: bool = True,
+    chat_template_kwargs: dict | None = None,
+) -> TokenizedExample:
+    """Tokenize one SFT row (raises DataError naming the key; callers add file and row).
+
+    * ``{"text"}``: every token is a target; EOS appended if the tokenizer has one and the
+      text does not already end with it; BOS as the tokenizer adds it.
+    * ``{"prompt", "completion"}`` strings: prompt tokenized with the tokenizer's special
+      tokens, completion without them plus EOS; targets = completion tokens
+      (``completion_only=False``: all tokens).
+    * ``{"messages"}``: targets = every assistant turn, computed incrementally (module doc);
+      ``assistant_only=False`` trains the whole rendering.
+    * conversational ``{"prompt", "completion"}``: targets = the assistant turns of the
+      completion; ``completion_only=False`` falls back to ``assistant_only`` over the
+      whole conversation.
+    """
+    fmt = validate_row(row, "sft")
+    kw = chat_template_kwargs
+    if fmt.kind == "language_modeling" and not fmt.conversational:
+        ids = _with_eos(tokenizer, encode(tokenizer, row["text"], add_special_tokens=True))
+        return _example_from_pieces(tokenizer, [(ids, True)])
+    if fmt.kind == "prompt_completion" and not fmt.conversational:
+        p = encode(tokenizer, row["prompt"], add_special_tokens=True)
+        c = _with_eos(tokenizer, encode(tokenizer, row["completion"], add_special_tokens=False))
+        return _example_from_pieces(tokenizer, [(p, not completion_only), (c, True)])
+
+    if fmt.kind == "language_modeling":
+        messages, n_prompt, key = row["messages"], 0, "messages"
+    else:
+        messages = [*row["prompt"], *row["completion"]]
+        n_prompt, key = len(row["prompt"]), "completion"
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if fmt.kind == "prompt_completion" and completion_only:
+        turns = [i for i in assistant if i >= n_prompt]
+    elif assistant_only:
+        turns = assistant
+    else:
+        turns = None
+    if turns is not None and not turns:
+        raise DataError("no assistant message to train on", key=key)
+    return _tokenize_conversation(tokenizer, messages, turns, key, kw)
+
+
+def _completion_text(tokenizer, prompt_text, prompt, completion, key, kw) -> str:
+    full = render_chat(
+        tokenizer, [*prompt, *completion], add_generation_prompt=False, chat_template_kwargs=kw
+    )
+    if not full.startswith(prompt_text):
+        raise ChatTemplateError(
+            "chat template issue: the prompt rendered with add_generation_prompt=True is not a "
+            f"prefix of prompt + {key} rendered; {_divergence(prompt_text, full)}",
+            key=key,
+        )
+    end = _turn_end(full, len(prompt_text), special_token_strings(tokenizer))
+    text = full[len(prompt_text) : end]
+    if not text:
+        raise DataError("empty completion after rendering", key=key)
+    return text
+
+
+def tokenize_preference(
+    tokenizer: Any, row: dict[str, Any], *, chat_template_kwargs: dict | None = None
+) -> TokenizedPreference:
+    """Tokenize one preference row into prompt / chosen / rejected ids.
+
+    Strings: prompt with the tokenizer's special tokens, completions without them plus EOS.
+    Conversational (explicit or implicit prompt): prompt = chat template with
+    ``add_generation_prompt=True``; each completion = the rest of the rendering of
+    prompt + completion, ending at its end-of-turn (trailing whitespace after a final
+    special token dropped, as in :func:`tokenize_sft`).
+    """
+    fmt = validate_row(row, "preference")
+    kw = chat_template_kwargs
+    if not fmt.conversational:
+        p = encode(tokenizer, row["prompt"], add_special_tokens=True)
+        c = _with_eos(tokenizer, encode(tokenizer, row["chosen"], add_special_tokens=False))
+        r = _with_eos(tokenizer, encode(tokenizer, row["rejected"], add_special_tokens=False))
+        return TokenizedPreference(p, c, r)
+    if fmt.implicit_prompt:
+        prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
+    else:
+        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+    prompt_text = render_chat(
+        tokenizer, prompt, add_generation_prompt=True, chat_template_kwargs=kw
+    )
+    c_text = _completion_text(tokenizer, prompt_text, prompt, chosen, "chosen", kw)
+    r_text = _completion_text(tokenizer, prompt_text, prompt, rejected, "rejected", kw)
+    return TokenizedPreference(
+        encode(tokenizer, prompt_text, add_special_tokens=False),
+        encode(tokenizer, c_text, add_special_tokens=False),
+        encode(tokenizer, r_text, add_special_tokens=False),
+    )
+
+
+def tokenize_prompt(
+    tokenizer: Any, row: dict[str, Any], *, chat_template_kwargs: dict | None = None
+) -> np.ndarray:
+    """Prompt ids (int32 [P]) for generation: a string prompt is tokenized with the
+    tokenizer's special tokens; a message list is rendered with ``add_generation_prompt=True``."""
+    fmt = validate_row(row, "prompt")
+    if fmt.conversational:
+        text = render_chat(
+            tokenizer,
+            row["prompt"],
+            add_generation_prompt=True,
+            chat_template_kwargs=chat_template_kwargs,
+        )
+        ids = encode(tokenizer, text, add_special_tokens=False)
+    else:
+        ids = encode(tokenizer, row["prompt"], add_special_tokens=True)
+    if not ids:
+        raise DataError("prompt tokenizes to nothing", key="prompt")
+    return np.asarray(ids, dtype=np.int32)
