@@ -19,20 +19,34 @@ def _run_info(args) -> int:
     cfg = resolved.config()
     n = cfg.num_params()
     print(f"model        {args.model}  ({resolved.kind}: {resolved.path})")
-    print(f"architecture {cfg.model_type}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-          f"mlp {cfg.intermediate_size}, heads {cfg.num_heads} (kv {cfg.num_kv_heads}, "
-          f"head_dim {cfg.head_dim}), vocab {cfg.vocab_size}")
-    extras = [k for k, on in (("tied embeddings", cfg.tie_word_embeddings),
-                              ("qkv bias", cfg.attention_bias), ("q/k norm", cfg.qk_norm)) if on]
+    print(
+        f"architecture {cfg.model_type}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+        f"mlp {cfg.intermediate_size}, heads {cfg.num_heads} (kv {cfg.num_kv_heads}, "
+        f"head_dim {cfg.head_dim}), vocab {cfg.vocab_size}"
+    )
+    extras = [
+        k
+        for k, on in (
+            ("tied embeddings", cfg.tie_word_embeddings),
+            ("qkv bias", cfg.attention_bias),
+            ("q/k norm", cfg.qk_norm),
+        )
+        if on
+    ]
     rope = cfg.rope_scaling_dict
-    print(f"features     rope_theta {cfg.rope_theta:g}"
-          + (f", rope_scaling {rope}" if rope else "") + (", " + ", ".join(extras) if extras else ""))
+    print(
+        f"features     rope_theta {cfg.rope_theta:g}"
+        + (f", rope_scaling {rope}" if rope else "")
+        + (", " + ", ".join(extras) if extras else "")
+    )
     print(f"parameters   {n:,} ({n / 1e6:.1f}M; tied embeddings counted once)")
     for name, nbytes in (("fp32", 4), ("bf16", 2)):
         print(f"memory       {name}: {n * nbytes / 2**20:,.1f} MiB weights")
     # AdamW training with fp32 master weights: weights + grads + two moments.
-    print(f"train (AdamW, fp32 master): {n * 16 / 2**20:,.1f} MiB for weights, grads and "
-          "optimizer state, before activations")
+    print(
+        f"train (AdamW, fp32 master): {n * 16 / 2**20:,.1f} MiB for weights, grads and "
+        "optimizer state, before activations"
+    )
     return 0
 
 

@@ -30,8 +30,13 @@ def data_dir() -> Path:
 
 
 TINY_DIMS = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
 )
 
 
@@ -77,7 +82,7 @@ def padded_batch(rng: np.random.RandomState, vocab: int, lengths: list[int], T: 
     ids = rng.randint(0, vocab, (len(lengths), T))
     mask = np.zeros((len(lengths), T), np.int32)
     for i, n in enumerate(lengths):
-        mask[i, T - n:] = 1
+        mask[i, T - n :] = 1
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)
     return ids.astype(np.int32), mask, positions
 
@@ -90,8 +95,12 @@ def run_with_devices(code: str, n_devices: int = 8, timeout: int = 300) -> str:
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True,
-        text=True, timeout=timeout, cwd=REPO,
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
     )
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stderr[-4000:]}")

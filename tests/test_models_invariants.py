@@ -12,8 +12,16 @@ from jaxpt.models.config import ModelConfig
 from jaxpt.models.decoder import KVCache, init_model
 
 CFG = ModelConfig(
-    model_type="qwen3", vocab_size=97, hidden_size=48, intermediate_size=80, num_layers=3,
-    num_heads=4, num_kv_heads=2, head_dim=12, qk_norm=True, attention_bias=True,
+    model_type="qwen3",
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    num_layers=3,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=12,
+    qk_norm=True,
+    attention_bias=True,
     rope_theta=500.0,
 )
 
@@ -63,7 +71,7 @@ def test_causality_through_gradients(model):
         return model.logits(hidden)[0, t].sum()
 
     g = np.asarray(jax.grad(out_at_t)(emb))[0]
-    assert np.all(g[t + 1:] == 0)
+    assert np.all(g[t + 1 :] == 0)
     assert np.all(np.abs(g[: t + 1]).sum(-1) > 0)  # and it does depend on the past
 
 
@@ -74,7 +82,7 @@ def test_cached_decode_equals_full_forward(model):
     prompt = rng.randint(1, 97, (B, P))
     mask = np.zeros((B, P), np.int32)
     for i, n in enumerate(lengths):
-        mask[i, P - n:] = 1
+        mask[i, P - n :] = 1
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
     cont = rng.randint(1, 97, (B, new))
     full_ids = np.concatenate([prompt, cont], 1)
@@ -83,17 +91,17 @@ def test_cached_decode_equals_full_forward(model):
     full = logits(model, full_ids, jnp.asarray(full_pos), jnp.asarray(full_mask))
 
     cache = KVCache.init(CFG, B, P + new)
-    hidden, cache = model(jnp.asarray(prompt), jnp.asarray(pos), jnp.asarray(mask),
-                          cache=cache, cache_index=0)
+    hidden, cache = model(
+        jnp.asarray(prompt), jnp.asarray(pos), jnp.asarray(mask), cache=cache, cache_index=0
+    )
     step_logits = [np.asarray(model.logits(hidden))[:, -1]]
     for t in range(new - 1):
-        tok = jnp.asarray(cont[:, t:t + 1])
+        tok = jnp.asarray(cont[:, t : t + 1])
         p = jnp.asarray(np.array(lengths)[:, None] + t)
-        hidden, cache = model(tok, p, jnp.ones((B, 1), jnp.int32), cache=cache,
-                              cache_index=P + t)
+        hidden, cache = model(tok, p, jnp.ones((B, 1), jnp.int32), cache=cache, cache_index=P + t)
         step_logits.append(np.asarray(model.logits(hidden))[:, 0])
     cached = np.stack(step_logits, 1)
-    np.testing.assert_allclose(cached, full[:, P - 1:P - 1 + new], atol=1e-4)
+    np.testing.assert_allclose(cached, full[:, P - 1 : P - 1 + new], atol=1e-4)
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])

