@@ -56,6 +56,8 @@ class PromptExample:
 
     prompt_ids: np.ndarray
     columns: dict[str, Any] = field(default_factory=dict)
+    source: str = "<memory>"  # file the row came from and its 1-based row number, so
+    row: int = 0  # reward errors can name the prompt's row
 
 
 def _new_stats(records: Sequence[Record], stats: DataStats | None) -> DataStats:
@@ -64,12 +66,12 @@ def _new_stats(records: Sequence[Record], stats: DataStats | None) -> DataStats:
     return stats
 
 
-def _tokenize_all(records, task, fn, skip_invalid, stats):
+def _tokenize_all(records, task, fn, skip_invalid, stats, *, with_record=False):
     valid, _ = validate_records(records, task, skip_invalid=skip_invalid, stats=stats)
     out = []
     for rec in valid:
         try:
-            out.append(fn(rec.data))
+            out.append(fn(rec) if with_record else fn(rec.data))
         except DataError as e:
             if not skip_invalid:
                 raise e.at(rec.source, rec.row) from None
@@ -148,14 +150,17 @@ def prepare_prompts(
 ) -> tuple[list[PromptExample], DataStats]:
     """Validate and tokenize GRPO / eval prompts; every other column is kept for rewards."""
     stats = _new_stats(records, stats)
-    fn = lambda row: PromptExample(
-        tokenize_prompt(tokenizer, row, chat_template_kwargs=chat_template_kwargs), dict(row)
+    fn = lambda rec: PromptExample(
+        tokenize_prompt(tokenizer, rec.data, chat_template_kwargs=chat_template_kwargs),
+        dict(rec.data),
+        rec.source,
+        rec.row,
     )
     out = []
-    for ex in _tokenize_all(records, "prompt", fn, skip_invalid, stats):
+    for ex in _tokenize_all(records, "prompt", fn, skip_invalid, stats, with_record=True):
         ids = truncate_prompt(ex.prompt_ids, max_prompt_length, truncation, stats)
         if ids is not None:
-            out.append(PromptExample(ids, ex.columns))
+            out.append(PromptExample(ids, ex.columns, ex.source, ex.row))
             stats.tokens += len(ids)
     stats.examples = len(out)
     return out, stats
@@ -354,7 +359,8 @@ def prompt_batch(
     max_prompt_length: int | None = None,
 ) -> dict[str, Any]:
     """``collate_prompts`` of the prompts plus ``"columns"``: {column name: list of B values}
-    (missing values are None). Pop ``"columns"`` before sending the batch to a device."""
+    (missing values are None) and ``"rows"`` (each prompt's 1-based row in its file). Pop
+    both before sending the batch to a device."""
     batch: dict[str, Any] = collate_prompts(
         [p.prompt_ids for p in prompts],
         pad_id=pad_id,
@@ -366,6 +372,7 @@ def prompt_batch(
     for p in prompts:
         names.extend(k for k in p.columns if k not in names)
     batch["columns"] = {k: [p.columns.get(k) for p in prompts] for k in names}
+    batch["rows"] = [p.row for p in prompts]
     return batch
 
 

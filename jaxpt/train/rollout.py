@@ -1,0 +1,174 @@
+"""GRPO rollouts: prompts -> sampled completions -> rewards -> advantages -> a train batch.
+
+Axis legend: B prompts, G generations per prompt, R = B*G rollout rows, P prompt length
+(left padded), C completion length (max_new_tokens, right padded), S = P + C.
+
+A rollout row is laid out as `[pad.. prompt | completion ..pad]`. Because prompts are left
+padded, the last prompt token always sits at P-1, so the log-prob of completion token j
+is read from sequence position P-1+j for every row: `completion_logprobs` slices
+`[:, P-1 : P-1+C]` and no per-row gather is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxpt.rewards.advantages import compute_advantages
+from jaxpt.rewards.registry import compute_rewards
+from jaxpt.sampling.decode import FINISH_LENGTH, generate
+from jaxpt.sampling.samplers import Sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutConfig:
+    num_generations: int = 4
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    reward_funcs: tuple[str, ...] = ("math",)
+    reward_weights: tuple[float, ...] | None = None
+    reward_timeout_s: float = 60.0
+    scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
+    advantage_estimator: str = "grpo"  # grpo | rloo
+    mask_truncated_completions: bool = False
+
+    def __post_init__(self):
+        if self.num_generations < 2:
+            raise ValueError(f"num_generations={self.num_generations}: GRPO needs >= 2 per "
+                             "prompt (advantages compare completions of one prompt)")
+        if self.reward_weights is not None and len(self.reward_weights) != len(
+                self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for "
+                             f"{len(self.reward_funcs)} reward_funcs")
+
+    def sampler(self) -> Sampler:
+        return Sampler(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                       min_p=self.min_p)
+
+
+@dataclasses.dataclass
+class Rollout:
+    """Host-side result of one rollout round (numpy arrays, R rows)."""
+
+    batch: dict[str, np.ndarray]  # rollout_sequences(...) + advantages_R
+    completions: list[Any]
+    rewards_R: np.ndarray
+    metrics: dict[str, float]
+
+
+def rollout_sequences(prompt_ids_RP, prompt_mask_RP, completion_ids_RC, completion_mask_RC,
+                      *, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """Train-step inputs for rollout rows: the batch contract of `jaxpt.data.packing`
+    (`input_ids, targets, positions, segment_ids`) plus `completion_mask` [R, C]."""
+    prompt_ids_RP, completion_ids_RC = np.asarray(prompt_ids_RP), np.asarray(completion_ids_RC)
+    prompt_mask_RP = np.asarray(prompt_mask_RP).astype(bool)
+    completion_mask_RC = np.asarray(completion_mask_RC).astype(bool)
+    if prompt_mask_RP.shape[1] and not prompt_mask_RP[:, -1].all():
+        raise ValueError("prompts must be left padded (the last prompt column must be real)")
+    real_RS = np.concatenate([prompt_mask_RP, completion_mask_RC], axis=1)
+    input_ids_RS = np.where(real_RS, np.concatenate([prompt_ids_RP, completion_ids_RC], 1),
+                            pad_id).astype(np.int32)
+    positions_RS = np.maximum(np.cumsum(real_RS, axis=1) - 1, 0).astype(np.int32)
+    targets_RS = np.concatenate(
+        [input_ids_RS[:, 1:], np.full((len(input_ids_RS), 1), pad_id, np.int32)], axis=1)
+    return {
+        "input_ids": input_ids_RS,
+        "targets": targets_RS,
+        "positions": positions_RS,
+        "segment_ids": real_RS.astype(np.int32),
+        "completion_mask": completion_mask_RC.astype(np.float32),
+    }
+
+
+def completion_logprobs(logprobs_RS, completion_len: int):
+    """Log-probs of the completion tokens, [R, C], from next-token log-probs [R, S]."""
+    P = logprobs_RS.shape[1] - completion_len
+    return logprobs_RS[:, P - 1:P - 1 + completion_len]
+
+
+def _decode(tokenizer, tokens_RC, lengths_R) -> list[str]:
+    rows = [list(map(int, t[:n])) for t, n in zip(tokens_RC, lengths_R, strict=True)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def _repeat(values: Sequence[Any], n: int) -> list[Any]:
+    return [v for v in values for _ in range(n)]
+
+
+def sample_rollouts(
+    graphdef,
+    params,
+    prompt_batch: dict[str, Any],
+    *,
+    tokenizer,
+    cfg: RolloutConfig,
+    eos_ids: Sequence[int],
+    rng,
+    pad_id: int,
+    reward_funcs: Sequence[Callable],
+    shardings=None,
+) -> Rollout:
+    """Sample G completions per prompt, score them, and build the train batch."""
+    G = cfg.num_generations
+    t0 = time.perf_counter()
+    gen = generate(
+        graphdef, params, prompt_batch["prompt_ids"], prompt_batch["prompt_mask"],
+        sampler=cfg.sampler(), max_new_tokens=cfg.max_new_tokens, eos_ids=tuple(eos_ids),
+        rng=rng, num_samples=G, pad_id=pad_id, bucket=False, shardings=shardings,
+    )
+    tokens_RC = np.asarray(gen.tokens)
+    lengths_R = np.asarray(gen.lengths)
+    truncated_R = np.asarray(gen.finish_reason) == FINISH_LENGTH
+    rollout_time = time.perf_counter() - t0
+
+    columns = dict(prompt_batch.get("columns", {}))
+    prompts = columns.pop("prompt", [None] * len(prompt_batch["prompt_ids"]))
+    texts = _decode(tokenizer, tokens_RC, lengths_R)
+    conversational = bool(prompts) and isinstance(prompts[0], list)
+    # TRL's convention: conversational prompts get message-list completions.
+    completions = ([[{"role": "assistant", "content": t}] for t in texts]
+                   if conversational else texts)
+    rows = prompt_batch.get("rows")
+    rewards_R, _, reward_metrics = compute_rewards(
+        reward_funcs, cfg.reward_weights, _repeat(prompts, G), completions,
+        [list(map(int, t[:n])) for t, n in zip(tokens_RC, lengths_R, strict=True)],
+        {k: _repeat(v, G) for k, v in columns.items()},
+        _repeat(rows, G) if rows is not None else None,
+        timeout_s=cfg.reward_timeout_s,
+    )
+    advantages_R, adv_metrics = compute_advantages(
+        rewards_R, G, scale_rewards=cfg.scale_rewards, estimator=cfg.advantage_estimator)
+
+    steps = np.arange(tokens_RC.shape[1])
+    completion_mask_RC = steps[None, :] < lengths_R[:, None]
+    train_mask_RC = completion_mask_RC & ~(truncated_R[:, None]
+                                           & cfg.mask_truncated_completions)
+    batch = rollout_sequences(
+        np.repeat(np.asarray(prompt_batch["prompt_ids"]), G, axis=0),
+        np.repeat(np.asarray(prompt_batch["prompt_mask"]), G, axis=0),
+        tokens_RC, completion_mask_RC, pad_id=pad_id,
+    )
+    batch["completion_mask"] = train_mask_RC.astype(np.float32)
+    batch["advantages"] = np.asarray(advantages_R, np.float32)
+
+    terminated = lengths_R[~truncated_R]
+    metrics = {
+        **{k: float(v) for k, v in adv_metrics.items()},
+        **{k: float(v) for k, v in reward_metrics.items()},
+        "completions/mean_length": float(lengths_R.mean()),
+        "completions/min_length": float(lengths_R.min()),
+        "completions/max_length": float(lengths_R.max()),
+        "completions/clipped_ratio": float(truncated_R.mean()),
+        "completions/mean_terminated_length": float(terminated.mean()) if len(terminated)
+        else 0.0,
+        "time/rollout": rollout_time,
+        "time/rewards": time.perf_counter() - t0 - rollout_time,
+    }
+    return Rollout(batch=batch, completions=completions, rewards_R=rewards_R, metrics=metrics)
