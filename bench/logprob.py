@@ -65,8 +65,10 @@ def _inputs(N, H, V, dtype):
 def measure(impl, args, platform, repeats, run: bool) -> dict:
     fn = _fwd_bwd(impl)
     compiled = fn.lower(*args).compile()
-    mem = compiled.memory_analysis()
-    result = {"peak_memory": (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**20}
+    mem = compiled.memory_analysis()  # None where a backend does not report it
+    result = {}
+    if mem is not None:
+        result["peak_memory"] = (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2**20
     if not run:
         return result
     jax.block_until_ready(compiled(*args))  # warm-up

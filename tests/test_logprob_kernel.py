@@ -165,6 +165,32 @@ class TestPallasTPUInterpretParity(TestChunkedParity):
     block_sizes = BlockSizes(block_n=8, block_v=128)
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU-only behaviour")
+def test_auto_is_chunked_on_cpu():
+    hidden, lm_head, targets = _inputs(5, 300, 16, jnp.float32)
+    f = lambda impl: token_logprobs(hidden, lm_head, targets, impl=impl)
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda: f("auto"))())
+    np.testing.assert_array_equal(f("auto").logprobs_N, f("chunked").logprobs_N)
+    np.testing.assert_allclose(f("auto").logprobs_N, f("reference").logprobs_N, rtol=1e-5)
+
+
+def test_mixed_dtypes_give_grads_in_each_input_dtype():
+    hidden, lm_head, targets = _inputs(5, 300, 16, jnp.float32)
+    hidden = hidden.astype(jnp.bfloat16)  # bf16 activations, fp32 head: computes in fp32
+
+    def loss(h, w):
+        return jnp.sum(token_logprobs(h, w, targets, impl="chunked").logprobs_N)
+
+    dh, dw = jax.grad(loss, argnums=(0, 1))(hidden, lm_head)
+    assert dh.dtype == jnp.bfloat16 and dw.dtype == jnp.float32
+    dh_ref, dw_ref = jax.grad(
+        lambda h, w: jnp.sum(token_logprobs(h, w, targets, impl="reference").logprobs_N),
+        argnums=(0, 1),
+    )(hidden.astype(jnp.float32), lm_head)
+    np.testing.assert_allclose(dw, dw_ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dh.astype(jnp.float32), dh_ref, rtol=1e-2, atol=1e-2)
+
+
 def test_chunked_memory_far_below_reference():
     """Compiled temp memory of forward+backward: chunked <= 25% of the reference."""
     N, V, H = 512, 8192, 64
