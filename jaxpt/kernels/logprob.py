@@ -258,7 +258,9 @@ def token_logprobs(
     unsupported combination raises ValueError. block_sizes: tiles for chunked / pallas.
     interpret: run the Pallas kernel in interpret mode (True: GPU kernel on CPU, a
     `pltpu.InterpretParams`: TPU kernel in TPU interpret mode). mesh / vocab_axis: shard
-    lm_head's V over that mesh axis (hidden and targets replicated over it).
+    lm_head's V over that mesh axis (V is zero-padded to a multiple of the shard count);
+    hidden and targets are replicated over vocab_axis and split over the other mesh axes
+    when N divides their size (else replicated). Call it inside or outside jit.
     """
     _check_inputs(hidden_NH, lm_head_VH, targets_N, temperature)
     layout = _layout(impl, interpret, mesh)
