@@ -1,0 +1,107 @@
+"""Portable token log-prob core in plain JAX: token chunks x vocab tiles, never N x V.
+
+Axis legend: N tokens, H hidden, V vocab; n / v a block of tokens / vocab columns.
+The forward maps over token chunks and scans vocab tiles with the online statistics of
+`logprob_common`; the backward scans vocab tiles (outer) and token chunks (inner),
+recomputing each logits tile, so the largest temporaries are a few block_n x block_v
+tiles plus the fp32 gradient accumulators.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from jaxpt.kernels.logprob_common import (
+    BlockSizes,
+    dlogits,
+    init_stats,
+    online_update,
+    pad_axis,
+    round_up,
+)
+
+DEFAULT_BLOCKS = BlockSizes(block_n=256, block_v=8192)
+
+
+def _tiles(h_NH, w_VH, cols_1V, vecs_N, bs: BlockSizes):
+    """Pad to whole tiles; h (nN, n, H), w (nV, v, H), cols (nV, 1, v), vecs (nN, n, 1)."""
+    N, H = h_NH.shape
+    V = w_VH.shape[0]
+    bn, bv = min(bs.block_n, N), min(bs.block_v, V)
+    Np, Vp = round_up(N, bn), round_up(V, bv)
+    h = pad_axis(h_NH, 0, Np).reshape(Np // bn, bn, H)
+    w = pad_axis(w_VH, 0, Vp).reshape(Vp // bv, bv, H)
+    cols = pad_axis(cols_1V, 1, Vp, value=-1).reshape(1, Vp // bv, bv).transpose(1, 0, 2)
+    vecs = [pad_axis(x, 0, Np).reshape(Np // bn, bn, 1) for x in vecs_N]
+    return h, w, cols, vecs
+
+
+def _logits(h_nH, w_vH, inv_temp):
+    z = lax.dot_general(h_nH, w_vH, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return z * inv_temp
+
+
+def chunked_stats(h_NH, w_VH, cols_1V, tgt_N, *, inv_temp, with_entropy, block_sizes):
+    """Per-token (m, s, t, zt), each (N,) fp32, over the columns of w_VH."""
+    N = h_NH.shape[0]
+    h, w, cols, (tgt,) = _tiles(h_NH, w_VH, cols_1V, [tgt_N], block_sizes)
+
+    def one_chunk(args):
+        h_nH, tgt_n1 = args
+
+        def one_tile(stats, tile):
+            w_vH, cols_1v = tile
+            z = _logits(h_nH, w_vH, inv_temp)
+            return online_update(stats, z, cols_1v, tgt_n1, with_entropy), None
+
+        stats, _ = lax.scan(one_tile, init_stats(tgt_n1.shape), (w, cols))
+        return stats
+
+    stats = lax.map(one_chunk, (h, tgt))
+    return tuple(x.reshape(-1)[:N] for x in stats)
+
+
+def chunked_grads(
+    h_NH,
+    w_VH,
+    cols_1V,
+    tgt_N,
+    lse_N,
+    b_lp_N,
+    b_a_N,
+    b_ent_N,
+    *,
+    inv_temp,
+    with_entropy,
+    block_sizes,
+):
+    """(d hidden (N, H), d lm_head (V, H)), both fp32, for the given coefficients."""
+    N, H = h_NH.shape
+    V = w_VH.shape[0]
+    h, w, cols, vecs = _tiles(
+        h_NH, w_VH, cols_1V, [tgt_N, lse_N, b_lp_N, b_a_N, b_ent_N], block_sizes
+    )
+    bv = w.shape[1]
+
+    def one_tile(dh_nNnH, tile):
+        w_vH, cols_1v = tile
+
+        def one_chunk(dw_vH, chunk):
+            h_nH, tgt, lse, b_lp, b_a, b_ent = chunk
+            z = _logits(h_nH, w_vH, inv_temp)
+            dz = dlogits(z, cols_1v, tgt, lse, b_lp, b_a, b_ent, with_entropy)
+            dw_vH = dw_vH + lax.dot_general(
+                dz.astype(h_nH.dtype),
+                h_nH,
+                (((0,), (0,)), ((), ())),
+                preferred_element_type=jnp.float32,
+            )
+            dh_nH = jnp.dot(dz.astype(w_vH.dtype), w_vH, preferred_element_type=jnp.float32)
+            return dw_vH, dh_nH
+
+        dw_vH, dh_parts = lax.scan(one_chunk, jnp.zeros((bv, H), jnp.float32), (h, *vecs))
+        return dh_nNnH + dh_parts, dw_vH
+
+    dh, dw = lax.scan(one_tile, jnp.zeros(h.shape, jnp.float32), (w, cols))
+    return dh.reshape(-1, H)[:N], dw.reshape(-1, H)[:V]
