@@ -124,12 +124,13 @@ def make_optimizer(
     return optax.chain(*parts), schedule
 
 
-def update_count(opt_state) -> jax.Array:
-    """Number of updates applied so far (the first `count` leaf of the optax state)."""
+def update_count(opt_state) -> jax.Array | None:
+    """Number of updates applied so far (the first `count` leaf of the optax state), or
+    None for optimizers without one."""
     for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state):
         if path_names(path)[-1] == "count":
             return leaf
-    raise ValueError("optimizer state has no `count` leaf")
+    return None
 
 
 # ----------------------------------------------------------------------------- shardings
@@ -181,7 +182,12 @@ def init_state(
     frozen_sh=None,
 ) -> tuple[TrainState, TrainState]:
     """(state, its shardings). The optimizer state is built by a jit whose outputs land in
-    the shardings derived from the params' (never unsharded)."""
+    the shardings derived from the params' (never unsharded). Params (and frozen) are put
+    in their shardings (a no-op when they are already there), so the jitted step sees the
+    same committed inputs on every call and compiles once."""
+    params = jax.device_put(params, params_sh)
+    if frozen is not None:
+        frozen = jax.device_put(frozen, frozen_sh)
     abstract = jax.eval_shape(
         lambda p: TrainState(p, tx.init(p), jnp.zeros((), jnp.int32), jax.random.PRNGKey(0)),
         params,
@@ -220,6 +226,47 @@ def split_micro(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array]:
     return {key: one(v) for key, v in batch.items()}
 
 
+def accumulate_grads(
+    loss_fn: LossFn,
+    params,
+    frozen,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    stats: Mapping[str, Any],
+    *,
+    grad_accum: int = 1,
+    params_fn: ParamsFn = identity_params,
+):
+    """(loss, metrics, grads) summed over ``grad_accum`` micro-batches of ``batch``.
+
+    Micro-batch j (rows j, j+k, ...) gets ``fold_in(rng, j)``; its rng is split into one key
+    for ``params_fn`` (LoRA dropout) and one for ``loss_fn``."""
+
+    def micro_loss(p, mb, r):
+        r_params, r_loss = jax.random.split(r)
+        return loss_fn(params_fn(p, frozen, r_params), mb, r_loss, stats)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    if grad_accum == 1:
+        (loss, metrics), grads = grad_fn(params, batch, jax.random.fold_in(rng, 0))
+        return loss, metrics, grads
+    micro = split_micro(batch, grad_accum)
+
+    def body(carry, xs):
+        mb, i = xs
+        (loss_i, metrics_i), grads_i = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (loss_i, metrics_i, grads_i)), None
+
+    (loss_s, metrics_s), grads_s = jax.eval_shape(
+        grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng
+    )
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_s, metrics_s, grads_s))
+    (loss, metrics, grads), _ = jax.lax.scan(
+        body, init, (micro, jnp.arange(grad_accum, dtype=jnp.uint32))
+    )
+    return loss, metrics, grads
+
+
 def make_train_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
@@ -244,42 +291,14 @@ def make_train_step(
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         rng, step_rng = jax.random.split(state.rng)
         stats = batch_stats_fn(state, batch) if batch_stats_fn is not None else {}
-
-        def micro_loss(params, mb, r):
-            r_params, r_loss = jax.random.split(r)
-            model_params = params_fn(params, state.frozen, r_params)
-            return loss_fn(model_params, mb, r_loss, stats)
-
-        grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-        if grad_accum == 1:
-            (loss, metrics), grads = grad_fn(state.params, batch, jax.random.fold_in(step_rng, 0))
-        else:
-            micro = split_micro(batch, grad_accum)
-
-            def body(carry, xs):
-                mb, i = xs
-                (loss_i, metrics_i), grads_i = grad_fn(
-                    state.params, mb, jax.random.fold_in(step_rng, i)
-                )
-                return jax.tree.map(jnp.add, carry, (loss_i, metrics_i, grads_i)), None
-
-            zero = jax.eval_shape(
-                lambda: grad_fn(
-                    state.params, jax.tree.map(lambda x: x[0], micro), step_rng
-                )
-            )
-            (_, zero_metrics), zero_grads = zero
-            init = jax.tree.map(
-                lambda s: jnp.zeros(s.shape, s.dtype),
-                (jax.ShapeDtypeStruct((), jnp.float32), zero_metrics, zero_grads),
-            )
-            (loss, metrics, grads), _ = jax.lax.scan(
-                body, init, (micro, jnp.arange(grad_accum, dtype=jnp.uint32))
-            )
-
+        loss, metrics, grads = accumulate_grads(
+            loss_fn, state.params, state.frozen, batch, step_rng, stats,
+            grad_accum=grad_accum, params_fn=params_fn,
+        )
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        lr = schedule(update_count(state.opt_state))
+        count = update_count(state.opt_state)
+        lr = schedule(state.step if count is None else count)
         updates, new_opt = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
