@@ -1,7 +1,7 @@
 """Helpers for the tests/test_train_*.py files: a tiny byte-level BPE tokenizer with a
 ChatML template, a tiny random model checkpoint that uses it, and run configs.
 
-The tiny model (vocab ~300, hidden 32, 2 layers) makes a train step take milliseconds, so
+The tiny model (vocab 1000, hidden 32, 2 layers) makes a train step take milliseconds, so
 the loop, resume and export tests exercise the real pipeline (GSM8K rows -> chat template
 -> packing -> jitted step -> orbax) quickly. SmolLM2 itself is used only by the e2e test.
 """
@@ -29,7 +29,7 @@ def gsm8k_path(data_dir: Path, split: str = "train") -> Path:
     return data_dir / "gsm8k" / f"{split}.jsonl"
 
 
-def make_tiny_tokenizer(out_dir: Path, data_dir: Path, vocab_size: int = 320):
+def make_tiny_tokenizer(out_dir: Path, data_dir: Path, vocab_size: int = 1000):
     """Byte-level BPE trained on 200 GSM8K rows, with the ChatML chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -83,7 +83,7 @@ def tiny_run_config(path: Path, model_dir: Path, data_dir: Path, out_dir: Path, 
             "train": str(gsm8k_path(data_dir, "train")),
             "format": "gsm8k",
             "max_train_rows": 48,
-            "max_length": 128,
+            "max_length": 256,
         },
         "optim": {"lr": 3.0e-3, "warmup_steps": 2, "schedule": "cosine"},
         "train": {"max_steps": 10, "batch_size": 4, "seed": 3},

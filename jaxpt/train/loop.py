@@ -199,6 +199,7 @@ def run(
 
     def save(step_no: int, *, wait: bool = False) -> None:
         nonlocal last_saved
+        flush()  # the save waits for the state anyway; log first so timing stays honest
         data = {"source": trainer.source.get_state(), "num_tokens": num_tokens}
         ckpt.save(step_no, trainer.state.saveable(), data, wait=wait)
         last_saved = step_no
