@@ -142,6 +142,7 @@ def run(
     start, num_tokens = 0, 0
     if cfg.checkpoint.resume and ckpt.latest_step() is not None:
         start, num_tokens = _restore(trainer, ckpt)
+        print(f"resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
     end = trainer.total_steps
     if cfg.train.stop_after_steps is not None:
         end = min(end, cfg.train.stop_after_steps)
