@@ -1,0 +1,380 @@
+"""KV-cache prefill and a jitted `lax.while_loop` decode loop.
+
+Axis legend:
+  B prompts   R = B * num_samples decoded rows   P prompt length (bucketed)
+  M max new tokens   S cache slots = P + M - 1   V vocab   E embed   L layers
+
+How a batch is decoded:
+  1. `prefill` (one jit): the B prompts run through the model once, writing their keys
+     and values into cache slots [0, P). A prompt row may be padded anywhere (left
+     padding is what `generate` adds): padding gets segment id 0 and is never attended;
+     real tokens get segment 1 and positions 0..len-1. The cache is then repeated
+     `num_samples` times on the batch axis (row r of the result belongs to prompt
+     r // num_samples), padded to S slots, and the first token of each row is sampled.
+  2. `decode` (one jit, state donated): `lax.while_loop` feeds token t-1 of every row at
+     slot P + t - 1 with position len_row + t - 1 and samples token t, until
+     max_new_tokens or until every row has emitted a stop id. A finished row keeps
+     stepping (static shapes) with segment id 0 and writes `pad_id` / log-prob 0, so it
+     counts nowhere. The cache is updated in place in the loop carry.
+
+The step RNG is `fold_in(rng, t)` for token t, so a run is a pure function of `rng`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxpt.models.decoder import KVCache
+from jaxpt.sampling.samplers import Sampler
+
+FINISH_REASONS = ("length", "stop")  # index = code in GenerationResult.finish_reason
+FINISH_LENGTH = 0
+FINISH_STOP = 1
+
+
+class GenerationError(ValueError):
+    """Bad inputs to `generate`; the message names the argument and dimension."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class GenerationResult:
+    """Completions of B prompts x num_samples, row r = prompt r // num_samples.
+
+    tokens: [R, max_new_tokens] int32; after a row's stop token (and for unused steps)
+        every entry is `pad_id`.
+    logprobs: [R, max_new_tokens] fp32, log_softmax(logits / temperature) of each sampled
+        token before top-k/top-p/min-p truncation (temperature 1 when greedy); 0 where
+        `tokens` is padding.
+    lengths: [R] int32, number of new tokens including the stop token.
+    finish_reason: [R] int32, FINISH_STOP (1) if the row emitted a stop id, else
+        FINISH_LENGTH (0); `finish_reason_names` maps them to "stop" / "length".
+    """
+
+    tokens: jax.Array
+    logprobs: jax.Array
+    lengths: jax.Array
+    finish_reason: jax.Array
+
+    def mask(self) -> jax.Array:
+        """[R, max_new_tokens] bool: True on real (non-padding) completion tokens."""
+        steps = jnp.arange(self.tokens.shape[1], dtype=jnp.int32)
+        return steps[None, :] < self.lengths[:, None]
+
+
+def finish_reason_names(codes) -> list[str]:
+    return [FINISH_REASONS[int(c)] for c in np.asarray(codes).reshape(-1)]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    """The while_loop carry. `step` = number of tokens sampled so far (>= 1 after
+    prefill); `positions_R` = position of the last sampled token (the next one fed)."""
+
+    step: jax.Array
+    tokens_RM: jax.Array
+    logprobs_RM: jax.Array
+    last_token_R: jax.Array
+    positions_R: jax.Array
+    lengths_R: jax.Array
+    done_R: jax.Array
+    cache: KVCache
+    rng: jax.Array
+
+
+def bucket_length(n: int, *, minimum: int = 16, multiple: int = 256) -> int:
+    """Prompt-length bucket: the next power of two >= n (at least `minimum`) up to
+    `multiple`, then the next multiple of `multiple`. A few buckets = a few compiles."""
+    if n <= minimum:
+        return minimum
+    if n <= multiple:
+        return 1 << (n - 1).bit_length()
+    return -(-n // multiple) * multiple
+
+
+def _is_stop(tokens_R: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
+    if not eos_ids:
+        return jnp.zeros(tokens_R.shape, bool)
+    return jnp.isin(tokens_R, jnp.asarray(eos_ids, jnp.int32))
+
+
+def _constrain(tree, shardings):
+    if shardings is None:
+        return tree
+    return jax.lax.with_sharding_constraint(tree, shardings)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "graphdef",
+        "sampler",
+        "max_new_tokens",
+        "eos_ids",
+        "num_samples",
+        "pad_id",
+        "shardings",
+    ),
+)
+def prefill(
+    graphdef,
+    params,
+    prompt_ids_BP: jax.Array,
+    prompt_mask_BP: jax.Array,
+    rng: jax.Array,
+    *,
+    sampler: Sampler,
+    max_new_tokens: int,
+    eos_ids: tuple[int, ...],
+    num_samples: int,
+    pad_id: int,
+    shardings=None,
+) -> DecodeState:
+    """Run the prompts once, expand to num_samples rows each, sample token 0."""
+    model = nnx.merge(graphdef, params)
+    cfg = model.cfg
+    B, P = prompt_ids_BP.shape
+    M, n = max_new_tokens, num_samples
+    R, S = B * n, P + M - 1
+
+    mask_BP = prompt_mask_BP.astype(bool)
+    segment_ids_BP = mask_BP.astype(jnp.int32)
+    positions_BP = jnp.where(mask_BP, jnp.cumsum(segment_ids_BP, axis=1) - 1, 0)
+    prompt_len_B = segment_ids_BP.sum(axis=1)
+    cache = KVCache.init(cfg, B, P)
+    if shardings is not None:
+        cache = _constrain(cache, shardings.cache(cfg, B, P))
+    hidden_BPE, cache = model(
+        prompt_ids_BP.astype(jnp.int32),
+        positions_BP,
+        segment_ids_BP,
+        cache=cache,
+        cache_index=jnp.zeros((), jnp.int32),
+    )
+    # Logits only at each row's last real token (P-1 for left padding).
+    last_B = P - 1 - jnp.argmax(mask_BP[:, ::-1], axis=1)
+    hidden_B1E = jnp.take_along_axis(hidden_BPE, last_B[:, None, None], axis=1)
+    logits_BV = model.logits(hidden_B1E)[:, 0]
+
+    # n samples per prompt share this one prefill: repeat rows, then grow to S slots.
+    rep = lambda x, axis: jnp.repeat(x, n, axis=axis) if n > 1 else x  # noqa: E731
+    grow = [(0, 0)] * 5
+    grow[2] = (0, M - 1)
+    cache = KVCache(
+        k_LBSKD=jnp.pad(rep(cache.k_LBSKD, 1), grow),
+        v_LBSKD=jnp.pad(rep(cache.v_LBSKD, 1), grow),
+        positions_BS=jnp.pad(rep(cache.positions_BS, 0), ((0, 0), (0, M - 1))),
+        segment_ids_BS=jnp.pad(rep(cache.segment_ids_BS, 0), ((0, 0), (0, M - 1))),
+    )
+    if shardings is not None:
+        cache = _constrain(cache, shardings.cache(cfg, R, S))
+    logits_RV = rep(logits_BV, 0)
+    prompt_len_R = rep(prompt_len_B, 0)
+
+    token_R, logprob_R = sampler.sample(jax.random.fold_in(rng, 0), logits_RV)
+    tokens_RM = jnp.full((R, M), pad_id, jnp.int32).at[:, 0].set(token_R)
+    logprobs_RM = jnp.zeros((R, M), jnp.float32).at[:, 0].set(logprob_R)
+    return DecodeState(
+        step=jnp.ones((), jnp.int32),
+        tokens_RM=tokens_RM,
+        logprobs_RM=logprobs_RM,
+        last_token_R=token_R,
+        positions_R=prompt_len_R.astype(jnp.int32),
+        lengths_R=jnp.ones((R,), jnp.int32),
+        done_R=_is_stop(token_R, eos_ids),
+        cache=cache,
+        rng=rng,
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("graphdef", "sampler", "max_new_tokens", "eos_ids", "pad_id", "shardings"),
+    donate_argnames=("state",),
+)
+def decode(
+    graphdef,
+    params,
+    state: DecodeState,
+    *,
+    sampler: Sampler,
+    max_new_tokens: int,
+    eos_ids: tuple[int, ...],
+    pad_id: int,
+    shardings=None,
+) -> DecodeState:
+    """The decode loop. `state` (from `prefill`) is donated: the final state aliases its
+    buffers, so the cache is updated in place and never copied; read the completions with
+    `result_from_state`."""
+    model = nnx.merge(graphdef, params)
+    M = max_new_tokens
+    S = state.cache.max_len
+    P = S - M + 1
+    pad = jnp.int32(pad_id)
+    cache_shardings = None
+    if shardings is not None:
+        cache_shardings = shardings.cache(model.cfg, state.tokens_RM.shape[0], S)
+
+    def cond(s: DecodeState):
+        return (s.step < M) & ~jnp.all(s.done_R)
+
+    def body(s: DecodeState) -> DecodeState:
+        t = s.step
+        live_R = ~s.done_R
+        hidden_R1E, cache = model(
+            s.last_token_R[:, None],
+            s.positions_R[:, None],
+            live_R.astype(jnp.int32)[:, None],
+            cache=s.cache,
+            cache_index=P + t - 1,
+        )
+        cache = _constrain(cache, cache_shardings)
+        logits_RV = model.logits(hidden_R1E)[:, 0]
+        token_R, logprob_R = sampler.sample(jax.random.fold_in(s.rng, t), logits_RV)
+        token_R = jnp.where(live_R, token_R, pad)
+        logprob_R = jnp.where(live_R, logprob_R, 0.0)
+        zero = jnp.zeros((), jnp.int32)
+        return DecodeState(
+            step=t + 1,
+            tokens_RM=jax.lax.dynamic_update_slice(s.tokens_RM, token_R[:, None], (zero, t)),
+            logprobs_RM=jax.lax.dynamic_update_slice(s.logprobs_RM, logprob_R[:, None], (zero, t)),
+            last_token_R=token_R,
+            positions_R=s.positions_R + 1,
+            lengths_R=s.lengths_R + live_R.astype(jnp.int32),
+            done_R=s.done_R | (live_R & _is_stop(token_R, eos_ids)),
+            cache=cache,
+            rng=s.rng,
+        )
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def result_from_state(state: DecodeState) -> GenerationResult:
+    """The completions in a finished `DecodeState` (the cache is dropped with it)."""
+    return GenerationResult(
+        tokens=state.tokens_RM,
+        logprobs=state.logprobs_RM,
+        lengths=state.lengths_R,
+        finish_reason=jnp.where(state.done_R, FINISH_STOP, FINISH_LENGTH).astype(jnp.int32),
+    )
+
+
+def _as_key(rng) -> jax.Array:
+    if isinstance(rng, int | np.integer):
+        return jax.random.key(int(rng))
+    rng = jnp.asarray(rng) if not isinstance(rng, jax.Array) else rng
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return rng
+    if rng.dtype == jnp.uint32 and rng.shape == (2,):
+        return jax.random.wrap_key_data(rng)
+    raise GenerationError(
+        f"rng: expected an int seed or a jax.random.key, got dtype {rng.dtype} shape {rng.shape}"
+    )
+
+
+def generate(
+    graphdef,
+    params,
+    prompt_ids_BP,
+    prompt_mask_BP,
+    *,
+    sampler: Sampler,
+    max_new_tokens: int,
+    eos_ids: Sequence[int],
+    rng,
+    num_samples: int = 1,
+    pad_id: int = 0,
+    bucket: bool = True,
+    shardings=None,
+) -> GenerationResult:
+    """Sample `num_samples` completions for each of B prompts.
+
+    prompt_ids_BP / prompt_mask_BP: int token ids and a 0/1 mask of real tokens (left
+    padding is usual, any padding works). With `bucket`, P is left-padded up to
+    `bucket_length(P)` so new prompt lengths reuse a few compiled programs.
+    sampler: a `Sampler` (static: each distinct sampler compiles once).
+    eos_ids: stop token ids; a row finishes after emitting one (it is included in the
+        row's length); empty = always generate max_new_tokens.
+    rng: an int seed or a `jax.random.key`.
+    shardings: an optional `jaxpt.sampling.sharding.DecodeSharding`; params and prompts
+        should already be placed with it (`place_params`, `place_rows`).
+    Returns a `GenerationResult` with R = B * num_samples rows, row r = prompt
+    r // num_samples.
+    """
+    if not isinstance(sampler, Sampler):
+        raise GenerationError(f"sampler: expected a jaxpt Sampler, got {type(sampler).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer):
+        raise GenerationError(f"max_new_tokens={max_new_tokens!r}: must be an int >= 1")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise GenerationError(f"num_samples={num_samples!r}: must be an int >= 1")
+    ids = prompt_ids_BP if isinstance(prompt_ids_BP, jax.Array) else jnp.asarray(prompt_ids_BP)
+    mask = prompt_mask_BP if isinstance(prompt_mask_BP, jax.Array) else jnp.asarray(prompt_mask_BP)
+    if ids.ndim != 2:
+        raise GenerationError(f"prompt_ids_BP: expected 2 dims [batch, length], got {ids.shape}")
+    if mask.shape != ids.shape:
+        raise GenerationError(
+            f"prompt_mask_BP shape {mask.shape} != prompt_ids_BP shape {ids.shape}"
+        )
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise GenerationError(f"prompt_ids_BP: expected integer token ids, got {ids.dtype}")
+    B, P = ids.shape
+    if B == 0 or P == 0:
+        raise GenerationError(f"prompt_ids_BP: empty batch or length (shape {ids.shape})")
+    if not isinstance(mask, jax.core.Tracer):
+        lens = np.asarray(mask).astype(bool).sum(axis=1)
+        empty = np.flatnonzero(lens == 0)
+        if empty.size:
+            raise GenerationError(
+                f"prompt_mask_BP: row {int(empty[0])} has no real tokens (every prompt needs >= 1)"
+            )
+    vocab = params_vocab(params)
+    eos = tuple(dict.fromkeys(int(e) for e in eos_ids))
+    for e in (*eos, int(pad_id)):
+        if vocab is not None and not 0 <= e < vocab:
+            raise GenerationError(f"token id {e} (eos_ids / pad_id) is outside vocab [0, {vocab})")
+    if shardings is not None:
+        shardings.check_batch(B, num_samples)
+    if bucket:
+        target = bucket_length(P)
+        if target > P:
+            ids = jnp.pad(ids, ((0, 0), (target - P, 0)), constant_values=int(pad_id))
+            mask = jnp.pad(mask, ((0, 0), (target - P, 0)))
+            if shardings is not None:
+                ids, mask = shardings.place_rows(ids), shardings.place_rows(mask)
+    static = dict(
+        graphdef=graphdef,
+        sampler=sampler,
+        max_new_tokens=int(max_new_tokens),
+        eos_ids=eos,
+        pad_id=int(pad_id),
+        shardings=shardings,
+    )
+    state = prefill(
+        params=params,
+        prompt_ids_BP=ids,
+        prompt_mask_BP=mask,
+        rng=_as_key(rng),
+        num_samples=num_samples,
+        **static,
+    )
+    static.pop("max_new_tokens")
+    state = decode(params=params, state=state, max_new_tokens=int(max_new_tokens), **static)
+    return result_from_state(state)
+
+
+def params_vocab(params) -> int | None:
+    """The vocab size from the embedding table in `params` (None if not found)."""
+    try:
+        return int(params["embed_VE"].shape[0])
+    except (KeyError, TypeError, AttributeError, IndexError):
+        return None

@@ -1,0 +1,264 @@
+"""The training loop every trainer shares: batches -> jitted step -> metrics -> eval ->
+checkpoints, with exact resume, SIGTERM handling and non-finite step control.
+
+A trainer (SFT, DPO, GRPO) builds a :class:`Trainer` (state, jitted step, batch source,
+optional eval) and calls :func:`run`. The loop never sees math.
+
+Per step s (0-based; the state after it is "step s+1"):
+
+1. ``host = source.next(state)``: a host batch (numpy). A ``"_metrics"`` entry (a dict of
+   host floats, e.g. GRPO rewards) is popped and logged with this step.
+2. ``state, metrics = step_fn(state, put_batch(host))``: dispatched, not awaited.
+3. The *previous* step's device metrics are fetched and logged (one step late, so the
+   device never waits for the host), with ``num_tokens`` (cumulative non-padding tokens),
+   ``tokens_per_second``, ``mfu`` and ``epoch``.
+4. Every ``train.eval_every`` steps: ``eval_fn(state)`` (host floats, logged as is).
+5. Every ``checkpoint.every`` steps, at the end, and when SIGTERM arrived: a checkpoint
+   of the state and ``{"source": source.get_state(), "num_tokens": n}``.
+
+Non-finite steps are not applied by the step (see ``state.make_train_step``); after
+``train.max_bad_steps`` consecutive ones the loop raises :class:`NonFiniteError` without
+saving, so the newest checkpoint stays the last good one.
+
+Resume (``checkpoint.resume``): the newest checkpoint in ``<out_dir>/checkpoints`` is
+restored into the state's shardings, the source is set to its saved position, and
+``metrics.jsonl`` lines after that step are dropped, so a resumed run logs exactly what an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxpt.config import RunConfig, config_to_dict, dump_config
+from jaxpt.train.checkpoint import Checkpointer, StopFlag, abstract_like, install_stop_handler
+from jaxpt.train.metrics import MetricsWriter, Throughput, device_peak_flops
+from jaxpt.train.state import TrainState
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+class BatchSource(Protocol):
+    """Where batches come from. ``next`` may use the state (GRPO samples with the current
+    params); ``get_state``/``set_state`` are JSON-serializable positions for resume."""
+
+    def next(self, state: TrainState) -> dict[str, Any]: ...
+
+    def get_state(self) -> dict[str, Any]: ...
+
+    def set_state(self, state: dict[str, Any]) -> None: ...
+
+
+class IteratorSource:
+    """A BatchSource over a data iterator with get_state/set_state (``jaxpt.data`` loaders)."""
+
+    def __init__(self, iterator: Iterator[dict[str, Any]]):
+        self.iterator = iterator
+
+    def next(self, state: TrainState) -> dict[str, Any]:
+        return dict(next(self.iterator))
+
+    def get_state(self) -> dict[str, Any]:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.iterator.set_state(state)
+
+
+def count_tokens(batch: dict[str, Any]) -> int:
+    """Non-padding tokens of a host batch: segment id > 0 in every ``*segment_ids`` key."""
+    return int(sum(np.count_nonzero(v) for k, v in batch.items() if k.endswith("segment_ids")))
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Everything the loop needs; built by one small function per algorithm.
+
+    step_fn: jitted ``(state, device batch) -> (state, metrics)`` that donates the state.
+    put_batch: host batch -> device batch (global arrays in the batch shardings).
+    eval_fn: ``state -> {name: float}`` (names already ``eval_``-prefixed), or None.
+    num_params: model parameters, for mfu (6 * num_params FLOPs per token).
+    """
+
+    cfg: RunConfig
+    mesh: Mesh
+    state: TrainState
+    step_fn: Callable
+    source: BatchSource
+    put_batch: Callable[[dict[str, Any]], dict[str, Any]]
+    total_steps: int
+    eval_fn: Callable[[TrainState], dict[str, float]] | None = None
+    tokens_fn: Callable[[dict[str, Any]], int] = count_tokens
+    num_params: int | None = None
+    batches_per_epoch: int | None = None
+    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: TrainState
+    step: int  # steps completed
+    reason: str  # "done" | "signal" | "stop_after"
+    last_metrics: dict[str, Any]
+    eval_metrics: dict[str, Any]
+
+
+def _restore(trainer: Trainer, ckpt: Checkpointer) -> tuple[int, int]:
+    abstract = abstract_like(trainer.state.saveable())
+    # Free the freshly initialized trainable state before the restored copy arrives.
+    for leaf in jax.tree.leaves(trainer.state.saveable()):
+        leaf.delete()
+    restored, data = ckpt.restore(None, abstract)
+    trainer.state = TrainState(**restored, frozen=trainer.state.frozen)
+    trainer.source.set_state(data["source"])
+    return int(jax.device_get(restored["step"])), int(data.get("num_tokens", 0))
+
+
+def run(
+    trainer: Trainer,
+    *,
+    callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
+    stop: StopFlag | None = None,
+) -> LoopResult:
+    """Train ``trainer`` to ``total_steps`` (or ``train.stop_after_steps``, or SIGTERM).
+
+    ``callbacks`` are called as ``cb(step, row)`` with every logged metrics row.
+    """
+    cfg = trainer.cfg
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    ckpt = Checkpointer(out / "checkpoints", keep=cfg.checkpoint.keep,
+                        async_save=cfg.checkpoint.async_save)
+    start, num_tokens = 0, 0
+    if cfg.checkpoint.resume and ckpt.latest_step() is not None:
+        start, num_tokens = _restore(trainer, ckpt)
+        print(f"resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
+    end = trainer.total_steps
+    if cfg.train.stop_after_steps is not None:
+        end = min(end, cfg.train.stop_after_steps)
+
+    writer = MetricsWriter(
+        out,
+        total_steps=trainer.total_steps,
+        start_step=start,
+        progress=cfg.logging.progress,
+        tensorboard=cfg.logging.tensorboard,
+        wandb_project=cfg.logging.wandb_project,
+        wandb_run_name=cfg.logging.wandb_run_name,
+        run_config=config_to_dict(cfg),
+        resume=start > 0,
+    )
+    peak = cfg.logging.peak_flops or device_peak_flops()
+    throughput = Throughput(
+        flops_per_token=6.0 * trainer.num_params if trainer.num_params else None,
+        peak_flops_total=peak * len(trainer.mesh.devices.flat) if peak else None,
+    )
+    stop = stop or StopFlag()
+    restore_handler = install_stop_handler(stop)
+    result = LoopResult(trainer.state, start, "done", {}, {})
+    pending: tuple | None = None
+    bad = 0
+    last_saved = start if start > 0 else None
+
+    def flush() -> None:
+        nonlocal pending, bad
+        if pending is None:
+            return
+        step_no, dev, extras, ntok, cum = pending
+        pending = None
+        host = {k: float(v) for k, v in jax.device_get(dev).items()}
+        row = {**host, **extras, **throughput.update(ntok), "num_tokens": cum}
+        if trainer.batches_per_epoch:
+            row["epoch"] = step_no / trainer.batches_per_epoch
+        bad = bad + 1 if host.get("skipped", 0.0) > 0 else 0
+        if step_no % cfg.logging.every == 0 or step_no == end or bad:
+            row = writer.write(step_no, row)
+            for cb in callbacks:
+                cb(step_no, row)
+        writer.progress(step_no, row)
+        result.last_metrics = row
+        if bad >= cfg.train.max_bad_steps:
+            newest = ckpt.latest_step()
+            raise NonFiniteError(
+                f"{bad} consecutive steps ({step_no - bad + 1}..{step_no}) had a non-finite "
+                "loss or gradient norm; their updates were skipped and training stopped "
+                f"(train.max_bad_steps={cfg.train.max_bad_steps}). "
+                + (f"The newest checkpoint (step {newest}) is intact in {ckpt.directory}."
+                   if newest is not None else "No checkpoint was saved.")
+                + " Lower optim.lr, check the data, or raise optim.max_grad_norm clipping."
+            )
+
+    def save(step_no: int, *, wait: bool = False) -> None:
+        nonlocal last_saved
+        flush()  # the save waits for the state anyway; log first so timing stays honest
+        data = {"source": trainer.source.get_state(), "num_tokens": num_tokens}
+        ckpt.save(step_no, trainer.state.saveable(), data, wait=wait)
+        last_saved = step_no
+        throughput.reset()
+
+    try:
+        if trainer.eval_fn is not None and cfg.train.eval_on_start and start == 0:
+            result.eval_metrics = writer.write(0, trainer.eval_fn(trainer.state))
+            for cb in callbacks:
+                cb(0, result.eval_metrics)
+        for s in range(start, end):
+            host = trainer.source.next(trainer.state)
+            extras = host.pop("_metrics", {}) or {}
+            ntok = trainer.tokens_fn(host)
+            batch = trainer.put_batch(host)
+            trainer.state, dev = trainer.step_fn(trainer.state, batch)
+            num_tokens += ntok
+            flush()
+            pending = (s + 1, dev, dict(extras), ntok, num_tokens)
+            step_no = s + 1
+            if trainer.eval_fn is not None and cfg.train.eval_every and (
+                step_no % cfg.train.eval_every == 0
+            ) and step_no < end:
+                flush()
+                ev = trainer.eval_fn(trainer.state)
+                result.eval_metrics = writer.write(step_no, ev)
+                for cb in callbacks:
+                    cb(step_no, result.eval_metrics)
+                throughput.reset()
+            if cfg.checkpoint.every and step_no % cfg.checkpoint.every == 0:
+                save(step_no)
+            if stop.requested:
+                flush()
+                if last_saved != step_no:
+                    save(step_no, wait=True)
+                result.reason = "signal"
+                result.step = step_no
+                break
+            result.step = step_no
+        flush()
+        if result.reason == "done":
+            if end < trainer.total_steps:
+                result.reason = "stop_after"
+            elif trainer.eval_fn is not None and result.step > start:
+                ev = trainer.eval_fn(trainer.state)
+                result.eval_metrics = writer.write(result.step, ev)
+                for cb in callbacks:
+                    cb(result.step, result.eval_metrics)
+            if result.step > start and last_saved != result.step:
+                save(result.step)
+        ckpt.wait()
+    finally:
+        restore_handler()
+        writer.close()
+        ckpt.close()
+    result.state = trainer.state
+    if result.reason == "signal":
+        print(f"stopped by signal {stop.signal} after step {result.step}; checkpoint saved in "
+              f"{ckpt.directory}; run the same command again to resume", flush=True)
+    return result
+

@@ -1,0 +1,263 @@
+"""SFT trainer: token-level NLL on completion / assistant tokens, packed batches.
+
+Axis legend: B rows, T tokens, E hidden.
+
+Variants (``sft:`` section):
+  * Masked Thought (``masked_thought: p``): each response *input* token (a token that is
+    itself a training target, i.e. ``loss_mask`` at the previous position) is replaced by
+    ``mask_token_id`` with probability p; targets and loss mask are unchanged.
+  * NEFTune (``neftune_alpha: a``): uniform noise in +-a/sqrt(T*E) is added to the input
+    embeddings during training (not in evaluation).
+
+Loss (``jaxpt.losses.sft.sft_loss``): the sum of -log p over every target token of the
+optimizer step's batch divided by that batch's target-token count (all micro-batches), so
+accumulation equals one full batch. ``mean_token_accuracy`` and ``entropy`` are means over
+the same target tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxpt.config import RunConfig, SFTConfig
+from jaxpt.data import BATCH_KEYS, DataStats, prepare_sft, sft_loader
+from jaxpt.losses.sft import sft_loss
+from jaxpt.sharding import replicated
+from jaxpt.train.checkpoint import StopFlag
+from jaxpt.train.common import (
+    build_train_state,
+    load_model_bundle,
+    read_data_records,
+)
+from jaxpt.train.logprobs import sequence_token_logprobs
+from jaxpt.train.loop import IteratorSource, LoopResult, Trainer, run
+from jaxpt.train.registry import register_trainer
+from jaxpt.train.state import (
+    batch_shardings,
+    compile_step,
+    make_optimizer,
+    make_train_step,
+    put_batch,
+)
+
+SFT_BATCH_NDIMS = {k: 2 for k in BATCH_KEYS}
+
+
+def sft_batch_stats(state, batch) -> dict[str, jax.Array]:
+    """Whole-batch statistics every micro-batch normalizes by."""
+    return {"num_target_tokens": jnp.sum(batch["loss_mask"] > 0, dtype=jnp.float32)}
+
+
+def mask_response_inputs(ids_BT, loss_mask_BT, rng, p: float, mask_token_id: int):
+    """Masked Thought: replace response input tokens with ``mask_token_id`` w.p. ``p``.
+    Token t is a response input iff it is the target of position t-1 (loss_mask[t-1])."""
+    response_BT = jnp.pad(loss_mask_BT[:, :-1] > 0, ((0, 0), (1, 0)))
+    drop_BT = jax.random.bernoulli(rng, p, ids_BT.shape) & response_BT
+    return jnp.where(drop_BT, jnp.asarray(mask_token_id, ids_BT.dtype), ids_BT)
+
+
+def neftune_embeddings(model, ids_BT, rng, alpha: float):
+    """Input embeddings plus uniform noise of magnitude alpha / sqrt(T * E)."""
+    x_BTE = model.embed(ids_BT)
+    T, E = x_BTE.shape[1:]
+    mag = alpha / math.sqrt(T * E)
+    noise = jax.random.uniform(rng, x_BTE.shape, jnp.float32, -mag, mag)
+    return (x_BTE.astype(jnp.float32) + noise).astype(x_BTE.dtype)
+
+
+def make_sft_loss_fn(
+    graphdef,
+    sft: SFTConfig,
+    *,
+    impl: str = "auto",
+    with_entropy: bool = True,
+    with_accuracy: bool = True,
+    mask_token_id: int | None = None,
+):
+    """``loss_fn(model_params, micro_batch, rng, stats) -> (loss, metrics)`` for
+    ``make_train_step``; every value is normalized by ``stats["num_target_tokens"]``."""
+
+    def loss_fn(params, mb, rng, stats):
+        model = nnx.merge(graphdef, params)
+        r_mask, r_noise = jax.random.split(rng)
+        ids_BT = mb["input_ids"]
+        if sft.masked_thought > 0:
+            ids_BT = mask_response_inputs(
+                ids_BT, mb["loss_mask"], r_mask, sft.masked_thought, mask_token_id
+            )
+        emb_BTE = None
+        if sft.neftune_alpha:
+            emb_BTE = neftune_embeddings(model, ids_BT, r_noise, sft.neftune_alpha)
+        lp_BT, ent_BT, correct_BT = sequence_token_logprobs(
+            model, {**mb, "input_ids": ids_BT}, impl=impl, with_entropy=with_entropy,
+            with_accuracy=with_accuracy, input_embeddings_BTE=emb_BTE,
+        )
+        total = stats["num_target_tokens"]
+        loss, m = sft_loss(
+            lp_BT, mb["loss_mask"], num_target_tokens=total, correct_BT=correct_BT,
+            entropy_BT=ent_BT,
+        )
+        # Re-weight this micro-batch's means by its share of the whole batch's targets, so
+        # the sum over micro-batches is the whole-batch mean.
+        share = m["num_tokens"] / jnp.maximum(total, 1.0)
+        metrics = {"num_target_tokens": m["num_tokens"]}
+        for k in ("mean_token_accuracy", "entropy"):
+            if k in m:
+                metrics[k] = m[k] * share
+        return loss, metrics
+
+    return loss_fn
+
+
+def make_sft_eval_step(graphdef, params_fn, *, impl, with_entropy, with_accuracy):
+    """``eval_step(state, batch) -> sums`` (nll, target tokens, correct, entropy)."""
+
+    def eval_step(state, batch):
+        model = nnx.merge(graphdef, params_fn(state.params, state.frozen, None))
+        lp_BT, ent_BT, correct_BT = sequence_token_logprobs(
+            model, batch, impl=impl, with_entropy=with_entropy, with_accuracy=with_accuracy
+        )
+        mask = batch["loss_mask"] > 0
+        out = {
+            "nll": jnp.sum(jnp.where(mask, -lp_BT, 0.0)),
+            "n": jnp.sum(mask, dtype=jnp.float32),
+        }
+        if correct_BT is not None:
+            out["correct"] = jnp.sum(jnp.where(mask, correct_BT, False), dtype=jnp.float32)
+        if ent_BT is not None:
+            out["entropy"] = jnp.sum(jnp.where(mask, ent_BT, 0.0))
+        return out
+
+    return eval_step
+
+
+def default_mask_token_id(tokenizer, sft: SFTConfig) -> int | None:
+    if sft.masked_thought <= 0:
+        return None
+    if sft.mask_token_id is not None:
+        return sft.mask_token_id
+    for tid in (getattr(tokenizer, "unk_token_id", None), getattr(tokenizer, "pad_token_id", None)):
+        if tid is not None:
+            return int(tid)
+    raise ValueError("sft.masked_thought needs sft.mask_token_id (the tokenizer has no unk/pad)")
+
+
+def build_sft_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
+    """Data, model, state, jitted step and eval for an SFT run (see module doc)."""
+    sft: SFTConfig = cfg.section("sft")
+    t = cfg.train
+    bundle = load_model_bundle(cfg, mesh)
+    mesh, tok = bundle.mesh, bundle.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    n_proc = jax.process_count()
+    if t.batch_size % n_proc:
+        raise ValueError(
+            f"{cfg.source}: train.batch_size={t.batch_size} is not divisible by the "
+            f"{n_proc} processes"
+        )
+
+    def examples(which):
+        stats = DataStats()
+        records = read_data_records(cfg, which, stats=stats)
+        ex, stats = prepare_sft(
+            records, tok, max_length=cfg.data.max_length, truncation=cfg.data.truncation,
+            completion_only=cfg.data.completion_only, assistant_only=cfg.data.assistant_only,
+            skip_invalid=cfg.data.skip_invalid, stats=stats,
+        )
+        if not ex:
+            raise ValueError(f"{cfg.source}: data.{which} has no usable examples ({stats})")
+        return ex, stats
+
+    train_ex, train_stats = examples("train")
+    loader = sft_loader(
+        train_ex, batch_size=t.batch_size // n_proc, max_length=cfg.data.max_length,
+        packing=cfg.data.packing, seed=t.seed, shuffle=cfg.data.shuffle, pad_id=pad_id,
+        stats=train_stats,
+    )
+    total = t.max_steps or max(1, math.ceil(t.num_epochs * loader.batches_per_epoch))
+    tx, schedule = make_optimizer(cfg.optim, total)
+    ts = build_train_state(bundle, cfg, tx)
+    common = dict(
+        impl=t.logprob_impl, with_entropy=t.with_entropy, with_accuracy=t.token_accuracy
+    )
+    loss_fn = make_sft_loss_fn(
+        bundle.graphdef, sft, mask_token_id=default_mask_token_id(tok, sft), **common
+    )
+    step = make_train_step(
+        loss_fn, tx, schedule, grad_accum=t.grad_accum, batch_stats_fn=sft_batch_stats,
+        params_fn=ts.params_fn,
+    )
+    batch_sh = batch_shardings(SFT_BATCH_NDIMS, mesh)
+    step_fn = compile_step(step, ts.shardings, batch_sh, mesh)
+
+    eval_fn = None
+    if cfg.data.eval is not None:
+        eval_ex, _ = examples("eval")
+        eval_bs = t.eval_batch_size or t.batch_size // t.grad_accum
+        eval_loader = sft_loader(
+            eval_ex, batch_size=eval_bs // n_proc, max_length=cfg.data.max_length,
+            packing=cfg.data.packing, shuffle=False, num_epochs=1, pad_id=pad_id, seed=0,
+        )
+        eval_step = jax.jit(
+            make_sft_eval_step(bundle.graphdef, ts.params_fn, **common),
+            in_shardings=(ts.shardings, batch_sh),
+            out_shardings=replicated(mesh),
+        )
+        eval_fn = make_eval_fn(eval_step, eval_loader, batch_sh, t.eval_batches)
+
+    return Trainer(
+        cfg=cfg,
+        mesh=mesh,
+        state=ts.state,
+        step_fn=step_fn,
+        source=IteratorSource(iter(loader)),
+        put_batch=lambda b: put_batch(b, batch_sh),
+        total_steps=total,
+        eval_fn=eval_fn,
+        num_params=bundle.num_params,
+        batches_per_epoch=loader.batches_per_epoch,
+        extras={"bundle": bundle, "trainable": ts, "loader": loader, "tx": tx},
+    )
+
+
+def make_eval_fn(eval_step, loader, batch_sh, max_batches: int | None):
+    """Evaluate on the held-out loader: token-weighted ``eval_loss``,
+    ``eval_mean_token_accuracy``, ``eval_entropy`` and ``eval_num_tokens``."""
+
+    def eval_fn(state) -> dict[str, float]:
+        outs = []
+        for i, batch in enumerate(loader):
+            if max_batches is not None and i >= max_batches:
+                break
+            outs.append(eval_step(state, put_batch(batch, batch_sh)))
+        sums: dict[str, float] = {}
+        for o in jax.device_get(outs):
+            for k, v in o.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        n = max(sums.get("n", 0.0), 1.0)
+        res = {"eval_loss": sums.get("nll", 0.0) / n, "eval_num_tokens": sums.get("n", 0.0)}
+        if "correct" in sums:
+            res["eval_mean_token_accuracy"] = sums["correct"] / n
+        if "entropy" in sums:
+            res["eval_entropy"] = sums["entropy"] / n
+        return res
+
+    return eval_fn
+
+
+@register_trainer("sft")
+def train_sft(
+    cfg: RunConfig,
+    *,
+    callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
+    stop: StopFlag | None = None,
+) -> LoopResult:
+    trainer = build_sft_trainer(cfg)
+    return run(trainer, callbacks=callbacks, stop=stop)
+

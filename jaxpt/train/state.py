@@ -1,0 +1,346 @@
+"""Train state, optimizer, and the pure train step shared by every trainer.
+
+Axis legend: B batch rows (global), k micro-batches (``grad_accum``), b = B / k rows per
+micro-batch, T tokens.
+
+``TrainState`` is a plain pytree: ``params`` (trained: the whole model, or only the LoRA
+adapters), ``opt_state`` (optax state of ``params``), ``step`` (int32: train steps taken,
+i.e. batches consumed, skipped steps included), ``rng`` (a raw uint32[2] key, split once per
+step) and ``frozen`` (params that get no gradient and no optimizer state: the LoRA base
+weights, or a DPO reference copy; None when there are none). Checkpoints store everything
+but ``frozen``, which is reloaded from the model spec.
+
+A trainer supplies one function, the loss of one micro-batch::
+
+    loss_fn(model_params, micro_batch, rng, stats) -> (loss, metrics)
+
+where ``model_params`` is the full model param dict (LoRA already applied), ``stats`` is
+``batch_stats_fn(state, batch)`` computed once on the whole batch (e.g. the global target
+token count), and every returned value, loss included, is normalized by whole-batch
+counts, so that **summing over the k micro-batches gives the full-batch value**. The step
+sums loss, gradients and metrics over micro-batches, so accumulated == full batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from jaxpt.config import OptimConfig
+from jaxpt.sharding import batch_sharding, replicated
+from jaxpt.tree import path_names
+
+LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array, Mapping[str, Any]], tuple]
+BatchStatsFn = Callable[[Any, Mapping[str, jax.Array]], Mapping[str, Any]]
+ParamsFn = Callable[[Any, Any, jax.Array], Any]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    rng: jax.Array
+    frozen: Any = None
+
+    def replace(self, **kw) -> TrainState:
+        return dataclasses.replace(self, **kw)
+
+    def saveable(self) -> dict[str, Any]:
+        """What a checkpoint stores (everything but ``frozen``)."""
+        return {
+            "params": self.params,
+            "opt_state": self.opt_state,
+            "step": self.step,
+            "rng": self.rng,
+        }
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+# Param names that get no weight decay (HF Trainer: biases and norm weights).
+NO_DECAY = ("norm", "bq_ND", "bk_KD", "bv_KD")
+
+
+def decay_mask(params) -> Any:
+    """True for leaves that get weight decay: everything but norms and biases."""
+
+    def one(path, _):
+        name = path_names(path)[-1] if path else ""
+        return not any(tag in name for tag in NO_DECAY)
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def make_schedule(optim: OptimConfig, total_steps: int) -> Callable[[jax.Array], jax.Array]:
+    """Learning rate of the update that follows ``count`` applied updates (HF semantics):
+    linear warmup from 0 over the warmup steps, then cosine / linear decay to
+    ``lr * min_lr_ratio`` at ``total_steps``, or constant."""
+    total = max(int(total_steps), 1)
+    warmup = optim.warmup_steps or int(math.ceil(optim.warmup_ratio * total))
+    lr, floor, kind = optim.lr, optim.min_lr_ratio, optim.schedule
+
+    def schedule(count):
+        c = jnp.asarray(count, jnp.float32)
+        warm = c / max(warmup, 1)
+        progress = jnp.clip((c - warmup) / max(total - warmup, 1), 0.0, 1.0)
+        if kind == "constant":
+            decay = jnp.ones_like(progress)
+        elif kind == "linear":
+            decay = floor + (1.0 - floor) * (1.0 - progress)
+        else:
+            decay = floor + (1.0 - floor) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        return lr * jnp.where(c < warmup, warm, decay)
+
+    return schedule
+
+
+def make_optimizer(
+    optim: OptimConfig, total_steps: int
+) -> tuple[optax.GradientTransformation, Callable]:
+    """(AdamW with global-norm clipping and the warmup/decay schedule, the schedule)."""
+    schedule = make_schedule(optim, total_steps)
+    parts = []
+    if optim.max_grad_norm is not None:
+        parts.append(optax.clip_by_global_norm(optim.max_grad_norm))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=optim.b1,
+            b2=optim.b2,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            mask=decay_mask,
+        )
+    )
+    return optax.chain(*parts), schedule
+
+
+def update_count(opt_state) -> jax.Array | None:
+    """Number of updates applied so far (the first `count` leaf of the optax state), or
+    None for optimizers without one."""
+    for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state):
+        if path_names(path)[-1] == "count":
+            return leaf
+    return None
+
+
+# ----------------------------------------------------------------------------- shardings
+
+
+def shardings_like_params(tree, param_shardings, mesh: Mesh):
+    """Shardings for a tree whose leaves mirror params (optax mu/nu): a leaf whose path ends
+    with a param's path and has its shape gets that param's sharding; others replicate."""
+    by_path = {
+        tuple(path_names(p)): s for p, s in jax.tree_util.tree_leaves_with_path(param_shardings)
+    }
+    rep = replicated(mesh)
+
+    def one(path, leaf):
+        names = tuple(path_names(path))
+        for n in range(1, len(names) + 1):
+            s = by_path.get(names[-n:])
+            if s is not None and len(s.spec) <= len(leaf.shape):
+                return s
+        return rep
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def state_shardings(abstract_state: TrainState, params_sh, frozen_sh, mesh: Mesh) -> TrainState:
+    rep = replicated(mesh)
+    return TrainState(
+        params=params_sh,
+        opt_state=shardings_like_params(abstract_state.opt_state, params_sh, mesh),
+        step=rep,
+        rng=rep,
+        frozen=frozen_sh,
+    )
+
+
+def batch_shardings(batch_ndims: Mapping[str, int], mesh: Mesh) -> dict[str, NamedSharding]:
+    """Batch-dim sharding for each key of a batch dict ({key: ndim})."""
+    return {k: batch_sharding(mesh, n) for k, n in batch_ndims.items()}
+
+
+def init_state(
+    params,
+    tx: optax.GradientTransformation,
+    *,
+    seed: int,
+    params_sh,
+    mesh: Mesh,
+    frozen=None,
+    frozen_sh=None,
+) -> tuple[TrainState, TrainState]:
+    """(state, its shardings). The optimizer state is built by a jit whose outputs land in
+    the shardings derived from the params' (never unsharded). Params (and frozen) are put
+    in their shardings (a no-op when they are already there), so the jitted step sees the
+    same committed inputs on every call and compiles once."""
+    params = jax.device_put(params, params_sh)
+    if frozen is not None:
+        frozen = jax.device_put(frozen, frozen_sh)
+    abstract = jax.eval_shape(
+        lambda p: TrainState(p, tx.init(p), jnp.zeros((), jnp.int32), jax.random.PRNGKey(0)),
+        params,
+    )
+    shardings = state_shardings(abstract, params_sh, frozen_sh, mesh)
+
+    def make(p):
+        return tx.init(p), jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed)
+
+    opt_state, step, rng = jax.jit(
+        make,
+        in_shardings=(params_sh,),
+        out_shardings=(shardings.opt_state, shardings.step, shardings.rng),
+    )(params)
+    return TrainState(params, opt_state, step, rng, frozen), shardings
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def identity_params(params, frozen, rng):
+    return params
+
+
+def split_micro(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array]:
+    """[B, ...] -> [k, B/k, ...]; micro-batch j holds rows j, j + k, j + 2k, ... so that
+    every data shard contributes equally to every micro-batch (the sharded leading dim is
+    kept contiguous)."""
+
+    def one(x):
+        if x.shape[0] % k:
+            raise ValueError(f"batch dim {x.shape[0]} is not divisible by grad_accum={k}")
+        x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
+        return jnp.swapaxes(x, 0, 1)
+
+    return {key: one(v) for key, v in batch.items()}
+
+
+def accumulate_grads(
+    loss_fn: LossFn,
+    params,
+    frozen,
+    batch: Mapping[str, jax.Array],
+    rng: jax.Array,
+    stats: Mapping[str, Any],
+    *,
+    grad_accum: int = 1,
+    params_fn: ParamsFn = identity_params,
+):
+    """(loss, metrics, grads) summed over ``grad_accum`` micro-batches of ``batch``.
+
+    Micro-batch j (rows j, j+k, ...) gets ``fold_in(rng, j)``; its rng is split into one key
+    for ``params_fn`` (LoRA dropout) and one for ``loss_fn``."""
+
+    def micro_loss(p, mb, r):
+        r_params, r_loss = jax.random.split(r)
+        return loss_fn(params_fn(p, frozen, r_params), mb, r_loss, stats)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    if grad_accum == 1:
+        (loss, metrics), grads = grad_fn(params, batch, jax.random.fold_in(rng, 0))
+        return loss, metrics, grads
+    micro = split_micro(batch, grad_accum)
+
+    def body(carry, xs):
+        mb, i = xs
+        (loss_i, metrics_i), grads_i = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, (loss_i, metrics_i, grads_i)), None
+
+    (loss_s, metrics_s), grads_s = jax.eval_shape(
+        grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng
+    )
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss_s, metrics_s, grads_s))
+    (loss, metrics, grads), _ = jax.lax.scan(
+        body, init, (micro, jnp.arange(grad_accum, dtype=jnp.uint32))
+    )
+    return loss, metrics, grads
+
+
+def make_train_step(
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    schedule: Callable,
+    *,
+    grad_accum: int = 1,
+    batch_stats_fn: BatchStatsFn | None = None,
+    params_fn: ParamsFn = identity_params,
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """The pure step ``step(state, batch) -> (state, metrics)``.
+
+    ``params_fn(params, frozen, rng)`` assembles the model params from the trained params
+    (identity, or LoRA's ``apply_lora``). Gradients and losses of the ``grad_accum``
+    micro-batches are summed (loss_fn normalizes by whole-batch counts, see the module doc).
+
+    Non-finite loss or gradient norm: params and optimizer state are left unchanged (the
+    update is not applied, the schedule does not advance), ``step`` and ``rng`` still
+    advance (the batch is consumed), and ``metrics["skipped"]`` is 1.0. Metrics added here:
+    ``grad_norm`` (before clipping), ``learning_rate`` (of this update), ``skipped``.
+    """
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        rng, step_rng = jax.random.split(state.rng)
+        stats = batch_stats_fn(state, batch) if batch_stats_fn is not None else {}
+        loss, metrics, grads = accumulate_grads(
+            loss_fn, state.params, state.frozen, batch, step_rng, stats,
+            grad_accum=grad_accum, params_fn=params_fn,
+        )
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        count = update_count(state.opt_state)
+        lr = schedule(state.step if count is None else count)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        metrics = {
+            **metrics,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": lr,
+            "skipped": 1.0 - finite.astype(jnp.float32),
+        }
+        new_state = TrainState(
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            step=state.step + 1,
+            rng=rng,
+            frozen=state.frozen,
+        )
+        return new_state, metrics
+
+    return step
+
+
+def compile_step(
+    step: Callable,
+    shardings: TrainState,
+    batch_sh: Mapping[str, NamedSharding],
+    mesh: Mesh,
+):
+    """jit the step once with explicit shardings; the state argument is donated."""
+    return jax.jit(
+        step,
+        in_shardings=(shardings, dict(batch_sh)),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+def put_batch(batch: Mapping[str, Any], batch_sh: Mapping[str, NamedSharding]) -> dict:
+    """Host (numpy, this process's rows) -> global arrays in the batch shardings."""
+    out = {}
+    for k, sh in batch_sh.items():
+        if k not in batch:
+            raise KeyError(f"batch is missing key {k!r} (has {sorted(batch)})")
+        out[k] = jax.make_array_from_process_local_data(sh, batch[k])
+    return out

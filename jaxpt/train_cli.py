@@ -1,0 +1,80 @@
+"""`jaxpt train CONFIG key.sub=value ...` and `jaxpt export CHECKPOINT OUT_DIR`.
+
+The lead wires these into ``jaxpt/cli.py``::
+
+    add_train_parser(sub); add_export_parser(sub)
+
+``python -m jaxpt.train_cli train|export ...`` runs them standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_train_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "train",
+        help="train from a YAML run config (sft, dpo, grpo ...)",
+        description="Train from a YAML run config; key.sub=value overrides any key "
+        "(values are YAML scalars, e.g. optim.lr=1e-4 lora.rank=8 data.eval=null).",
+    )
+    p.add_argument("config", help="YAML run config (configs/*.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.set_defaults(func=run_train)
+    return p
+
+
+def run_train(args, *, callbacks=(), stop=None) -> int:
+    from jaxpt.config import load_config
+    from jaxpt.train.registry import get_trainer
+
+    cfg = load_config(args.config, args.overrides)
+    trainer = get_trainer(cfg.algorithm)
+    result = trainer(cfg, callbacks=callbacks, stop=stop)
+    last = result.last_metrics
+    summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "eval_loss") if k in last)
+    if result.eval_metrics.get("eval_loss") is not None:
+        summary += f", eval_loss {result.eval_metrics['eval_loss']:.4g}"
+    print(f"{cfg.algorithm}: {result.reason} at step {result.step} ({summary}); "
+          f"outputs in {cfg.out_dir}", flush=True)
+    return 0
+
+
+def add_export_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "export",
+        help="write a Hugging Face checkpoint from a training checkpoint (LoRA merged)",
+    )
+    p.add_argument("checkpoint", help="run dir, its checkpoints/ dir, or one step dir")
+    p.add_argument("out_dir", help="output dir for config.json + safetensors + tokenizer")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weight dtype (default: the run's param_dtype)")
+    p.set_defaults(func=run_export)
+    return p
+
+
+def run_export(args) -> int:
+    from jaxpt.train.export import export_checkpoint
+
+    out, step = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype)
+    print(f"exported step {step} to {out}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jaxpt")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_export_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"jaxpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

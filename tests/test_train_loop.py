@@ -1,0 +1,186 @@
+"""The shared loop on a tiny model with real GSM8K rows: metrics, eval, checkpoints,
+non-finite stop, LoRA export through the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from train_utils import make_tiny_model_dir, make_tiny_tokenizer, read_metrics, tiny_run_config
+
+from jaxpt.config import load_config
+from jaxpt.train import lora as lora_lib
+from jaxpt.train.checkpoint import Checkpointer, abstract_like
+from jaxpt.train.loop import NonFiniteError, run
+from jaxpt.train.sft import build_sft_trainer
+from jaxpt.train_cli import main as cli_main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("tiny")
+    tok = make_tiny_tokenizer(root / "tok", data_dir)
+    model_dir = make_tiny_model_dir(root / "model", tok)
+    return root, model_dir, data_dir
+
+
+def config(tiny, tmp_path, name="run", **sections):
+    _, model_dir, data_dir = tiny
+    path = tiny_run_config(tmp_path / f"{name}.yaml", model_dir, data_dir, tmp_path / name,
+                           **sections)
+    return load_config(path)
+
+
+def test_sft_run_metrics_eval_and_checkpoints(tiny, tmp_path):
+    _, _, data_dir = tiny
+    cfg = config(tiny, tmp_path, data={"eval": str(data_dir / "gsm8k" / "test.jsonl"),
+                                       "max_eval_rows": 8},
+                 train={"eval_every": 5, "eval_on_start": True})
+    seen = []
+    result = run(build_sft_trainer(cfg), callbacks=[lambda s, row: seen.append(s)])
+    assert result.reason == "done" and result.step == 10
+    rows = read_metrics(cfg.out_dir)
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 11))
+    for key in ("loss", "mean_token_accuracy", "entropy", "num_tokens", "grad_norm",
+                "learning_rate", "epoch", "skipped"):
+        assert all(key in r for r in train_rows), key
+    # Throughput is measured between steps; eval and checkpoint pauses are not counted.
+    timed = [r["step"] for r in train_rows if "tokens_per_second" in r]
+    assert timed == [2, 3, 4, 5, 7, 8, 9, 10]
+    assert "mfu" not in train_rows[-1]  # CPU: peak FLOPs unknown unless configured
+    # num_tokens is cumulative non-padding tokens.
+    assert all(b["num_tokens"] > a["num_tokens"] for a, b in zip(train_rows, train_rows[1:]))
+    evals = [r for r in rows if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [0, 5, 10]
+    assert evals[-1]["eval_loss"] < evals[0]["eval_loss"]  # it learns
+    assert train_rows[-1]["loss"] < train_rows[0]["loss"]
+    assert seen.count(10) == 2  # train row and eval row
+    ckpt = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["10", "5"]  # no temp dirs left
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg
+
+
+def test_nonfinite_steps_stop_with_checkpoint_intact(tiny, tmp_path):
+    cfg = config(tiny, tmp_path, train={"max_bad_steps": 3}, checkpoint={"every": 2})
+    trainer = build_sft_trainer(cfg)
+    inner = trainer.source
+
+    class Poisoned:
+        """From the 4th batch on, token ids are out of range: embeddings, loss are NaN."""
+
+        n = 0
+
+        def next(self, state):
+            b = inner.next(state)
+            Poisoned.n += 1
+            if Poisoned.n >= 4:
+                b["input_ids"] = np.full_like(b["input_ids"], 10**6)
+            return b
+
+        def get_state(self):
+            return inner.get_state()
+
+        def set_state(self, s):
+            inner.set_state(s)
+
+    trainer.source = Poisoned()
+    template = abstract_like(trainer.state.saveable())
+    with pytest.raises(NonFiniteError) as e:
+        run(trainer)
+    msg = str(e.value)
+    assert "3 consecutive steps (4..6)" in msg and "train.max_bad_steps=3" in msg
+    # The bad streak is detected before the step-6 save: the newest checkpoint is step 4.
+    assert "newest checkpoint (step 4) is intact" in msg
+    rows = [r for r in read_metrics(cfg.out_dir) if "loss" in r]
+    assert [r["skipped"] for r in rows] == [0, 0, 0, 1, 1, 1]
+    ck = Checkpointer(tmp_path / "run" / "checkpoints", async_save=False)
+    assert ck.all_steps() == [2, 4]
+    s4, d4 = ck.restore(4, template)
+    ck.close()
+    assert int(s4["step"]) == 4 and d4["num_tokens"] > 0
+
+    # Step 4 was not applied: checkpoint 4 holds exactly the params of a clean 3-step run.
+    clean_cfg = config(tiny, tmp_path, name="clean", train={"max_steps": 3},
+                       checkpoint={"every": 0})
+    clean = run(build_sft_trainer(clean_cfg)).state
+    for a, b in zip(jax.tree.leaves(s4["params"]), jax.tree.leaves(clean.params), strict=True):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    np.testing.assert_array_equal(
+        jax.tree.leaves(s4["opt_state"])[0], jax.tree.leaves(clean.opt_state)[0]
+    )
+
+
+def test_half_written_checkpoint_is_ignored(tiny, tmp_path):
+    """orbax writes <step>.orbax-checkpoint-tmp* and renames it when complete; a leftover
+    temp dir (a crash mid-save) is never the newest checkpoint."""
+    ck = Checkpointer(tmp_path / "ck", async_save=True)
+    tree = {"w": jnp.arange(6.0)}
+    ck.save(3, tree, {"source": {"k": 1}})
+    ck.wait()
+    partial = tmp_path / "ck" / "7.orbax-checkpoint-tmp-1234"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "garbage").write_text("half")
+    ck.close()
+    ck = Checkpointer(tmp_path / "ck")
+    assert ck.latest_step() == 3
+    restored, data = ck.restore(None, abstract_like(tree))
+    np.testing.assert_array_equal(restored["w"], np.arange(6.0))
+    assert data == {"source": {"k": 1}}
+    ck.close()
+
+
+def test_lora_run_exports_a_plain_checkpoint(tiny, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    cfg = config(tiny, tmp_path, lora={"rank": 4, "alpha": 16.0}, train={"max_steps": 4},
+                 optim={"lr": 3.0e-2}, checkpoint={"every": 0})
+    result = run(build_sft_trainer(cfg))
+    state = result.state
+    ad = jax.device_get(state.params)
+    assert jax.tree.structure(ad) != jax.tree.structure(state.frozen)  # only adapters trained
+    b = np.asarray(ad["layers"]["wq_END"]["lora_b"])
+    assert np.abs(b).max() > 0  # B left zero-init: the adapters did something
+
+    rc = cli_main(["export", str(tmp_path / "run"), str(tmp_path / "hf")])
+    assert rc == 0 and "exported step 4" in capsys.readouterr().out
+    spec = lora_lib.LoraSpec.from_config(cfg.lora)
+    from jaxpt.models import hub
+    from jaxpt.models.decoder import abstract_model
+
+    mcfg = hub.resolve(cfg.model.name).config()
+    graphdef, _ = nnx.split(abstract_model(mcfg))
+    model = nnx.merge(graphdef, lora_lib.apply_lora(state.frozen, state.params, spec))
+    ids = np.random.RandomState(1).randint(0, mcfg.vocab_size, (2, 13)).astype(np.int32)
+    ours = np.asarray(model.logits(model(jnp.asarray(ids))[0]))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = hf(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+    assert (tmp_path / "hf" / "tokenizer.json").exists()
+    hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_cfg["model_type"] == "llama"
+
+
+def test_tensorboard_when_installed(tiny, tmp_path):
+    pytest.importorskip("tensorboardX", reason="tensorboardX not installed")
+    cfg = config(tiny, tmp_path, train={"max_steps": 2}, logging={"tensorboard": True})
+    run(build_sft_trainer(cfg))
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_cli_errors_are_one_line(tiny, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim: {lrr: 1}\n")
+    assert cli_main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"jaxpt train: error: {path.resolve()}: unknown key optim.lrr (did you mean lr?)"
+    cfg = config(tiny, tmp_path, name="missing")
+    assert cli_main(["train", str(tmp_path / "missing.yaml"), "data.train=nope.jsonl"]) == 2
+    assert "data.train='nope.jsonl' does not exist" in capsys.readouterr().err
+    del cfg
