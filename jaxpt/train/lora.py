@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any
 
 import jax
 import jax.numpy as jnp
