@@ -28,9 +28,8 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
 
 def run_train(args, *, callbacks=(), stop=None) -> int:
     from jaxpt.config import load_config
-    from jaxpt.train.registry import get_trainer
-
     from jaxpt.train.loop import NonFiniteError
+    from jaxpt.train.registry import get_trainer
 
     cfg = load_config(args.config, args.overrides)
     trainer = get_trainer(cfg.algorithm)

@@ -317,5 +317,5 @@ def test_sharded_step_equals_single_device():
         """,
         n_devices=4,
     )
-    assert "FULL PartitionSpec(None, 'fsdp', None, None)" in out
-    assert "LORA PartitionSpec(None, 'fsdp', None)" in out
+    assert "FULL P(None, 'fsdp', None, None)" in out
+    assert "LORA P(None, 'fsdp', None)" in out
