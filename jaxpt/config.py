@@ -409,9 +409,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def _build(cls: type, raw: Any, prefix: str, origins: _Origins) -> Any:
     if not isinstance(raw, Mapping):
-        raise ConfigError(
-            f"{origins.of(prefix)}: {prefix} must be a mapping of keys, got {raw!r}"
-        )
+        raise ConfigError(f"{origins.of(prefix)}: {prefix} must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}

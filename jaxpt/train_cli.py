@@ -28,17 +28,24 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
 
 def run_train(args, *, callbacks=(), stop=None) -> int:
     from jaxpt.config import load_config
+    from jaxpt.train.loop import NonFiniteError
     from jaxpt.train.registry import get_trainer
 
     cfg = load_config(args.config, args.overrides)
     trainer = get_trainer(cfg.algorithm)
-    result = trainer(cfg, callbacks=callbacks, stop=stop)
-    last = result.last_metrics
-    summary = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "eval_loss") if k in last)
-    if result.eval_metrics.get("eval_loss") is not None:
-        summary += f", eval_loss {result.eval_metrics['eval_loss']:.4g}"
-    print(f"{cfg.algorithm}: {result.reason} at step {result.step} ({summary}); "
-          f"outputs in {cfg.out_dir}", flush=True)
+    try:
+        result = trainer(cfg, callbacks=callbacks, stop=stop)
+    except NonFiniteError as e:
+        print(f"jaxpt train: error: {e}", file=sys.stderr, flush=True)
+        return 3
+    shown = {k: v for k, v in result.last_metrics.items() if k == "loss"}
+    shown.update({k: v for k, v in result.eval_metrics.items() if k == "eval_loss"})
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
+    print(
+        f"{cfg.algorithm}: {result.reason} at step {result.step} ({summary}); "
+        f"outputs in {cfg.out_dir}",
+        flush=True,
+    )
     return 0
 
 
@@ -49,8 +56,12 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", help="run dir, its checkpoints/ dir, or one step dir")
     p.add_argument("out_dir", help="output dir for config.json + safetensors + tokenizer")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="weight dtype (default: the run's param_dtype)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="weight dtype (default: the run's param_dtype)",
+    )
     p.set_defaults(func=run_export)
     return p
 

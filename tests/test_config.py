@@ -36,7 +36,9 @@ def test_every_yaml_in_configs_loads():
 
 
 def test_values_and_defaults(tmp_path):
-    f = write(tmp_path / "a.yaml", "optim: {lr: 1e-4, max_grad_norm: null}\ntrain: {batch_size: 6}\n")
+    f = write(
+        tmp_path / "a.yaml", "optim: {lr: 1e-4, max_grad_norm: null}\ntrain: {batch_size: 6}\n"
+    )
     cfg = load_config(f)
     # `1e-4` is a string to YAML 1.1; a float field takes it as the number.
     assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
@@ -61,7 +63,9 @@ def test_unknown_top_level_section(tmp_path):
 
 def test_wrong_types_are_named(tmp_path):
     f = write(tmp_path / "x.yaml", "train: {batch_size: four}\n")
-    with pytest.raises(ConfigError, match=r"x.yaml: train.batch_size: expected an integer, got 'four'"):
+    with pytest.raises(
+        ConfigError, match=r"x.yaml: train.batch_size: expected an integer, got 'four'"
+    ):
         load_config(f)
     f = write(tmp_path / "y.yaml", "optim: {schedule: cosin}\n")
     with pytest.raises(ConfigError, match=r"optim.schedule: 'cosin' is not one of"):
@@ -82,8 +86,17 @@ def test_cross_field_validation(tmp_path):
 
 def test_overrides_are_yaml_scalars(tmp_path):
     f = write(tmp_path / "x.yaml", "optim: {lr: 0.1}\ndata: {eval: e.jsonl}\n")
-    cfg = load_config(f, ["optim.lr=3e-5", "lora.rank=8", "data.eval=null",
-                          "lora.targets=wq|wv", "out_dir=runs/a b", "sft.neftune_alpha=5"])
+    cfg = load_config(
+        f,
+        [
+            "optim.lr=3e-5",
+            "lora.rank=8",
+            "data.eval=null",
+            "lora.targets=wq|wv",
+            "out_dir=runs/a b",
+            "sft.neftune_alpha=5",
+        ],
+    )
     assert cfg.optim.lr == 3e-5
     assert cfg.lora.rank == 8
     assert cfg.data.eval is None
@@ -136,6 +149,8 @@ def test_algorithm_sections_plug_in_without_touching_the_loader():
     cfg = build_config({"algorithm": "toyalgo", "toyalgo": {"beta": 0.5}}, source="t.yaml")
     assert cfg.section("toyalgo") == ToyConfig(beta=0.5)
     assert cfg.toyalgo.loss_type == "sigmoid"
-    with pytest.raises(ConfigError, match=r"t.yaml: unknown key toyalgo.bta \(did you mean beta\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"t.yaml: unknown key toyalgo.bta \(did you mean beta\?\)"
+    ):
         build_config({"toyalgo": {"bta": 1}}, source="t.yaml")
     assert isinstance(cfg, RunConfig)

@@ -28,8 +28,15 @@ from jaxpt.train.state import (
 )
 
 CFG = ModelConfig(
-    model_type="llama", vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=2,
-    num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128,
+    model_type="llama",
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
 )
 SPEC = lora.LoraSpec(rank=4, alpha=8.0)
 
@@ -58,7 +65,7 @@ def test_apply_lora_is_w_plus_scaled_a_times_b(base):
         b = np.asarray(ad["layers"][name]["lora_b"], np.float64)
         for l in range(CFG.num_layers):
             # Flatten the input dims and output dims by hand, matmul, fold back.
-            a2 = a[l].reshape(int(np.prod(w.shape[1:1 + n_in])), SPEC.rank)
+            a2 = a[l].reshape(int(np.prod(w.shape[1 : 1 + n_in])), SPEC.rank)
             b2 = b[l].reshape(SPEC.rank, -1)
             want = w[l] + s * (a2 @ b2).reshape(w.shape[1:])
             np.testing.assert_allclose(merged["layers"][name][l], want, atol=1e-6)
@@ -102,8 +109,15 @@ def test_only_adapters_train_and_base_stays_bitwise(base):
     ad_sh = lora.lora_shardings(adapters, mesh)
     tx, schedule = make_optimizer(OptimConfig(lr=1e-2, weight_decay=0.1), 10)
     base_copy = jax.device_get(params)
-    state, sh = init_state(adapters, tx, seed=0, params_sh=ad_sh, mesh=mesh,
-                           frozen=jax.tree.map(jnp.copy, params), frozen_sh=base_sh)
+    state, sh = init_state(
+        adapters,
+        tx,
+        seed=0,
+        params_sh=ad_sh,
+        mesh=mesh,
+        frozen=jax.tree.map(jnp.copy, params),
+        frozen_sh=base_sh,
+    )
     # Optimizer moments exist for adapter leaves only.
     mu = state.opt_state[1][0].mu
     assert jax.tree.structure(mu) == jax.tree.structure(adapters)
@@ -112,8 +126,9 @@ def test_only_adapters_train_and_base_stays_bitwise(base):
         return lora.apply_lora(frozen, p, spec, rng=r)
 
     loss_fn = make_sft_loss_fn(graphdef, SFTConfig(), impl="reference")
-    step = make_train_step(loss_fn, tx, schedule, batch_stats_fn=sft_batch_stats,
-                           params_fn=params_fn)
+    step = make_train_step(
+        loss_fn, tx, schedule, batch_stats_fn=sft_batch_stats, params_fn=params_fn
+    )
     step_fn = compile_step(step, sh, batch_shardings(SFT_BATCH_NDIMS, mesh), mesh)
     ad0 = jax.device_get(state.params)
     losses = []
@@ -121,11 +136,15 @@ def test_only_adapters_train_and_base_stays_bitwise(base):
         state, m = step_fn(state, batch)
         losses.append(float(m["loss"]))
     assert losses[-1] < losses[0]
-    for x, y in zip(jax.tree.leaves(jax.device_get(state.frozen)), jax.tree.leaves(base_copy),
-                    strict=True):
+    for x, y in zip(
+        jax.tree.leaves(jax.device_get(state.frozen)), jax.tree.leaves(base_copy), strict=True
+    ):
         np.testing.assert_array_equal(x, y)
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(state.params)),
-                            jax.tree.leaves(ad0), strict=True):
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(jax.device_get(state.params)),
+        jax.tree.leaves(ad0),
+        strict=True,
+    ):
         assert np.abs(x - y).max() > 1e-4, jax.tree_util.keystr(path)
 
 
@@ -139,8 +158,9 @@ def test_merged_export_matches_lora_model_in_transformers(base, tmp_path):
     model = nnx.merge(graphdef, lora_params)
     hidden, _ = model(jnp.asarray(ids))
     ours = np.asarray(model.logits(hidden))
-    base_logits = np.asarray(nnx.merge(graphdef, params).logits(
-        nnx.merge(graphdef, params)(jnp.asarray(ids))[0]))
+    base_logits = np.asarray(
+        nnx.merge(graphdef, params).logits(nnx.merge(graphdef, params)(jnp.asarray(ids))[0])
+    )
     assert np.abs(ours - base_logits).max() > 1e-2  # the adapters matter
 
     out = export_hf(lora.merge(params, ad, SPEC), CFG, tmp_path / "hf")

@@ -28,8 +28,14 @@ def setup(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("resume")
     tok = make_tiny_tokenizer(root / "tok", data_dir)
     model_dir = make_tiny_model_dir(root / "model", tok)
-    config = tiny_run_config(root / "run.yaml", model_dir, data_dir, root / "unused",
-                             train={"max_steps": 10}, checkpoint={"every": 5})
+    config = tiny_run_config(
+        root / "run.yaml",
+        model_dir,
+        data_dir,
+        root / "unused",
+        train={"max_steps": 10},
+        checkpoint={"every": 5},
+    )
     reference = root / "reference"
     proc = start_training(config, f"out_dir={reference}", log=root / "reference.log")
     assert proc.wait(TIMEOUT) == 0, (root / "reference.log").read_text()[-3000:]
@@ -66,9 +72,7 @@ def resume_and_compare(root, config, run_dir, reference_losses, saved_at: int):
     assert f"resumed from checkpoint step {saved_at}" in log.read_text()
     after = read_metrics(run_dir)
     assert after[: len(before)] == before
-    assert [r["step"] for r in after[len(before):] if "loss" in r] == list(
-        range(saved_at + 1, 11)
-    )
+    assert [r["step"] for r in after[len(before) :] if "loss" in r] == list(range(saved_at + 1, 11))
     losses = train_losses(run_dir)
     assert sorted(losses) == list(range(1, 11))
     # Bit for bit: float equality of every step, before and after the interruption.

@@ -35,8 +35,15 @@ from jaxpt.train.state import (
 
 V = 64
 CFG = ModelConfig(
-    model_type="llama", vocab_size=V, hidden_size=32, intermediate_size=48, num_layers=2,
-    num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128,
+    model_type="llama",
+    vocab_size=V,
+    hidden_size=32,
+    intermediate_size=48,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    max_position_embeddings=128,
 )
 
 
@@ -52,7 +59,7 @@ def examples(seed=0, lengths=(9, 14, 5, 11, 7, 12)):
     for n in lengths:
         ids = rng.randint(1, V, n).astype(np.int32)
         mask = np.zeros(n, bool)
-        mask[rng.randint(1, n - 1):] = True  # a prompt, then a completion
+        mask[rng.randint(1, n - 1) :] = True  # a prompt, then a completion
         out.append(TokenizedExample(ids, mask))
     return out
 
@@ -69,7 +76,12 @@ def grads_of(graphdef, params, batch, grad_accum=1):
     def run(params, batch):
         stats = sft_batch_stats(None, batch)
         return accumulate_grads(
-            loss_fn_for(graphdef), params, None, batch, jax.random.PRNGKey(0), stats,
+            loss_fn_for(graphdef),
+            params,
+            None,
+            batch,
+            jax.random.PRNGKey(0),
+            stats,
             grad_accum=grad_accum,
         )
 
@@ -77,10 +89,12 @@ def grads_of(graphdef, params, batch, grad_accum=1):
 
 
 def assert_trees_close(a, b, atol, rtol=0.0):
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b),
-                            strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=atol, rtol=rtol,
-                                   err_msg=jax.tree_util.keystr(path))
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b), strict=True
+    ):
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(y), atol=atol, rtol=rtol, err_msg=jax.tree_util.keystr(path)
+        )
 
 
 def test_packed_batch_equals_unpacked(model_parts):
@@ -104,8 +118,11 @@ def test_loss_matches_numpy_log_softmax(model_parts):
     batch = collate_padded(examples(), max_length=32)
     loss, _, _ = grads_of(graphdef, params, batch)
     model = nnx.merge(graphdef, params)
-    hidden, _ = model(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["positions"]),
-                      jnp.asarray(batch["segment_ids"]))
+    hidden, _ = model(
+        jnp.asarray(batch["input_ids"]),
+        jnp.asarray(batch["positions"]),
+        jnp.asarray(batch["segment_ids"]),
+    )
     logits = np.asarray(model.logits(hidden), np.float64)
     logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
     picked = np.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
@@ -137,10 +154,10 @@ def test_grad_accumulation_equals_full_batch(model_parts):
     dev_batch = {k: jnp.asarray(v) for k, v in batch.items()}
     outs = []
     for k in (1, 4):
-        state, sh = init_state(jax.tree.map(jnp.copy, params), tx, seed=0, params_sh=psh,
-                               mesh=mesh)
-        step = make_train_step(loss_fn_for(graphdef), tx, schedule, grad_accum=k,
-                               batch_stats_fn=sft_batch_stats)
+        state, sh = init_state(jax.tree.map(jnp.copy, params), tx, seed=0, params_sh=psh, mesh=mesh)
+        step = make_train_step(
+            loss_fn_for(graphdef), tx, schedule, grad_accum=k, batch_stats_fn=sft_batch_stats
+        )
         step_fn = compile_step(step, sh, batch_shardings(SFT_BATCH_NDIMS, mesh), mesh)
         outs.append(step_fn(state, dev_batch))
     (s1, m1), (s4, m4) = outs
@@ -199,8 +216,9 @@ def test_weight_decay_skips_norms_and_biases(model_parts):
     assert not mask["final_norm_E"] and not mask["layers"]["attn_norm_E"]
     assert decay_mask({"layers": {"bq_ND": 0}})["layers"]["bq_ND"] is False
     # AdamW with lr only decays masked-in leaves (zero grads: only decay moves params).
-    tx, _ = make_optimizer(OptimConfig(lr=0.1, weight_decay=0.5, max_grad_norm=None,
-                                       schedule="constant"), 10)
+    tx, _ = make_optimizer(
+        OptimConfig(lr=0.1, weight_decay=0.5, max_grad_norm=None, schedule="constant"), 10
+    )
     zeros = jax.tree.map(jnp.zeros_like, params)
     upd, _ = tx.update(zeros, tx.init(params), params)
     np.testing.assert_allclose(upd["embed_VE"], -0.1 * 0.5 * params["embed_VE"], rtol=1e-6)
@@ -228,3 +246,76 @@ def test_sft_variants_change_the_training_loss(model_parts):
         varied = fn(params, batch, rng, stats)[0]
         assert abs(float(varied) - float(plain)) > 1e-4, sft
         assert np.isfinite(float(varied))
+
+
+def test_sharded_step_equals_single_device():
+    """The jitted step on a (data 2, fsdp 2) mesh of 4 fake CPU devices matches one device,
+    full fine-tuning and LoRA (adapters sharded like their base weights)."""
+    from conftest import run_with_devices
+
+    out = run_with_devices(
+        """
+        import jax, jax.numpy as jnp, numpy as np
+        from flax import nnx
+        from jaxpt.config import OptimConfig, SFTConfig
+        from jaxpt.data.packing import collate_padded
+        from jaxpt.data.tokenize import TokenizedExample
+        from jaxpt.models.config import ModelConfig
+        from jaxpt.models.decoder import init_model
+        from jaxpt.sharding import make_mesh, param_shardings
+        from jaxpt.train import lora
+        from jaxpt.train.sft import SFT_BATCH_NDIMS, make_sft_loss_fn, sft_batch_stats
+        from jaxpt.train.state import (batch_shardings, compile_step, init_state,
+                                       make_optimizer, make_train_step, put_batch)
+
+        cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32,
+                          intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
+                          head_dim=8)
+        graphdef, st = nnx.split(init_model(cfg, seed=1))
+        params = st.to_pure_dict()
+        rng = np.random.RandomState(0)
+        ex = [TokenizedExample(rng.randint(1, 64, n).astype(np.int32),
+                               np.arange(n) >= 3) for n in (9, 14, 6, 12)]
+        host = collate_padded(ex, max_length=16)
+        loss_fn = make_sft_loss_fn(graphdef, SFTConfig(), impl="reference")
+        tx, sched = make_optimizer(OptimConfig(lr=1e-2), 10)
+        spec = lora.LoraSpec(rank=4, targets="wq|w_up|w_down")
+        adapters0 = lora.init_lora(params, spec, jax.random.PRNGKey(2))
+        adapters0 = jax.tree.map(lambda x: x + 0.01, adapters0)
+
+        def train(mesh, use_lora):
+            psh = param_shardings(params, mesh)
+            p = jax.tree.map(np.asarray, params)
+            if use_lora:
+                ad = jax.tree.map(np.asarray, adapters0)
+                state, sh = init_state(ad, tx, seed=0, params_sh=lora.lora_shardings(ad, mesh),
+                                       mesh=mesh, frozen=p, frozen_sh=psh)
+                pfn = lambda a, f, r: lora.apply_lora(f, a, spec, rng=r)
+            else:
+                state, sh = init_state(p, tx, seed=0, params_sh=psh, mesh=mesh)
+                pfn = lambda a, f, r: a
+            step = make_train_step(loss_fn, tx, sched, grad_accum=2,
+                                   batch_stats_fn=sft_batch_stats, params_fn=pfn)
+            bsh = batch_shardings(SFT_BATCH_NDIMS, mesh)
+            fn = compile_step(step, sh, bsh, mesh)
+            for _ in range(2):
+                state, m = fn(state, put_batch(host, bsh))
+            return float(m["loss"]), jax.device_get(state.params), state
+
+        for use_lora in (False, True):
+            big = make_mesh(2, 2, 1)
+            one = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+            l4, p4, s4 = train(big, use_lora)
+            l1, p1, _ = train(one, use_lora)
+            assert abs(l4 - l1) < 1e-5, (l4, l1)
+            diff = max(float(np.abs(a - b).max())
+                       for a, b in zip(jax.tree.leaves(p4), jax.tree.leaves(p1)))
+            assert diff < 1e-5, diff
+            leaf = s4.params["layers"]["wq_END"]
+            leaf = leaf["lora_a"] if use_lora else leaf
+            print("LORA" if use_lora else "FULL", leaf.sharding.spec, diff)
+        """,
+        n_devices=4,
+    )
+    assert "FULL P(None, 'fsdp', None, None)" in out
+    assert "LORA P(None, 'fsdp', None)" in out

@@ -41,12 +41,16 @@ def make_tiny_tokenizer(out_dir: Path, data_dir: Path, vocab_size: int = 1000):
     tok.decoder = decoders.ByteLevel()
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>",
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|im_end|>",
         unk_token="<|endoftext|>",
     )
     fast.chat_template = CHATML
@@ -58,8 +62,15 @@ def tiny_model_config(vocab_size: int, **kw):
     from jaxpt.models.config import ModelConfig
 
     base = dict(
-        model_type="llama", vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-        num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=512,
+        model_type="llama",
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
     )
     return ModelConfig(**{**base, **kw})
 
@@ -116,8 +127,9 @@ def subprocess_env() -> dict:
     return env
 
 
-def start_training(config: Path, *overrides: str, step_delay: float = 0.0,
-                   log: Path | None = None) -> subprocess.Popen:
+def start_training(
+    config: Path, *overrides: str, step_delay: float = 0.0, log: Path | None = None
+) -> subprocess.Popen:
     """Run `jaxpt train CONFIG overrides` in a subprocess; with `step_delay`, a callback
     sleeps that long after each logged step, so a test can signal it mid-run."""
     code = textwrap.dedent(f"""
@@ -134,6 +146,9 @@ def start_training(config: Path, *overrides: str, step_delay: float = 0.0,
     """)
     out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115
     return subprocess.Popen(
-        [sys.executable, "-c", code], env=subprocess_env(), cwd=REPO, stdout=out,
+        [sys.executable, "-c", code],
+        env=subprocess_env(),
+        cwd=REPO,
+        stdout=out,
         stderr=subprocess.STDOUT,
     )

@@ -27,9 +27,7 @@ import orbax.checkpoint as ocp
 
 def abstract_like(tree) -> Any:
     """ShapeDtypeStructs (with shardings) for a tree of arrays, for restoring into it."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
-    )
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 class Checkpointer:

@@ -115,8 +115,13 @@ def build_train_state(
             functools.partial(lora_lib.init_lora, bundle.params, spec), out_shardings=sh
         )(key)
         state, shardings = init_state(
-            adapters, tx, seed=cfg.train.seed, params_sh=sh, mesh=mesh,
-            frozen=bundle.params, frozen_sh=bundle.params_sh,
+            adapters,
+            tx,
+            seed=cfg.train.seed,
+            params_sh=sh,
+            mesh=mesh,
+            frozen=bundle.params,
+            frozen_sh=bundle.params_sh,
         )
 
         def params_fn(params, frozen, rng):
@@ -125,8 +130,13 @@ def build_train_state(
         return TrainableState(state, shardings, params_fn, spec)
     frozen = _copy(bundle.params, bundle.params_sh) if reference else None
     state, shardings = init_state(
-        bundle.params, tx, seed=cfg.train.seed, params_sh=bundle.params_sh, mesh=mesh,
-        frozen=frozen, frozen_sh=bundle.params_sh if reference else None,
+        bundle.params,
+        tx,
+        seed=cfg.train.seed,
+        params_sh=bundle.params_sh,
+        mesh=mesh,
+        frozen=frozen,
+        frozen_sh=bundle.params_sh if reference else None,
     )
     return TrainableState(state, shardings, identity_params, None)
 

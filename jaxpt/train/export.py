@@ -34,8 +34,9 @@ def restore_model_params(checkpoint: str | Path, *, mesh=None):
         abstract_params = lora_lib.lora_shapes(bundle.params, spec)
         params_sh = lora_lib.lora_shardings(abstract_params, mesh)
     else:
-        abstract_params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                                       bundle.params)
+        abstract_params = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), bundle.params
+        )
         params_sh = bundle.params_sh
     abstract = jax.eval_shape(
         lambda p: TrainState(p, tx.init(p), jax.numpy.zeros((), "int32"), jax.random.PRNGKey(0)),
@@ -57,8 +58,9 @@ def restore_model_params(checkpoint: str | Path, *, mesh=None):
         ckpt.close()
     params = restored["params"]
     if spec is not None:
-        params = jax.jit(lambda b, a: lora_lib.merge(b, a, spec),
-                         out_shardings=bundle.params_sh)(bundle.params, params)
+        params = jax.jit(lambda b, a: lora_lib.merge(b, a, spec), out_shardings=bundle.params_sh)(
+            bundle.params, params
+        )
     return params, bundle, step
 
 

@@ -41,13 +41,19 @@ def _kernel():
     return token_logprobs
 
 
-def reference_token_logprobs(hidden_NE, lm_head_VE, targets_N, *, temperature=1.0,
-                             with_entropy=False):
+def reference_token_logprobs(
+    hidden_NE, lm_head_VE, targets_N, *, temperature=1.0, with_entropy=False
+):
     """(logprobs_N, entropy_N | None, argmax_N) from full fp32 logits (the oracle)."""
-    logits_NV = jnp.einsum(
-        "ne,ve->nv", hidden_NE, lm_head_VE.astype(hidden_NE.dtype),
-        preferred_element_type=jnp.float32,
-    ) / temperature
+    logits_NV = (
+        jnp.einsum(
+            "ne,ve->nv",
+            hidden_NE,
+            lm_head_VE.astype(hidden_NE.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        / temperature
+    )
     logp_NV = jax.nn.log_softmax(logits_NV, axis=-1)
     logprobs_N = jnp.take_along_axis(logp_NV, targets_N[:, None], axis=-1)[:, 0]
     entropy_N = -jnp.sum(jnp.exp(logp_NV) * logp_NV, axis=-1) if with_entropy else None
@@ -108,7 +114,11 @@ def token_logprobs_of_hidden(
         correct_N = (argmax_N == targets_N) if with_accuracy else None
         return logprobs_N, entropy_N, correct_N
     out = kernel(
-        hidden_NE, lm_head_VE, targets_N, temperature=temperature, with_entropy=with_entropy,
+        hidden_NE,
+        lm_head_VE,
+        targets_N,
+        temperature=temperature,
+        with_entropy=with_entropy,
         impl=impl,
     )
     correct_N = None
@@ -138,7 +148,9 @@ def sequence_token_logprobs(
     ids_BT = batch["input_ids"]
     B, T = ids_BT.shape
     hidden_BTE, _ = model(
-        ids_BT, batch["positions"], batch["segment_ids"],
+        ids_BT,
+        batch["positions"],
+        batch["segment_ids"],
         input_embeddings_BTE=input_embeddings_BTE,
     )
     E = hidden_BTE.shape[-1]

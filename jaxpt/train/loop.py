@@ -137,8 +137,9 @@ def run(
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
-    ckpt = Checkpointer(out / "checkpoints", keep=cfg.checkpoint.keep,
-                        async_save=cfg.checkpoint.async_save)
+    ckpt = Checkpointer(
+        out / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
+    )
     start, num_tokens = 0, 0
     if cfg.checkpoint.resume and ckpt.latest_step() is not None:
         start, num_tokens = _restore(trainer, ckpt)
@@ -193,8 +194,11 @@ def run(
                 f"{bad} consecutive steps ({step_no - bad + 1}..{step_no}) had a non-finite "
                 "loss or gradient norm; their updates were skipped and training stopped "
                 f"(train.max_bad_steps={cfg.train.max_bad_steps}). "
-                + (f"The newest checkpoint (step {newest}) is intact in {ckpt.directory}."
-                   if newest is not None else "No checkpoint was saved.")
+                + (
+                    f"The newest checkpoint (step {newest}) is intact in {ckpt.directory}."
+                    if newest is not None
+                    else "No checkpoint was saved."
+                )
                 + " Lower optim.lr, check the data, or raise optim.max_grad_norm clipping."
             )
 
@@ -221,9 +225,12 @@ def run(
             flush()
             pending = (s + 1, dev, dict(extras), ntok, num_tokens)
             step_no = s + 1
-            if trainer.eval_fn is not None and cfg.train.eval_every and (
-                step_no % cfg.train.eval_every == 0
-            ) and step_no < end:
+            if (
+                trainer.eval_fn is not None
+                and cfg.train.eval_every
+                and (step_no % cfg.train.eval_every == 0)
+                and step_no < end
+            ):
                 flush()
                 ev = trainer.eval_fn(trainer.state)
                 result.eval_metrics = writer.write(step_no, ev)
@@ -258,7 +265,9 @@ def run(
         ckpt.close()
     result.state = trainer.state
     if result.reason == "signal":
-        print(f"stopped by signal {stop.signal} after step {result.step}; checkpoint saved in "
-              f"{ckpt.directory}; run the same command again to resume", flush=True)
+        print(
+            f"stopped by signal {stop.signal} after step {result.step}; checkpoint saved in "
+            f"{ckpt.directory}; run the same command again to resume",
+            flush=True,
+        )
     return result
-

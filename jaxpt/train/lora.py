@@ -72,9 +72,7 @@ def target_paths(params, spec: LoraSpec) -> list[tuple[str, ...]]:
     for path, _ in jax.tree_util.tree_leaves_with_path(params):
         names = tuple(path_names(path))
         if pattern.search(names[-1]):
-            (out if names[-1] in INPUT_DIMS and names[0] == "layers" else unsupported).append(
-                names
-            )
+            (out if names[-1] in INPUT_DIMS and names[0] == "layers" else unsupported).append(names)
     if unsupported:
         raise ValueError(
             f"lora.targets={spec.targets!r} selects {', '.join('.'.join(n) for n in unsupported)}, "
@@ -111,10 +109,14 @@ def lora_shapes(params, spec: LoraSpec) -> dict:
         w = _get(params, names)
         L, din, dout = _split_shape(names[-1], w.shape)
         dt = w.dtype
-        _set(out, names, {
-            "lora_a": jax.ShapeDtypeStruct((L, *din, spec.rank), dt),
-            "lora_b": jax.ShapeDtypeStruct((L, spec.rank, *dout), dt),
-        })
+        _set(
+            out,
+            names,
+            {
+                "lora_a": jax.ShapeDtypeStruct((L, *din, spec.rank), dt),
+                "lora_b": jax.ShapeDtypeStruct((L, spec.rank, *dout), dt),
+            },
+        )
     return out
 
 

@@ -107,8 +107,11 @@ class MetricsWriter:
                     "logging.wandb_project is set but wandb is not installed (pip install wandb)"
                 ) from e
             self._wandb = wandb.init(
-                project=wandb_project, name=wandb_run_name, config=dict(run_config or {}),
-                dir=str(self.out_dir), resume="allow",
+                project=wandb_project,
+                name=wandb_run_name,
+                config=dict(run_config or {}),
+                dir=str(self.out_dir),
+                resume="allow",
             )
         self._bar = None
         if progress:
@@ -147,8 +150,11 @@ class MetricsWriter:
             return
         self._bar.n = step
         if metrics:
-            shown = {k: metrics[k] for k in ("loss", "eval_loss", "tokens_per_second")
-                     if k in metrics and isinstance(metrics[k], int | float)}
+            shown = {
+                k: metrics[k]
+                for k in ("loss", "eval_loss", "tokens_per_second")
+                if k in metrics and isinstance(metrics[k], int | float)
+            }
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
         self._bar.refresh()
 

@@ -95,12 +95,19 @@ def make_sft_loss_fn(
         if sft.neftune_alpha:
             emb_BTE = neftune_embeddings(model, ids_BT, r_noise, sft.neftune_alpha)
         lp_BT, ent_BT, correct_BT = sequence_token_logprobs(
-            model, {**mb, "input_ids": ids_BT}, impl=impl, with_entropy=with_entropy,
-            with_accuracy=with_accuracy, input_embeddings_BTE=emb_BTE,
+            model,
+            {**mb, "input_ids": ids_BT},
+            impl=impl,
+            with_entropy=with_entropy,
+            with_accuracy=with_accuracy,
+            input_embeddings_BTE=emb_BTE,
         )
         total = stats["num_target_tokens"]
         loss, m = sft_loss(
-            lp_BT, mb["loss_mask"], num_target_tokens=total, correct_BT=correct_BT,
+            lp_BT,
+            mb["loss_mask"],
+            num_target_tokens=total,
+            correct_BT=correct_BT,
             entropy_BT=ent_BT,
         )
         # Re-weight this micro-batch's means by its share of the whole batch's targets, so
@@ -166,9 +173,14 @@ def build_sft_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
         stats = DataStats()
         records = read_data_records(cfg, which, stats=stats)
         ex, stats = prepare_sft(
-            records, tok, max_length=cfg.data.max_length, truncation=cfg.data.truncation,
-            completion_only=cfg.data.completion_only, assistant_only=cfg.data.assistant_only,
-            skip_invalid=cfg.data.skip_invalid, stats=stats,
+            records,
+            tok,
+            max_length=cfg.data.max_length,
+            truncation=cfg.data.truncation,
+            completion_only=cfg.data.completion_only,
+            assistant_only=cfg.data.assistant_only,
+            skip_invalid=cfg.data.skip_invalid,
+            stats=stats,
         )
         if not ex:
             raise ValueError(f"{cfg.source}: data.{which} has no usable examples ({stats})")
@@ -176,21 +188,28 @@ def build_sft_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
 
     train_ex, train_stats = examples("train")
     loader = sft_loader(
-        train_ex, batch_size=t.batch_size // n_proc, max_length=cfg.data.max_length,
-        packing=cfg.data.packing, seed=t.seed, shuffle=cfg.data.shuffle, pad_id=pad_id,
+        train_ex,
+        batch_size=t.batch_size // n_proc,
+        max_length=cfg.data.max_length,
+        packing=cfg.data.packing,
+        seed=t.seed,
+        shuffle=cfg.data.shuffle,
+        pad_id=pad_id,
         stats=train_stats,
     )
     total = t.max_steps or max(1, math.ceil(t.num_epochs * loader.batches_per_epoch))
     tx, schedule = make_optimizer(cfg.optim, total)
     ts = build_train_state(bundle, cfg, tx)
-    common = dict(
-        impl=t.logprob_impl, with_entropy=t.with_entropy, with_accuracy=t.token_accuracy
-    )
+    common = dict(impl=t.logprob_impl, with_entropy=t.with_entropy, with_accuracy=t.token_accuracy)
     loss_fn = make_sft_loss_fn(
         bundle.graphdef, sft, mask_token_id=default_mask_token_id(tok, sft), **common
     )
     step = make_train_step(
-        loss_fn, tx, schedule, grad_accum=t.grad_accum, batch_stats_fn=sft_batch_stats,
+        loss_fn,
+        tx,
+        schedule,
+        grad_accum=t.grad_accum,
+        batch_stats_fn=sft_batch_stats,
         params_fn=ts.params_fn,
     )
     batch_sh = batch_shardings(SFT_BATCH_NDIMS, mesh)
@@ -201,8 +220,14 @@ def build_sft_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
         eval_ex, _ = examples("eval")
         eval_bs = t.eval_batch_size or t.batch_size // t.grad_accum
         eval_loader = sft_loader(
-            eval_ex, batch_size=eval_bs // n_proc, max_length=cfg.data.max_length,
-            packing=cfg.data.packing, shuffle=False, num_epochs=1, pad_id=pad_id, seed=0,
+            eval_ex,
+            batch_size=eval_bs // n_proc,
+            max_length=cfg.data.max_length,
+            packing=cfg.data.packing,
+            shuffle=False,
+            num_epochs=1,
+            pad_id=pad_id,
+            seed=0,
         )
         eval_step = jax.jit(
             make_sft_eval_step(bundle.graphdef, ts.params_fn, **common),
@@ -260,4 +285,3 @@ def train_sft(
 ) -> LoopResult:
     trainer = build_sft_trainer(cfg)
     return run(trainer, callbacks=callbacks, stop=stop)
-

@@ -292,8 +292,14 @@ def make_train_step(
         rng, step_rng = jax.random.split(state.rng)
         stats = batch_stats_fn(state, batch) if batch_stats_fn is not None else {}
         loss, metrics, grads = accumulate_grads(
-            loss_fn, state.params, state.frozen, batch, step_rng, stats,
-            grad_accum=grad_accum, params_fn=params_fn,
+            loss_fn,
+            state.params,
+            state.frozen,
+            batch,
+            step_rng,
+            stats,
+            grad_accum=grad_accum,
+            params_fn=params_fn,
         )
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
