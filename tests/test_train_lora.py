@@ -57,7 +57,7 @@ def random_adapters(params, spec, seed=0):
 def test_apply_lora_is_w_plus_scaled_a_times_b(base):
     _, params = base
     ad = random_adapters(params, SPEC)
-    merged = lora.apply_lora(params, ad, SPEC)
+    merged = jax.jit(lambda p, a: lora.apply_lora(p, a, SPEC))(params, ad)
     s = SPEC.alpha / SPEC.rank
     for name, n_in in (("wq_END", 1), ("wo_NDE", 2), ("w_down_FE", 1)):
         w = np.asarray(params["layers"][name], np.float64)
