@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 
@@ -55,8 +56,37 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jaxpt", description="JAX-native post-training: SFT, DPO, GRPO and hybrids."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from jaxpt.train_cli import add_export_parser, add_train_parser
+
+    add_train_parser(sub)
+    add_export_parser(sub)
+    for module, adder, runner in _OPTIONAL_COMMANDS:
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        getattr(mod, adder)(sub).set_defaults(func=_lazy(module, runner))
     _add_info(sub)
     return parser
+
+
+# Subcommands whose modules may be absent in a partial install; each module exposes
+# an `add_*_parser(subparsers)` and a `run_*(args)`.
+_OPTIONAL_COMMANDS = (
+    ("jaxpt.generate_cli", "add_generate_parser", "run_generate"),
+    ("jaxpt.eval_cli", "add_eval_parser", "run_eval"),
+    ("jaxpt.eval_cli", "add_rft_parser", "run_rft"),
+    ("jaxpt.plan_cli", "add_plan_parser", "run_plan"),
+)
+
+
+def _lazy(module: str, name: str):
+    def run(args):
+        return getattr(importlib.import_module(module), name)(args)
+
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:

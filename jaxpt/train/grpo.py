@@ -43,8 +43,7 @@ from jaxpt.data.gsm8k import ArithmeticConfig, convert_gsm8k, generate_arithmeti
 from jaxpt.data.pipeline import prepare_prompts, prompt_batch
 from jaxpt.losses.grpo import GRPOLossConfig, grpo_loss, sft_weight_schedule
 from jaxpt.rewards.registry import get_reward_function
-from jaxpt.sampling.decode import generate
-from jaxpt.sampling.samplers import Sampler
+from jaxpt.sampling import Sampler, generate
 from jaxpt.sharding import replicated
 from jaxpt.train.checkpoint import StopFlag
 from jaxpt.train.common import (

@@ -20,8 +20,7 @@ import numpy as np
 
 from jaxpt.rewards.advantages import compute_advantages
 from jaxpt.rewards.registry import compute_rewards
-from jaxpt.sampling.decode import FINISH_LENGTH, generate
-from jaxpt.sampling.samplers import Sampler
+from jaxpt.sampling import FINISH_LENGTH, Sampler, generate
 
 
 @dataclasses.dataclass(frozen=True)
