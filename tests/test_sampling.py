@@ -110,8 +110,10 @@ def _gen(tiny, prompts=PROMPTS, **kw):
 # -- cached decode == full forward ------------------------------------------------------
 
 
-@pytest.mark.parametrize("temperature,num_samples", [(1.0, 2), (0.7, 1)])
-def test_cached_decode_logprobs_match_full_forward(tiny, temperature, num_samples):
+@pytest.mark.parametrize(
+    "temperature,num_samples,layer_loop", [(1.0, 2, "unroll"), (0.7, 1, "scan")]
+)
+def test_cached_decode_logprobs_match_full_forward(tiny, temperature, num_samples, layer_loop):
     graphdef, params = tiny
     M = 8
     res = _gen(
@@ -120,11 +122,59 @@ def test_cached_decode_logprobs_match_full_forward(tiny, temperature, num_sample
         max_new_tokens=M,
         num_samples=num_samples,
         rng=11,
+        layer_loop=layer_loop,
     )
     assert res.tokens.shape == (len(PROMPTS) * num_samples, M)
     prompts = [PROMPTS[r // num_samples] for r in range(res.tokens.shape[0])]
     ref_logp, _ = _full_forward(graphdef, params, prompts, res.tokens, temperature)
     np.testing.assert_allclose(res.logprobs, ref_logp, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        dict(model_type="qwen2", attention_bias=True),
+        dict(model_type="qwen3", qk_norm=True, tie_word_embeddings=True),
+    ],
+    ids=["qwen2_bias", "qwen3_qknorm_tied"],
+)
+def test_decode_step_matches_full_forward_for_other_architectures(extra):
+    cfg = ModelConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=1,
+        head_dim=8,
+        **extra,
+    )
+    graphdef, params = nnx.split(init_model(cfg, seed=5))
+    # Biases start at 0 and q/k norms at 1: move them so those code paths matter.
+    keys = iter(jax.random.split(jax.random.key(1), 64))
+
+    def perturb(path, x):
+        name = str(path[-2].key) if len(path) > 1 else ""
+        if name.startswith(("bq_", "bk_", "bv_", "q_norm", "k_norm")):
+            return x + jax.random.normal(next(keys), x.shape, x.dtype)
+        return x * (20.0 if name in ("embed_VE", "lm_head_VE") else 1.0)
+
+    params = jax.tree_util.tree_map_with_path(perturb, params)
+    model = (graphdef, params)
+    res = _gen(model, sampler=Sampler(temperature=1.0), num_samples=2, rng=4)
+    prompts = [PROMPTS[r // 2] for r in range(res.tokens.shape[0])]
+    ref_logp, _ = _full_forward(graphdef, params, prompts, res.tokens)
+    np.testing.assert_allclose(res.logprobs, ref_logp, atol=1e-4, rtol=0)
+
+
+def test_scan_and_unrolled_layer_loops_agree(tiny):
+    kw = dict(sampler=Sampler(temperature=1.0), num_samples=2, rng=11)
+    scan = _gen(tiny, layer_loop="scan", **kw)
+    unroll = _gen(tiny, layer_loop="unroll", **kw)
+    np.testing.assert_array_equal(scan.tokens, unroll.tokens)
+    np.testing.assert_allclose(scan.logprobs, unroll.logprobs, atol=1e-5)
+    with pytest.raises(GenerationError, match="layer_loop"):
+        _gen(tiny, layer_loop="while")
 
 
 def test_greedy_is_argmax_of_full_forward(tiny):
@@ -256,20 +306,28 @@ def test_temperature_to_zero_equals_greedy(tiny):
 
 
 def test_num_samples_share_one_prefill(tiny, monkeypatch):
+    import jaxpt.sampling.loop as decode_mod
+
     greedy1 = _gen(tiny)
-    calls = []
-    original = Decoder.__call__
+    prompt_passes, decode_rows = [], []
+    model_call, step = Decoder.__call__, decode_mod.decode_step
 
-    def spy(self, tokens_BT, *args, **kw):
-        calls.append(tuple(tokens_BT.shape))
-        return original(self, tokens_BT, *args, **kw)
+    def spy_model(self, tokens_BT, *args, **kw):
+        prompt_passes.append(tuple(tokens_BT.shape))
+        return model_call(self, tokens_BT, *args, **kw)
 
-    monkeypatch.setattr(Decoder, "__call__", spy)
+    def spy_step(cfg, params, layers, tokens_R, *args, **kw):
+        decode_rows.append(tokens_R.shape[0])
+        return step(cfg, params, layers, tokens_R, *args, **kw)
+
+    monkeypatch.setattr(Decoder, "__call__", spy_model)
+    monkeypatch.setattr(decode_mod, "decode_step", spy_step)
     jax.clear_caches()  # make the jitted prefill / decode trace again
     greedy3 = _gen(tiny, num_samples=3)
     B, P = len(PROMPTS), bucket_length(max(map(len, PROMPTS)))
-    # One prompt pass over the B prompts (not 3B), one traced decode step over 3B rows.
-    assert calls == [(B, P), (3 * B, 1)]
+    # One prompt pass over the B prompts (not 3B); the traced decode step has 3B rows.
+    assert prompt_passes == [(B, P)]
+    assert decode_rows == [3 * B]
     np.testing.assert_array_equal(greedy3.tokens, np.repeat(greedy1.tokens, 3, axis=0))
     np.testing.assert_allclose(greedy3.logprobs, np.repeat(greedy1.logprobs, 3, axis=0), atol=1e-6)
 
@@ -431,8 +489,8 @@ def test_sampler_is_hashable_and_normalized():
 
 
 def test_bucket_lengths():
-    got = [bucket_length(n) for n in (1, 16, 17, 100, 128, 129, 256, 257, 600)]
-    assert got == [16, 16, 32, 128, 128, 256, 256, 512, 768]
+    got = [bucket_length(n) for n in (1, 16, 17, 33, 100, 128, 129, 140, 256, 257, 600)]
+    assert got == [16, 16, 32, 48, 112, 128, 160, 160, 256, 320, 640]
 
 
 def test_left_pad():

@@ -5,7 +5,7 @@ result = generate(graphdef, params, ids_BP, mask_BP, sampler=Sampler(temperature
                   max_new_tokens=256, eos_ids=(2,), rng=0, num_samples=8, pad_id=2)
 """
 
-from jaxpt.sampling.decode import (
+from jaxpt.sampling.loop import (
     FINISH_LENGTH,
     FINISH_REASONS,
     FINISH_STOP,

@@ -11,7 +11,7 @@ tensor parallelism plus data parallelism over rows:
     divides it (anything else, and every parameter when the mesh has no `tensor` axis,
     is replicated);
   * every per-row array (prompts, tokens, the KV cache's B axis) is split over `data`;
-  * the KV cache's K axis follows the k/v projections over `tensor`.
+  * the KV cache's kv-head axis follows the k/v projections over `tensor`.
 
 The mesh's axes are used as `Auto` (XLA propagates shardings from the placed inputs and
 the cache constraints); a mesh built with Explicit axes is converted.
@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxpt.models.config import ModelConfig
 from jaxpt.models.decoder import KVCache
+from jaxpt.sampling.step import DecodeCache
 
 TENSOR_LETTERS = frozenset("NKFV")  # parameter axes split over `tensor`
 
@@ -141,13 +142,24 @@ class DecodeSharding:
                 "smaller data axis"
             )
 
-    def cache(self, cfg: ModelConfig, rows: int, slots: int) -> KVCache:
-        """KVCache-shaped tree of NamedSharding for `rows` rows and `slots` slots."""
+    def cache(self, cfg: ModelConfig, rows: int, slots: int, *, layout: str = "decode"):
+        """Tree of NamedSharding for a cache of `rows` rows and `slots` slots: a
+        `DecodeCache` (layout "decode", [L, R, K, S, D]; "decode_split", its per-layer
+        tuples, see `step.split_cache`) or the model's `KVCache` (layout "model",
+        [L, B, S, K, D])."""
         data = self.data_axis if rows % self.data_size == 0 else None
         heads = self._tensor_if_divides(cfg.num_kv_heads)
-        kv = NamedSharding(self.mesh, P(None, data, None, heads, None))
         row = NamedSharding(self.mesh, P(data, None))
-        return KVCache(k_LBSKD=kv, v_LBSKD=kv, positions_BS=row, segment_ids_BS=row)
+        if layout == "model":
+            kv = NamedSharding(self.mesh, P(None, data, None, heads, None))
+            return KVCache(k_LBSKD=kv, v_LBSKD=kv, positions_BS=row, segment_ids_BS=row)
+        if layout == "decode_split":
+            kv = (NamedSharding(self.mesh, P(data, heads, None, None)),) * cfg.num_layers
+        elif layout == "decode":
+            kv = NamedSharding(self.mesh, P(None, data, heads, None, None))
+        else:
+            raise ValueError(f"layout={layout!r}: use 'decode', 'decode_split' or 'model'")
+        return DecodeCache(k_LRKSD=kv, v_LRKSD=kv, positions_RS=row, segment_ids_RS=row)
 
 
 def decode_sharding(

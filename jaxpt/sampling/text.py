@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from jaxpt.sampling.decode import FINISH_REASONS, FINISH_STOP, generate
+from jaxpt.sampling.loop import FINISH_REASONS, FINISH_STOP, generate
 from jaxpt.sampling.samplers import Sampler
 
 # End-of-turn markers of common chat templates; one is a stop id when the tokenizer's
@@ -125,6 +125,7 @@ def iter_generate_ids(
     num_samples: int = 1,
     batch_size: int | None = None,
     shardings=None,
+    layer_loop: str = "auto",
 ) -> Iterator[tuple[list[int], Any]]:
     """Yield (prompt indices, GenerationResult as numpy) batch by batch. Prompts are
     batched in order of length (less padding); every batch has exactly `batch_size`
@@ -157,6 +158,7 @@ def iter_generate_ids(
             num_samples=num_samples,
             pad_id=pad_id,
             shardings=shardings,
+            layer_loop=layer_loop,
         )
         result = jax.tree.map(np.asarray, result)
         keep = len(idx) * num_samples
@@ -178,6 +180,7 @@ def generate_text(
     chat_template: bool = True,
     progress: bool = False,
     shardings=None,
+    layer_loop: str = "auto",
 ) -> list[list[Completion]]:
     """Complete each prompt `num_samples` times; returns, in prompt order, a list of
     `num_samples` Completions per prompt.
@@ -216,6 +219,7 @@ def generate_text(
         num_samples=num_samples,
         batch_size=batch_size,
         shardings=shardings,
+        layer_loop=layer_loop,
     )
     if progress:
         from tqdm.auto import tqdm

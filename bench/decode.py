@@ -1,0 +1,186 @@
+"""Decode throughput: jaxpt's jitted KV-cache loop vs transformers `generate`.
+
+Same model (SmolLM2-135M-Instruct GGUF, dequantized to fp32, in both), same chat prompts
+(GSM8K test questions when the shared data is present), greedy, EOS ignored so every row
+produces exactly --new-tokens tokens (jaxpt: no stop ids; transformers:
+min_new_tokens = max_new_tokens). Time = one full generate call (prefill + decode) after
+a warm-up call (jaxpt's compile is excluded), median over --reps calls.
+
+    python bench/decode.py            # batch 1, 8, 32 x 128 new tokens, 3 reps
+    python bench/decode.py --quick    # batch 1, 8 x 32 new tokens, 1 rep (a few minutes)
+
+Prints one JSON object per batch size (metric: new tokens per second, ratio = jaxpt /
+transformers, target 3.0 at batch 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `python bench/decode.py` from a checkout
+    sys.path.insert(0, str(REPO))
+
+FALLBACK_PROMPTS = [
+    "What is 2+2?",
+    "Write a haiku about the sea.",
+    "Name three primary colors.",
+    "Explain gravity to a child.",
+    "Translate 'good morning' to French.",
+    "What is the capital of Japan?",
+    "List the days of the week.",
+    "Give me a tip for learning to cook.",
+]
+
+
+def load_prompts(n: int) -> list[str]:
+    for base in (REPO.parent / "shared" / "data", Path("/work/shared/data")):
+        path = base / "gsm8k" / "test.jsonl"
+        if path.exists():
+            with path.open() as f:
+                rows = [json.loads(line)["question"] for _, line in zip(range(n), f, strict=False)]
+            if len(rows) == n:
+                return rows
+    return [FALLBACK_PROMPTS[i % len(FALLBACK_PROMPTS)] for i in range(n)]
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batches", default=None, help="default 1,8,32 (--quick: 1,8)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="default 128 (--quick: 32)")
+    ap.add_argument("--reps", type=int, default=None, help="default 3 (--quick: 1)")
+    ap.add_argument("--quick", action="store_true", help="a run of a couple of minutes")
+    ap.add_argument("--skip-peer", action="store_true", help="time jaxpt only")
+    args = ap.parse_args(argv)
+    reps = args.reps or (1 if args.quick else 3)
+    batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,8,32")).split(",")]
+    M = args.new_tokens or (32 if args.quick else 128)
+
+    import jax
+    import numpy as np
+    import torch
+    import transformers
+    from flax import nnx
+
+    from jaxpt.models import hub
+    from jaxpt.sampling import Sampler, encode_prompts, generate, left_pad
+
+    model, cfg, resolved = hub.load(args.model)
+    tok = resolved.tokenizer()
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    graphdef, params = nnx.split(model)
+    platform = jax.default_backend()
+    device = f"{platform} x{os.cpu_count()}" if platform == "cpu" else str(jax.devices()[0])
+
+    hf = None
+    torch_device = "cuda" if platform == "gpu" and torch.cuda.is_available() else "cpu"
+    if not args.skip_peer:
+        from transformers import AutoModelForCausalLM
+
+        if resolved.kind == "gguf":
+            hf = AutoModelForCausalLM.from_pretrained(
+                str(resolved.path.parent), gguf_file=resolved.path.name, dtype=torch.float32
+            )
+        else:
+            hf = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=torch.float32)
+        hf = hf.eval().to(torch_device)
+        if torch_device == "cpu":
+            torch.set_num_threads(os.cpu_count() or 1)
+    peer_name = f"transformers {transformers.__version__} generate (torch {torch.__version__})"
+
+    prompts_all = encode_prompts(tok, load_prompts(max(batches)))
+    date = datetime.date.today().isoformat()
+    lines = []
+    for B in batches:
+        ids, mask = left_pad(prompts_all[:B], pad)
+
+        def run_jaxpt(ids=ids, mask=mask):
+            res = generate(
+                graphdef,
+                params,
+                ids,
+                mask,
+                sampler=Sampler.greedy(),
+                max_new_tokens=M,
+                eos_ids=(),
+                rng=0,
+                pad_id=pad,
+            )
+            return np.asarray(jax.block_until_ready(res.tokens))
+
+        t0 = time.perf_counter()
+        out = run_jaxpt()
+        log(f"[bs{B}] jaxpt warm-up (compile + run) {time.perf_counter() - t0:.1f}s")
+        assert out.shape == (B, M)
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            run_jaxpt()
+            times.append(time.perf_counter() - t0)
+        jaxpt_tps = B * M / statistics.median(times)
+        log(f"[bs{B}] jaxpt {times} s -> {jaxpt_tps:.1f} tok/s")
+
+        peer_tps = None
+        if hf is not None:
+            ids_t = torch.tensor(ids, dtype=torch.long, device=torch_device)
+            mask_t = torch.tensor(mask, dtype=torch.long, device=torch_device)
+
+            def run_hf(n, ids_t=ids_t, mask_t=mask_t):
+                with torch.no_grad():
+                    out = hf.generate(
+                        input_ids=ids_t,
+                        attention_mask=mask_t,
+                        do_sample=False,
+                        max_new_tokens=n,
+                        min_new_tokens=n,
+                        pad_token_id=pad,
+                    )
+                if torch_device == "cuda":
+                    torch.cuda.synchronize()
+                return out
+
+            run_hf(4)  # warm-up
+            hf_times = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                out = run_hf(M)
+                hf_times.append(time.perf_counter() - t0)
+                assert out.shape[1] - ids.shape[1] == M
+            peer_tps = B * M / statistics.median(hf_times)
+            log(f"[bs{B}] transformers {hf_times} s -> {peer_tps:.1f} tok/s")
+
+        lines.append(
+            {
+                "bench": "decode",
+                "case": f"bs{B}_new{M}_greedy_fp32",
+                "metric": "new_tokens_per_s",
+                "unit": "tok/s",
+                "jaxpt": round(jaxpt_tps, 2),
+                "peer": round(peer_tps, 2) if peer_tps else None,
+                "peer_name": peer_name,
+                "ratio": round(jaxpt_tps / peer_tps, 3) if peer_tps else None,
+                "target": 3.0 if B == 8 else None,
+                "lower_is_better": False,
+                "device": device,
+                "date": date,
+            }
+        )
+    for line in lines:
+        print(json.dumps(line))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
