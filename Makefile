@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/jaxpt info smollm2-135m-instruct
+	$(BIN)/jaxpt train configs/grpo_arithmetic_tiny.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

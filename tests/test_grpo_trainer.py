@@ -6,12 +6,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from train_utils import make_tiny_model_dir, make_tiny_tokenizer, read_metrics, tiny_run_config
 
 from jaxpt.config import load_config
 from jaxpt.models.config import ModelConfig
 from jaxpt.models.decoder import init_model
 from jaxpt.train.rollout import completion_logprobs, rollout_sequences
-from train_utils import make_tiny_model_dir, make_tiny_tokenizer, read_metrics, tiny_run_config
 
 
 def test_rollout_sequences_hand_made():

@@ -107,7 +107,9 @@ def _attend_mlp(cfg: ModelConfig, w: dict, x_RE, q_RND, k_RKSD, v_RKSD, mask_R11
 def layer_weights(params, cfg: ModelConfig) -> dict:
     """The stacked layer weights {name: [L, ...]} of a model's param state, with the
     attention projections as matrices (H = N * D, J = K * D; free reshapes)."""
-    w = dict(nnx.to_pure_dict(params["layers"]))
+    layers = params["layers"]
+    # Params come as an nnx.State (nnx.split) or as a plain dict (the trainers' state).
+    w = dict(nnx.to_pure_dict(layers) if isinstance(layers, nnx.State) else layers)
     L, E = cfg.num_layers, cfg.hidden_size
     w["wq_EH"] = w.pop("wq_END").reshape(L, E, -1)
     w["wk_EJ"] = w.pop("wk_EKD").reshape(L, E, -1)
