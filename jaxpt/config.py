@@ -85,7 +85,9 @@ class DataConfig:
     eval: str | None = None  # held-out split for periodic evaluation
     train_split: str | None = None  # for hub / saved datasets
     eval_split: str | None = None
-    format: Literal["auto", "gsm8k"] = "auto"  # gsm8k: question/answer rows -> prompt/completion
+    # gsm8k: question/answer rows -> prompt/completion; hh_rlhf: Anthropic hh-rlhf
+    # transcripts {chosen, rejected} -> conversational preference rows (DPO)
+    format: Literal["auto", "gsm8k", "hh_rlhf"] = "auto"
     max_train_rows: int | None = None  # first N rows only
     max_eval_rows: int | None = None
     max_length: int = 1024

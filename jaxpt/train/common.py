@@ -149,11 +149,13 @@ def model_params(ts_or_fn, state: TrainState):
 
 def read_data_records(cfg: RunConfig, which: str = "train", *, gsm8k_mode: str = "sft", stats=None):
     """Records of ``data.train`` / ``data.eval`` (first ``max_*_rows``), converted from
-    GSM8K rows when ``data.format`` is ``gsm8k`` (``gsm8k_mode``: "sft" or "prompt")."""
+    GSM8K rows when ``data.format`` is ``gsm8k`` (``gsm8k_mode``: "sft" or "prompt") and
+    from hh-rlhf transcripts to preference rows when it is ``hh_rlhf``."""
     import os
 
     from jaxpt.data import read_records
     from jaxpt.data.gsm8k import convert_gsm8k
+    from jaxpt.data.hh_rlhf import convert_hh_rlhf
 
     d = cfg.data
     path = d.train if which == "train" else d.eval
@@ -174,4 +176,6 @@ def read_data_records(cfg: RunConfig, which: str = "train", *, gsm8k_mode: str =
         records = records[:limit]
     if d.format == "gsm8k":
         records = convert_gsm8k(records, mode=gsm8k_mode, skip_invalid=d.skip_invalid, stats=stats)
+    elif d.format == "hh_rlhf":
+        records = convert_hh_rlhf(records, skip_invalid=d.skip_invalid, stats=stats)
     return records
