@@ -1,5 +1,5 @@
 """GRPO trainer: rollout layout, log-prob slicing, tiny end-to-end runs (learning, reuse,
-reference KL, SFT hybrids) and config errors."""
+reference KL, the SFT+RL hybrid) and config errors."""
 
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def test_reused_rollouts_and_reference_kl(tmp_path, tiny):
     assert steps[-1]["kl"] > 0  # the policy moved away from the reference
 
 
-def test_sft_hybrid_and_prefix_sft_warmup(tmp_path, tiny):
+def test_sft_hybrid_with_sft_warmup_then_rl(tmp_path, tiny):
     rows = run_grpo(grpo_config(tmp_path, tiny, grpo={
         "sft_weight": 1.0, "sft_schedule": "warmup_then_rl", "sft_warmup_steps": 2},
         train={"max_steps": 3}))

@@ -19,9 +19,8 @@ Hybrids (none of TRL, Tunix, MaxText has these as options):
 - `sft_weight` > 0: adds `sft_weight * NLL` of the dataset's demonstrations for the same
   prompts (a `completion` column, or GSM8K's worked answers) to the RL loss, with a
   schedule (`sft_schedule`: constant, linear decay, ReFT-style warm-up then RL).
-- `prefix_fraction` > 0 (Prefix-RFT): for that fraction of each prompt's G rollouts, the
-  completion starts with a demonstration prefix of sampled length; prefix tokens get the
-  SFT loss, the sampled continuation the RL loss.
+Prefix-RFT (demonstration prefixes inside rollouts) has its masks in
+`jaxpt.losses.grpo.prefix_rft_masks` but is not wired into rollouts yet.
 """
 
 from __future__ import annotations
@@ -106,9 +105,6 @@ class GRPOSection:
     sft_schedule: Literal["constant", "linear", "warmup_then_rl"] = "constant"
     sft_warmup_steps: int = 0  # warmup_then_rl: SFT only for these steps, then RL only
     sft_decay_steps: int = 0  # linear: sft_weight -> 0 over these steps
-    prefix_fraction: float = 0.0  # Prefix-RFT: fraction of each group's G rollouts
-    prefix_min_ratio: float = 0.1  # prefix length ~ U[min, max] x demonstration length
-    prefix_max_ratio: float = 0.7
     max_demo_length: int = 256
     # Held-out evaluation (greedy): accuracy of the first reward function.
     eval_prompts: int = 64
@@ -118,11 +114,6 @@ class GRPOSection:
     def __post_init__(self):
         if self.num_generations < 2:
             raise ValueError(f"grpo.num_generations={self.num_generations}: must be >= 2")
-        if not 0.0 <= self.prefix_fraction < 1.0:
-            raise ValueError(f"grpo.prefix_fraction={self.prefix_fraction}: must be in [0, 1)")
-        if not 0.0 < self.prefix_min_ratio <= self.prefix_max_ratio <= 1.0:
-            raise ValueError("grpo.prefix_min_ratio / prefix_max_ratio must satisfy "
-                             "0 < min <= max <= 1")
 
     def rollout(self) -> RolloutConfig:
         return RolloutConfig(
@@ -143,7 +134,7 @@ class GRPOSection:
         )
 
     def uses_demonstrations(self) -> bool:
-        return self.sft_weight > 0 or self.prefix_fraction > 0
+        return self.sft_weight > 0
 
 
 # -- prompts -------------------------------------------------------------------------------
