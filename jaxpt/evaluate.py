@@ -50,7 +50,7 @@ from jaxpt.data.pipeline import PromptExample
 from jaxpt.rewards.math import answers_match, extract_answer, parse_reference
 from jaxpt.rewards.passk import majority_answer, mean_pass_at_k
 from jaxpt.rewards.registry import compute_rewards, get_reward_function
-from jaxpt.sampling.decode import FINISH_REASONS, FINISH_STOP
+from jaxpt.sampling import FINISH_REASONS, FINISH_STOP
 from jaxpt.sampling.samplers import Sampler
 from jaxpt.sampling.text import default_stop_ids, iter_generate_ids
 
