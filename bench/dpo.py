@@ -169,7 +169,21 @@ def run_trl(args) -> dict:
 
     torch.manual_seed(0)
     d = str(gguf_dir())
-    model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF_NAME, dtype=torch.float32)
+
+    def load_model():
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF_NAME, dtype=torch.float32)
+        # transformers dequantizes the GGUF tensors to plain fp32 parameters but keeps the
+        # model marked as quantized, and Trainer then refuses full fine-tuning: drop the marks.
+        if {p.dtype for p in model.parameters()} != {torch.float32}:
+            raise RuntimeError("expected fp32 parameters after GGUF dequantization")
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.config.quantization_config = None
+        return model
+
+    # TRL would build the reference by reloading the model from its path, which it cannot do
+    # for a GGUF file: pass the same frozen copy it would make.
+    model, ref_model = load_model(), load_model()
     tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF_NAME)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -208,7 +222,12 @@ def run_trl(args) -> dict:
         seed=0,
     )
     trainer = DPOTrainer(
-        model=model, args=cfg, train_dataset=ds, processing_class=tok, callbacks=[Timer()]
+        model=model,
+        ref_model=ref_model,
+        args=cfg,
+        train_dataset=ds,
+        processing_class=tok,
+        callbacks=[Timer()],
     )
     trainer.train()
     return {"times": times, "info": {"peak_rss_self": _self_peak_rss()}}
