@@ -4,7 +4,10 @@ Same model (SmolLM2-135M-Instruct GGUF, dequantized to fp32, in both), same chat
 (GSM8K test questions when the shared data is present), greedy, EOS ignored so every row
 produces exactly --new-tokens tokens (jaxpt: no stop ids; transformers:
 min_new_tokens = max_new_tokens). Time = one full generate call (prefill + decode) after
-a warm-up call (jaxpt's compile is excluded), median over --reps calls.
+a warm-up call (jaxpt's compile is excluded), median over --reps calls. torch runs with
+the fastest of --torch-threads (default 1 and the core count, picked on a short probe):
+on a shared, oversubscribed machine torch's default threading slows down by 5-10x,
+which would flatter the ratio.
 
     python bench/decode.py            # batch 1, 8, 32 x 128 new tokens, 3 reps
     python bench/decode.py --quick    # batch 1, 8 x 32 new tokens, 1 rep (a few minutes)
@@ -63,6 +66,13 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="default 3 (--quick: 1)")
     ap.add_argument("--quick", action="store_true", help="a run of a couple of minutes")
     ap.add_argument("--skip-peer", action="store_true", help="time jaxpt only")
+    ap.add_argument(
+        "--torch-threads",
+        default=None,
+        help="comma list of torch CPU thread counts to try; the fastest on a 16-token "
+        "probe is timed (default: 1 and the core count; torch's default is the core "
+        "count, which collapses when a shared machine is oversubscribed)",
+    )
     args = ap.parse_args(argv)
     reps = args.reps or (1 if args.quick else 3)
     batches = [int(b) for b in (args.batches or ("1,8" if args.quick else "1,8,32")).split(",")]
@@ -96,9 +106,11 @@ def main(argv=None) -> int:
         else:
             hf = AutoModelForCausalLM.from_pretrained(str(resolved.path), dtype=torch.float32)
         hf = hf.eval().to(torch_device)
-        if torch_device == "cpu":
-            torch.set_num_threads(os.cpu_count() or 1)
-    peer_name = f"transformers {transformers.__version__} generate (torch {torch.__version__})"
+    thread_options = [None]
+    if torch_device == "cpu":
+        default = str(os.cpu_count() or 1)
+        thread_options = sorted({int(t) for t in (args.torch_threads or f"1,{default}").split(",")})
+    peer_base = f"transformers {transformers.__version__} generate (torch {torch.__version__}"
 
     prompts_all = encode_prompts(tok, load_prompts(max(batches)))
     date = datetime.date.today().isoformat()
@@ -133,6 +145,7 @@ def main(argv=None) -> int:
         log(f"[bs{B}] jaxpt {times} s -> {jaxpt_tps:.1f} tok/s")
 
         peer_tps = None
+        peer_name = peer_base + ")"
         if hf is not None:
             ids_t = torch.tensor(ids, dtype=torch.long, device=torch_device)
             mask_t = torch.tensor(mask, dtype=torch.long, device=torch_device)
@@ -151,7 +164,18 @@ def main(argv=None) -> int:
                     torch.cuda.synchronize()
                 return out
 
-            run_hf(4)  # warm-up
+            probes = {}
+            for threads in thread_options:  # probe, also the warm-up
+                if threads is not None:
+                    torch.set_num_threads(threads)
+                t0 = time.perf_counter()
+                run_hf(16)
+                probes[threads] = time.perf_counter() - t0
+            best = min(probes, key=probes.get)
+            if best is not None:
+                torch.set_num_threads(best)
+                log(f"[bs{B}] torch threads probe (16 tokens): {probes} s -> {best}")
+            peer_name = peer_base + (f", {best} threads)" if best is not None else ")")
             hf_times = []
             for _ in range(reps):
                 t0 = time.perf_counter()

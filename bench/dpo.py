@@ -1,7 +1,7 @@
 """DPO train step: jaxpt vs TRL ``DPOTrainer`` on the same model, pairs, batch and length.
 
-    python bench/dpo.py --quick     # 1 warm-up + 3 timed steps per side
-    python bench/dpo.py             # 2 warm-up + 8 timed steps per side
+    python bench/dpo.py --quick     # 1 warm-up + 2 timed steps per side and case
+    python bench/dpo.py             # 2 warm-up + 8 timed steps per side and case
 
 Both sides train SmolLM2-135M-Instruct (the packaged GGUF, dequantized to fp32; TRL loads
 it with ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=..., dtype=torch.float32)``)
@@ -11,7 +11,9 @@ fp32 everywhere, 4 pairs per step from hh-rlhf harmless-base (``data.format: hh_
 max_length 256. The pairs are those whose prompt + chosen and prompt + rejected both fit in
 256 tokens, so neither side truncates; every row is padded to 256 on both sides (jaxpt pads
 to ``max_length``; TRL gets ``pad_to_multiple_of=256``), so both do the same work. Both log
-entropy and chosen-token accuracy (TRL always does; jaxpt's defaults).
+entropy and chosen-token accuracy (TRL always does; jaxpt's defaults). Cases: gradient
+checkpointing off (``gc_off``) and on (``gc_on``: jaxpt ``model.remat=full``, TRL
+``gradient_checkpointing=True``, which is TRL's DPOConfig default).
 
 Each side runs in its own subprocess (``--side jaxpt|trl``), one after the other:
 
@@ -113,6 +115,7 @@ def run_jaxpt(args) -> dict:
                     "name": "smollm2-135m-instruct",
                     "param_dtype": "float32",
                     "compute_dtype": "float32",
+                    "remat": "full" if args.gc else "none",
                 },
                 "data": {"train": args.pairs, "max_length": args.max_length},
                 "optim": {
@@ -212,6 +215,7 @@ def run_trl(args) -> dict:
         max_length=args.max_length,
         pad_to_multiple_of=args.max_length,
         precompute_ref_log_probs=False,
+        gradient_checkpointing=args.gc,
         logging_steps=1,
         save_strategy="no",
         report_to=[],
@@ -236,59 +240,62 @@ def run_trl(args) -> dict:
 # ----------------------------------------------------------------------------- driver
 
 
-def run_side(side: str, args, pairs: Path, workdir: Path) -> tuple[dict, int]:
-    """Run one side in a child process; (its result, its peak RSS in bytes)."""
-    out = workdir / f"{side}.json"
-    cmd = [
-        sys.executable,
-        __file__,
-        "--side",
-        side,
-        "--pairs",
-        str(pairs),
-        "--workdir",
-        str(workdir),
-        "--result",
-        str(out),
-        "--warmup",
-        str(args.warmup),
-        "--steps",
-        str(args.steps),
-        "--batch-size",
-        str(args.batch_size),
-        "--max-length",
-        str(args.max_length),
-    ]
+def run_side(side: str, gc: bool, args, pairs: Path, workdir: Path) -> tuple[dict, int]:
+    """Run one side in a child process; (its result, its peak RSS in bytes by wait4)."""
+    out = workdir / f"{side}_{'gc' if gc else 'nogc'}.json"
+    cmd = [sys.executable, __file__, "--side", side, "--pairs", str(pairs)]
+    cmd += ["--workdir", str(workdir), "--result", str(out), "--warmup", str(args.warmup)]
+    cmd += ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
+    cmd += ["--max-length", str(args.max_length), *(["--gc"] if gc else [])]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(cmd, env=env, cwd=REPO)
     _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench/dpo.py: the {side} side failed (exit {proc.returncode})")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"bench/dpo.py: the {side} side failed (exit {code})")
     rss = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     return json.loads(out.read_text()), rss
 
 
+KEYS = ("bench", "case", "metric", "unit", "jaxpt", "peer", "peer_name", "ratio", "target",
+        "lower_is_better", "device", "date")  # fmt: skip
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="1 warm-up + 3 timed steps")
+    ap.add_argument("--quick", action="store_true", help="1 warm-up + 2 timed steps")
+    ap.add_argument("--cases", default="gc_off,gc_on", help="comma list: gc_off, gc_on")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--side", choices=["jaxpt", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--pairs", help=argparse.SUPPRESS)
     ap.add_argument("--workdir", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
-    args.steps = args.steps if args.steps is not None else (3 if args.quick else 8)
+    args.steps = args.steps if args.steps is not None else (2 if args.quick else 8)
 
     if args.side:
         res = (run_jaxpt if args.side == "jaxpt" else run_trl)(args)
         Path(args.result).write_text(json.dumps(res))
         return 0
 
+    import trl
+
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    bad = [c for c in cases if c not in ("gc_off", "gc_on")]
+    if bad:
+        raise SystemExit(f"--cases: unknown case(s) {bad}; expected gc_off, gc_on")
+    base = {
+        "bench": "dpo",
+        "peer_name": f"trl {trl.__version__} DPOTrainer",
+        "device": f"cpu x{os.cpu_count()}",
+        "date": datetime.date.today().isoformat(),
+    }
+    med = lambda r: statistics.median(r["times"][args.warmup :])  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="bench_dpo_") as tmp:
         workdir = Path(tmp)
         pairs = workdir / "pairs.jsonl"
@@ -296,47 +303,27 @@ def main(argv=None) -> int:
         got = select_pairs(n_pairs, args.max_length, pairs)
         if got < n_pairs:
             raise SystemExit(f"only {got} hh-rlhf pairs fit in {args.max_length} tokens")
-        results = {}
-        for side in ("jaxpt", "trl"):
-            results[side] = run_side(side, args, pairs, workdir)
-    import trl
-
-    (jx, jx_rss), (tr, tr_rss) = results["jaxpt"], results["trl"]
-    print(f"jaxpt info: {jx['info']}, wait4 peak rss {jx_rss}", file=sys.stderr)
-    print(f"trl info: {tr['info']}, wait4 peak rss {tr_rss}", file=sys.stderr)
-    # Peak RSS through the end of the timed steps, measured inside each child the same way
-    # (the jaxpt child compiles once more afterwards for memory_analysis, which wait4 sees).
-    jx_rss, tr_rss = jx["info"]["peak_rss_self"], tr["info"]["peak_rss_self"]
-    med = lambda r: statistics.median(r["times"][args.warmup :])  # noqa: E731
-    case = f"bs{args.batch_size}_len{args.max_length}_fp32_online_ref"
-    base = {
-        "bench": "dpo",
-        "case": case,
-        "peer_name": f"trl {trl.__version__} DPOTrainer",
-        "device": f"cpu x{os.cpu_count()}",
-        "date": datetime.date.today().isoformat(),
-    }
-    lines = [
-        {"metric": "step_time", "unit": "s", "jaxpt": med(jx), "peer": med(tr), "target": 0.5},
-        {"metric": "peak_rss", "unit": "bytes", "jaxpt": jx_rss, "peer": tr_rss, "target": 1.0},
-    ]
-    keys = (
-        "bench",
-        "case",
-        "metric",
-        "unit",
-        "jaxpt",
-        "peer",
-        "peer_name",
-        "ratio",
-        "target",
-        "lower_is_better",
-        "device",
-        "date",
-    )
-    for line in lines:
-        row = {**base, **line, "ratio": line["jaxpt"] / line["peer"], "lower_is_better": True}
-        print(json.dumps({k: row[k] for k in keys}), flush=True)
+        for case in cases:
+            gc = case == "gc_on"
+            (jx, jx_wait), (tr, tr_wait) = (
+                run_side(side, gc, args, pairs, workdir) for side in ("jaxpt", "trl")
+            )
+            print(f"{case} jaxpt: {jx}, wait4 peak rss {jx_wait}", file=sys.stderr)
+            print(f"{case} trl: {tr}, wait4 peak rss {tr_wait}", file=sys.stderr)
+            # Peak RSS through the end of the timed steps, measured inside each child the
+            # same way (the jaxpt child compiles once more afterwards for memory_analysis).
+            jx_rss, tr_rss = jx["info"]["peak_rss_self"], tr["info"]["peak_rss_self"]
+            name = f"bs{args.batch_size}_len{args.max_length}_fp32_{case}"
+            lines = [
+                {"metric": "step_time", "unit": "s", "jaxpt": med(jx), "peer": med(tr),
+                 "target": 0.5},
+                {"metric": "peak_rss", "unit": "bytes", "jaxpt": jx_rss, "peer": tr_rss,
+                 "target": 1.0},
+            ]  # fmt: skip
+            for line in lines:
+                row = {**base, **line, "case": name, "ratio": line["jaxpt"] / line["peer"],
+                       "lower_is_better": True}  # fmt: skip
+                print(json.dumps({k: row[k] for k in KEYS}), flush=True)
     return 0
 
 

@@ -47,16 +47,20 @@ def hf_greedy(smol):
     hf = AutoModelForCausalLM.from_pretrained(
         str(resolved.path.parent), gguf_file=resolved.path.name, dtype=torch.float32
     ).eval()
-    torch.set_num_threads(2)
-    with torch.no_grad():
-        out = hf.generate(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask, dtype=torch.long),
-            do_sample=False,
-            max_new_tokens=NEW,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=list(default_stop_ids(tok, cfg.eos_token_ids)),
-        )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torch's threads stall badly on a busy shared CPU
+    try:
+        with torch.no_grad():
+            out = hf.generate(
+                input_ids=torch.tensor(ids, dtype=torch.long),
+                attention_mask=torch.tensor(mask, dtype=torch.long),
+                do_sample=False,
+                max_new_tokens=NEW,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=list(default_stop_ids(tok, cfg.eos_token_ids)),
+            )
+    finally:
+        torch.set_num_threads(threads)
     return ids, mask, out[:, ids.shape[1] :].numpy()
 
 

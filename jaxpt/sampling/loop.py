@@ -234,9 +234,9 @@ def decode(
     layer_loop: "scan" runs `lax.scan` over the stacked layers each step, and XLA (on
     CPU and GPU) then slices, i.e. copies, every layer's weights out of the stack on
     every step. "unroll" slices the weights once, before the loop, and runs the layers as
-    straight-line code: on CPU about 1.7x faster per token for SmolLM2, at the cost of
-    one transient copy of the layer weights while decoding and a compile time that
-    grows with depth.
+    straight-line code on separate per-layer weight and cache buffers, so a step copies
+    nothing (faster on CPU), at the cost of one transient copy of the layer weights
+    while decoding and a compile time that grows with depth.
     """
     if layer_loop not in LAYER_LOOPS:
         raise GenerationError(f"layer_loop={layer_loop!r}: use one of {LAYER_LOOPS}")
@@ -346,8 +346,8 @@ def generate(
     rng: an int seed or a `jax.random.key`.
     shardings: an optional `jaxpt.sampling.sharding.DecodeSharding`; params and prompts
         should already be placed with it (`place_params`, `place_rows`).
-    layer_loop: "unroll" | "scan" | "auto" (scan on TPU, where slicing stacked weights
-        is free, unroll elsewhere); see `decode`.
+    layer_loop: "unroll" | "scan" | "auto" (scan on TPU: no transient copy of the
+        weights, compile time independent of depth; unroll elsewhere); see `decode`.
     Returns a `GenerationResult` with R = B * num_samples rows, row r = prompt
     r // num_samples.
     """
@@ -387,7 +387,7 @@ def generate(
     if layer_loop == "auto":
         layer_loop = "scan" if jax.default_backend() == "tpu" else "unroll"
     if layer_loop not in LAYER_LOOPS:
-        raise GenerationError(f"layer_loop={layer_loop!r}: use one of ('auto', *{LAYER_LOOPS})")
+        raise GenerationError(f"layer_loop={layer_loop!r}: use one of {('auto', *LAYER_LOOPS)}")
     if shardings is not None:
         shardings.check_batch(B, num_samples)
     if bucket:

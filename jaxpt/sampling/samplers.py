@@ -38,7 +38,7 @@ class Sampler:
     top_k: keep the k highest logits (ties with the k-th are kept too); 0 = off.
     top_p: keep the smallest set of most likely tokens whose probability mass reaches
         top_p (a token is kept iff the mass of the tokens ranked strictly before it is
-        below top_p); 1.0 = off.
+        below top_p; tokens tied with the last kept one are kept too); 1.0 = off.
     min_p: keep tokens whose probability is at least min_p times the most likely token's;
         0.0 = off.
     """
