@@ -14,7 +14,9 @@ from jaxpt.rewards.math import (
     answers_match,
     extract_answer,
     extract_boxed,
+    extract_strict_answer,
     math_reward,
+    math_strict_reward,
     parse_number,
     parse_reference,
 )
@@ -116,6 +118,32 @@ def test_math_reward_conversational_and_missing_reference():
     assert math_reward(None, completions, answer=["3", "#### 5", None]) == [1.0, 0.0, None]
     with pytest.raises(ValueError, match="'answer'"):
         math_reward(None, ["1"])
+
+
+def test_strict_math_reward_needs_a_stated_answer():
+    # Rollouts SmolLM2 produced on "Fatima has 9 coins, gives away 3" (answer 6): the
+    # lenient verifier credits prose that merely ends on a 6; strict mode does not.
+    rambling = "1. 2 coins: 2\n2. 3 coins: 1 1/3\n5. 6"
+    assert math_reward(None, [rambling], answer=["6"]) == [1.0]
+    assert math_strict_reward(None, [rambling], answer=["6"]) == [0.0]
+    stated = [
+        "6",
+        " 6.\n",
+        "**6**",
+        "6 coins",
+        "She gives 3 away, so the answer is 6.",
+        "Answer: **6**",
+        "The final answer is 9 - 3 = 6",
+        "so \\boxed{6}",
+        "9 - 3 = 6\n#### 6",
+    ]
+    assert math_strict_reward(None, stated, answer=["6"] * len(stated)) == [1.0] * len(stated)
+    unstated = ["Fatima has 6 coins.", "9 - 3 = 6", "The answer is 7, not 6.", "6 or 7", ""]
+    got = math_strict_reward(None, unstated, answer=["6"] * len(unstated))
+    assert got == [0.0] * len(unstated)
+    assert extract_strict_answer("The answer is: 1,234 dollars") == "1,234"
+    assert get_reward_function("math_strict") is math_strict_reward
+    assert get_reward_function("math", strict=True) is math_strict_reward
 
 
 def test_format_reward():

@@ -6,6 +6,11 @@ Answer extraction from a completion, in order:
 2. the last GSM8K-style ``#### <answer>`` line;
 3. the last number in the text (integers, ``1,234.5``, ``-7``, ``3/4``, ``\\frac{3}{4}``).
 
+Strict mode (``strict=True``, the ``math_strict`` reward) drops step 3, which rewards
+rambling that happens to end on the right number; it accepts instead an explicit final
+answer (``The answer is 6``, ``Answer: 6``) or a completion that is nothing but the
+answer (``6``, ``6.``, ``**6**``, ``6 coins``).
+
 Normalization drops ``$``, ``\\$``, ``\\text{...}`` wrappers, thousands separators, ``%``,
 degree marks, a leading ``x =``, trailing words after a number (units: ``18 dollars``,
 ``5 cm``) and trailing periods. Two answers match when both parse as numbers equal within
@@ -29,11 +34,13 @@ __all__ = [
     "extract_gsm8k_answer",
     "extract_last_number",
     "extract_answer",
+    "extract_strict_answer",
     "normalize_answer",
     "parse_number",
     "answers_match",
     "parse_reference",
     "math_reward",
+    "math_strict_reward",
 ]
 
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\b")
@@ -105,6 +112,30 @@ def extract_answer(text: str) -> str | None:
         answer = extract(text)
         if answer is not None:
             return answer
+    return None
+
+
+_ANSWER_IS_RE = re.compile(
+    r"(?:final answer|answer)\s*(?:is|:|=)\s*[:=]?\s*([^\n]*)", re.IGNORECASE
+)
+
+
+def extract_strict_answer(text: str) -> str | None:
+    """A final answer the completion states explicitly: boxed, ``####``, ``answer is`` /
+    ``answer:``, or the whole completion when it is a lone number (markdown bold, a
+    trailing period and unit words allowed). Never a number picked out of prose."""
+    for extract in (extract_boxed, extract_gsm8k_answer):
+        answer = extract(text)
+        if answer is not None:
+            return answer
+    stated = _ANSWER_IS_RE.findall(text)
+    if stated:
+        value = stated[-1].split("=")[-1].strip().strip("*").strip()
+        number = _NUMBER_RE.match(value)
+        return number.group(0).strip() if number else (value or None)
+    whole = text.strip().strip("*").strip()
+    if whole and parse_number(whole) is not None:
+        return whole
     return None
 
 
@@ -244,11 +275,14 @@ def math_reward(
     prompts: list | None = None,
     completions: list | None = None,
     answer: list | None = None,
+    strict: bool = False,
     **kwargs,
 ) -> list[float | None]:
     """1.0 when the completion's final answer matches the dataset ``answer``, else 0.0.
 
-    ``None`` (not applicable) for rows whose reference answer is missing or empty.
+    ``strict``: the answer must be stated explicitly (:func:`extract_strict_answer`), no
+    last-number fallback. ``None`` (not applicable) for rows whose reference answer is
+    missing or empty.
     """
     if completions is None:
         raise ValueError("math_reward needs completions.")
@@ -263,6 +297,17 @@ def math_reward(
         if reference is None:
             rewards.append(None)
             continue
-        predicted = extract_answer(completion_text(completion))
+        extract = extract_strict_answer if strict else extract_answer
+        predicted = extract(completion_text(completion))
         rewards.append(1.0 if answers_match(predicted, reference) else 0.0)
     return rewards
+
+
+def math_strict_reward(
+    prompts: list | None = None,
+    completions: list | None = None,
+    answer: list | None = None,
+    **kwargs,
+) -> list[float | None]:
+    """:func:`math_reward` with ``strict=True`` (the built-in ``math_strict``)."""
+    return math_reward(prompts, completions, answer, strict=True, **kwargs)

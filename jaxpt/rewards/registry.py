@@ -13,8 +13,9 @@ completion for which every function returned None gets a NaN total reward, which
 
 Specs accepted by :func:`get_reward_function`:
 
-* a built-in name: ``"math"``, ``"format"``, ``"overlong"``, ``"length"`` (options such as
-  ``pattern=...`` or ``max_completion_length=..., overlong_buffer=...`` go to its factory);
+* a built-in name: ``"math"``, ``"math_strict"`` (no last-number fallback), ``"format"``,
+  ``"overlong"``, ``"length"`` (options such as ``strict=True``, ``pattern=...`` or
+  ``max_completion_length=..., overlong_buffer=...`` go to its factory);
 * an import path ``"package.module:function"``; with options, the imported object is a
   factory and is called with them to build the reward function;
 * a callable, used as is.
@@ -39,7 +40,7 @@ import numpy as np
 
 from jaxpt.rewards.format import FormatReward
 from jaxpt.rewards.length import LengthPenaltyReward, OverlongReward
-from jaxpt.rewards.math import math_reward
+from jaxpt.rewards.math import math_reward, math_strict_reward
 
 __all__ = [
     "RewardError",
@@ -63,14 +64,17 @@ class RewardError(RuntimeError):
         self.rows = list(rows)
 
 
-def _math_factory(**options):
-    if options:
-        raise ValueError(f"the built-in 'math' reward takes no options; got {sorted(options)}.")
-    return math_reward
+def _math_factory(strict: bool = False):
+    return math_strict_reward if strict else math_reward
+
+
+def _math_strict_factory():
+    return math_strict_reward
 
 
 BUILTIN_REWARDS: dict[str, Callable[..., Callable]] = {
     "math": _math_factory,
+    "math_strict": _math_strict_factory,
     "format": FormatReward,
     "overlong": OverlongReward,
     "length": LengthPenaltyReward,
