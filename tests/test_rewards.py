@@ -144,6 +144,8 @@ def test_strict_math_reward_needs_a_stated_answer():
     assert extract_strict_answer("The answer is: 1,234 dollars") == "1,234"
     assert get_reward_function("math_strict") is math_strict_reward
     assert get_reward_function("math", strict=True) is math_strict_reward
+    fmt = get_reward_function("answer_format")
+    assert fmt(completions=stated + unstated) == [1.0] * len(stated) + [0.0, 0.0, 1.0, 0.0, 0.0]
 
 
 def test_format_reward():

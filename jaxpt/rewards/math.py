@@ -41,6 +41,7 @@ __all__ = [
     "parse_reference",
     "math_reward",
     "math_strict_reward",
+    "answer_format_reward",
 ]
 
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\b")
@@ -311,3 +312,12 @@ def math_strict_reward(
 ) -> list[float | None]:
     """:func:`math_reward` with ``strict=True`` (the built-in ``math_strict``)."""
     return math_reward(prompts, completions, answer, strict=True, **kwargs)
+
+
+def answer_format_reward(completions: list | None = None, **kwargs) -> list[float]:
+    """1.0 when the completion states a final answer in a form the strict verifier reads
+    (:func:`extract_strict_answer` finds one), right or wrong; else 0.0. The format
+    companion of ``math_strict``: it rewards answering over rambling."""
+    if completions is None:
+        raise ValueError("answer_format_reward needs completions.")
+    return [0.0 if extract_strict_answer(completion_text(c)) is None else 1.0 for c in completions]

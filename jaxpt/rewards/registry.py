@@ -13,7 +13,8 @@ completion for which every function returned None gets a NaN total reward, which
 
 Specs accepted by :func:`get_reward_function`:
 
-* a built-in name: ``"math"``, ``"math_strict"`` (no last-number fallback), ``"format"``,
+* a built-in name: ``"math"``, ``"math_strict"`` (no last-number fallback), ``"answer_format"``,
+  ``"format"``,
   ``"overlong"``, ``"length"`` (options such as ``strict=True``, ``pattern=...`` or
   ``max_completion_length=..., overlong_buffer=...`` go to its factory);
 * an import path ``"package.module:function"``; with options, the imported object is a
@@ -40,7 +41,7 @@ import numpy as np
 
 from jaxpt.rewards.format import FormatReward
 from jaxpt.rewards.length import LengthPenaltyReward, OverlongReward
-from jaxpt.rewards.math import math_reward, math_strict_reward
+from jaxpt.rewards.math import answer_format_reward, math_reward, math_strict_reward
 
 __all__ = [
     "RewardError",
@@ -75,6 +76,7 @@ def _math_strict_factory():
 BUILTIN_REWARDS: dict[str, Callable[..., Callable]] = {
     "math": _math_factory,
     "math_strict": _math_strict_factory,
+    "answer_format": lambda: answer_format_reward,
     "format": FormatReward,
     "overlong": OverlongReward,
     "length": LengthPenaltyReward,

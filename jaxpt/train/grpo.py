@@ -382,40 +382,35 @@ def make_score_fn(graphdef, params_fn, *, impl: str, temperature: float, batch_s
 
 
 def make_eval_fn(graphdef, params_of_state, prompts, grpo: GRPOSection, *, tokenizer, eos_ids,
-                 pad_id, reward_funcs):
-    """Greedy held-out accuracy: `eval_accuracy` (first reward == 1), `eval_reward`
-    (weighted reward, mean) and `eval_mean_length`."""
-    from jaxpt.rewards.registry import compute_rewards
+                 pad_id):
+    """Greedy held-out evaluation with `jaxpt.evaluate.sample_and_verify` (the same code
+    as `jaxpt eval`), verified by the first reward function: `eval_accuracy` (reward >= 1),
+    `eval_mean_length`, `eval_clipped_ratio`; with a strict math verifier also
+    `eval_accuracy_lenient` (last-number fallback), so both readings are on record."""
+    from jaxpt.evaluate import sample_and_verify
+    from jaxpt.rewards.math import math_reward
 
     max_new = grpo.eval_max_completion_length or grpo.max_completion_length
     eval_prompts = prompts[:grpo.eval_prompts]
+    verifier = grpo.reward_funcs[0]
 
     def eval_fn(state) -> dict[str, float]:
-        params = params_of_state(state)
-        correct, rewards, lengths = [], [], []
-        for s in range(0, len(eval_prompts), grpo.eval_batch_size):
-            chunk = eval_prompts[s:s + grpo.eval_batch_size]
-            pb = prompt_batch(chunk, pad_id=pad_id, max_prompt_length=grpo.max_prompt_length)
-            res = generate(graphdef, params, pb["prompt_ids"], pb["prompt_mask"],
-                           sampler=Sampler.greedy(), max_new_tokens=max_new,
-                           eos_ids=tuple(eos_ids), rng=0, pad_id=pad_id)
-            toks, lens = np.asarray(res.tokens), np.asarray(res.lengths)
-            texts = tokenizer.batch_decode([t[:n] for t, n in zip(toks, lens, strict=True)],
-                                           skip_special_tokens=True)
-            cols = dict(pb["columns"])
-            prompts_col = cols.pop("prompt", [None] * len(chunk))
-            comps = ([[{"role": "assistant", "content": t}] for t in texts]
-                     if prompts_col and isinstance(prompts_col[0], list) else texts)
-            total, per_fn, _ = compute_rewards(
-                reward_funcs, grpo.reward_weights, prompts_col, comps,
-                [list(t[:n]) for t, n in zip(toks, lens, strict=True)], cols, pb["rows"],
-                timeout_s=grpo.reward_timeout_s)
-            first = next(iter(per_fn.values()))
-            correct.extend((np.nan_to_num(first) >= 1.0).tolist())
-            rewards.extend(np.nan_to_num(total).tolist())
-            lengths.extend(lens.tolist())
-        return {"eval_accuracy": float(np.mean(correct)), "eval_reward": float(np.mean(rewards)),
-                "eval_mean_length": float(np.mean(lengths))}
+        samples = sample_and_verify(
+            graphdef, params_of_state(state), tokenizer, eval_prompts, 1,
+            sampler=Sampler.greedy(), max_new_tokens=max_new, eos_ids=eos_ids, pad_id=pad_id,
+            batch_size=grpo.eval_batch_size, verifier=verifier,
+            reward_timeout_s=grpo.reward_timeout_s)
+        first = [row[0] for row in samples]
+        out = {
+            "eval_accuracy": float(np.mean([s.correct for s in first])),
+            "eval_mean_length": float(np.mean([len(s.token_ids) for s in first])),
+            "eval_clipped_ratio": float(np.mean([s.finish_reason == "length" for s in first])),
+        }
+        if verifier == "math_strict":
+            answers = [p.columns.get("answer") for p in eval_prompts]
+            lenient = math_reward(None, [s.text for s in first], answer=answers)
+            out["eval_accuracy_lenient"] = float(np.mean([r == 1.0 for r in lenient]))
+        return out
 
     return eval_fn
 
@@ -490,8 +485,7 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     eval_fn = None
     if grpo.task == "arithmetic" or cfg.data.eval is not None:
         eval_fn = make_eval_fn(bundle.graphdef, params_of_state, prompts("eval"), grpo,
-                               tokenizer=tok, eos_ids=sorted(eos_ids), pad_id=pad_id,
-                               reward_funcs=reward_funcs)
+                               tokenizer=tok, eos_ids=sorted(eos_ids), pad_id=pad_id)
 
     def host_batch(b):
         return put_batch({k: v for k, v in b.items() if k in keys}, batch_sh)
