@@ -133,3 +133,74 @@ def test_batch_must_hold_whole_groups(tmp_path, tiny):
     cfg = grpo_config(tmp_path, tiny, train={"batch_size": 6})
     with pytest.raises(ValueError, match="multiple of grpo.num_generations=4"):
         build_grpo_trainer(cfg)
+
+
+def test_prefix_rft_rollouts_start_from_the_demonstration(tmp_path, tiny):
+    """Prefix-RFT: the first rollout of each group starts with a prefix of the prompt's
+    demonstration (its tokens are the completion's first tokens), the others are the
+    policy's own; the prefix gets the SFT loss and the continuation the RL loss."""
+    from jaxpt.train.grpo import build_grpo_trainer
+
+    cfg = grpo_config(tmp_path, tiny, grpo={"prefix_rft_ratio": 0.25, "prefix_min_fraction": 0.3,
+                                            "prefix_max_fraction": 0.6},
+                      train={"max_steps": 2})
+    tr = build_grpo_trainer(cfg)
+    src = tr.source
+    src._rollout(tr.state)
+    batch = src.buffer[0]
+    prefix_len = batch["prefix_lengths"]
+    chosen = [src.prompts[i] for i in src._prompt_indices(0)]
+    G = 4
+    C = batch["completion_mask"].shape[1]
+    P = batch["input_ids"].shape[1] - C
+    # Mini-batch rows are a permutation of the rollout rows: find them by prefix length.
+    assert (prefix_len > 0).sum() == len(chosen)  # one prefixed rollout per group of 4
+    assert (prefix_len == 0).sum() == len(chosen) * (G - 1)
+    demos = {tuple(src._demo_ids(ex)) for ex in chosen}
+    for r in np.nonzero(prefix_len)[0]:
+        n = int(prefix_len[r])
+        completion = batch["input_ids"][r, P:P + n].tolist()
+        demo = next(d for d in demos if list(d[:n]) == completion)
+        assert int(0.3 * len(demo)) <= n <= int(0.6 * len(demo)), (n, len(demo))
+        assert batch["completion_mask"][r, :n].all()  # the prefix is part of the completion
+    rows = run_grpo(cfg)
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 2
+    assert all(r["prefix_sft_loss"] > 0 and np.isfinite(r["loss"]) for r in steps)
+    assert steps[0]["prefix/rows_frac"] == pytest.approx(0.25)
+
+
+def test_prefix_rft_loss_splits_sft_and_rl_tokens(tiny):
+    """The loss of a hand-made batch: prefix tokens add prefix_sft_weight * their mean NLL,
+    the RL term sees only the continuation (zero advantages -> the loss is the NLL)."""
+    from jaxpt.train.grpo import GRPOSection, make_batch_stats, make_grpo_loss_fn
+    from jaxpt.train.logprobs import sequence_token_logprobs
+
+    cfg = ModelConfig(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=64,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    model = init_model(cfg, seed=3)
+    from flax import nnx
+
+    graphdef, params = nnx.split(model, nnx.Param)
+    rng = np.random.RandomState(1)
+    cmask = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    b = rollout_sequences(rng.randint(1, 50, (2, 3)), np.ones((2, 3)), rng.randint(1, 50, (2, 5)),
+                          cmask)
+    b["advantages"] = np.zeros(2, np.float32)
+    b["prefix_lengths"] = np.array([2, 0], np.int32)
+    jb = {k: jnp.asarray(v) for k, v in b.items()}
+    grpo = GRPOSection(prefix_rft_ratio=0.5, prefix_sft_weight=0.5, temperature=1.0,
+                       loss_type="dapo")
+    loss_fn = make_grpo_loss_fn(graphdef, grpo, impl="chunked", with_entropy=False)
+
+    class S:
+        step = jnp.asarray(0)
+
+    stats = make_batch_stats(grpo)(S, jb)
+    assert float(stats["prefix_tokens"]) == 2.0 and float(stats["num_items"]) == 5.0
+    loss, metrics = loss_fn(params, jb, None, stats)
+    lp, _, _ = sequence_token_logprobs(model, jb, impl="chunked")
+    lp_prefix = np.asarray(completion_logprobs(lp, 5))[0, :2]
+    nll = -lp_prefix.mean()
+    np.testing.assert_allclose(float(metrics["prefix_sft_loss"]), nll, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), 0.5 * nll, rtol=1e-5)

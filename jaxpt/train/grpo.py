@@ -19,8 +19,12 @@ Hybrids (none of TRL, Tunix, MaxText has these as options):
 - `sft_weight` > 0: adds `sft_weight * NLL` of the dataset's demonstrations for the same
   prompts (a `completion` column, or GSM8K's worked answers) to the RL loss, with a
   schedule (`sft_schedule`: constant, linear decay, ReFT-style warm-up then RL).
-Prefix-RFT (demonstration prefixes inside rollouts) has its masks in
-`jaxpt.losses.grpo.prefix_rft_masks` but is not wired into rollouts yet.
+- Prefix-RFT (`prefix_rft_ratio` > 0): that fraction of each prompt's G rollouts starts
+  from a prefix of its demonstration (a uniformly drawn fraction in
+  [`prefix_min_fraction`, `prefix_max_fraction`] of the demonstration's tokens); the
+  policy continues it, the whole completion is rewarded and takes part in the group's
+  advantages; the prefix tokens get `prefix_sft_weight * NLL`, the sampled continuation the
+  RL loss (`jaxpt.losses.grpo.prefix_rft_masks`).
 """
 
 from __future__ import annotations
@@ -40,9 +44,14 @@ from jaxpt.data import DataStats
 from jaxpt.data.formats import records_from_rows
 from jaxpt.data.gsm8k import ArithmeticConfig, convert_gsm8k, generate_arithmetic
 from jaxpt.data.pipeline import prepare_prompts, prompt_batch
-from jaxpt.losses.grpo import GRPOLossConfig, grpo_loss, sft_weight_schedule
+from jaxpt.losses.grpo import (
+    GRPOLossConfig,
+    grpo_loss,
+    prefix_rft_masks,
+    sft_weight_schedule,
+)
 from jaxpt.rewards.registry import get_reward_function
-from jaxpt.sampling import Sampler, generate
+from jaxpt.sampling import Sampler
 from jaxpt.sharding import replicated
 from jaxpt.train.checkpoint import StopFlag
 from jaxpt.train.common import (
@@ -106,6 +115,11 @@ class GRPOSection:
     sft_warmup_steps: int = 0  # warmup_then_rl: SFT only for these steps, then RL only
     sft_decay_steps: int = 0  # linear: sft_weight -> 0 over these steps
     max_demo_length: int = 256
+    # Prefix-RFT: the share of each group's rollouts that start from a demonstration prefix.
+    prefix_rft_ratio: float = 0.0
+    prefix_min_fraction: float = 0.2  # prefix length as a fraction of the demonstration
+    prefix_max_fraction: float = 0.8
+    prefix_sft_weight: float = 1.0  # weight of the prefix tokens' NLL
     # Held-out evaluation (greedy): accuracy of the first reward function.
     eval_prompts: int = 64
     eval_batch_size: int = 32
@@ -114,6 +128,13 @@ class GRPOSection:
     def __post_init__(self):
         if self.num_generations < 2:
             raise ValueError(f"grpo.num_generations={self.num_generations}: must be >= 2")
+        if not 0.0 <= self.prefix_rft_ratio < 1.0:
+            raise ValueError(f"grpo.prefix_rft_ratio={self.prefix_rft_ratio}: must be in "
+                             "[0, 1) (some rollouts of each group must be the policy's own)")
+        if not 0.0 <= self.prefix_min_fraction <= self.prefix_max_fraction < 1.0:
+            raise ValueError(
+                f"grpo.prefix_min_fraction={self.prefix_min_fraction}, prefix_max_fraction="
+                f"{self.prefix_max_fraction}: need 0 <= min <= max < 1")
 
     def rollout(self) -> RolloutConfig:
         return RolloutConfig(
@@ -134,7 +155,12 @@ class GRPOSection:
         )
 
     def uses_demonstrations(self) -> bool:
-        return self.sft_weight > 0
+        return self.sft_weight > 0 or self.prefix_rft_ratio > 0
+
+    def prefixes_per_group(self) -> int:
+        if self.prefix_rft_ratio <= 0:
+            return 0
+        return max(1, round(self.prefix_rft_ratio * self.num_generations))
 
 
 # -- prompts -------------------------------------------------------------------------------
@@ -237,13 +263,17 @@ class GRPOSource:
         pb = prompt_batch(chosen, pad_id=self.pad_id, max_prompt_length=grpo.max_prompt_length)
         params = self.params_of_state(state)
         rng = jax.random.fold_in(jax.random.key(self.seed), self.rollouts)
+        prefixes = self._prefixes(chosen) if grpo.prefix_rft_ratio > 0 else None
         ro = sample_rollouts(
             self.graphdef, params, pb, tokenizer=self.tokenizer, cfg=self.rollout_cfg,
             eos_ids=self.eos_ids, rng=rng, pad_id=self.pad_id, reward_funcs=self.reward_funcs,
+            prefixes_R=prefixes,
         )
         batch = ro.batch
+        if prefixes is not None and "prefix_lengths" not in batch:
+            batch["prefix_lengths"] = np.zeros(len(batch["advantages"]), np.int32)
         R = len(batch["advantages"])
-        if grpo.uses_demonstrations():
+        if grpo.sft_weight > 0:
             batch.update(self._demonstrations(chosen, pb))
         reuse = grpo.num_iterations > 1 or grpo.steps_per_generation > 1
         if reuse or grpo.beta > 0:
@@ -260,6 +290,29 @@ class GRPOSource:
         self.rollouts += 1
         self.metrics = {**ro.metrics, "rollout": float(self.rollouts)}
 
+    def _demo_ids(self, ex) -> list[int]:
+        demo = ex.columns.get("completion")
+        if demo is None:
+            return []
+        return self.tokenizer(_demo_text(demo), add_special_tokens=False)["input_ids"]
+
+    def _prefixes(self, chosen) -> list[list[int]]:
+        """Per rollout row: a demonstration prefix (the first `prefixes_per_group` rows of
+        each group) or [] (the policy's own rollout; also for prompts without one)."""
+        grpo = self.grpo
+        G, k = grpo.num_generations, grpo.prefixes_per_group()
+        rs = np.random.RandomState([self.seed, self.rollouts, 2])
+        out = []
+        for ex in chosen:
+            demo = self._demo_ids(ex)[:grpo.max_demo_length]
+            for g in range(G):
+                if g >= k or len(demo) < 2:
+                    out.append([])
+                    continue
+                frac = rs.uniform(grpo.prefix_min_fraction, grpo.prefix_max_fraction)
+                out.append(demo[:max(1, int(frac * len(demo)))])
+        return out
+
     def _demonstrations(self, chosen, pb) -> dict[str, np.ndarray]:
         """SFT rows for the demonstrations of this rollout's prompts (one per rollout row,
         so mini-batches split them with the rollout)."""
@@ -268,9 +321,7 @@ class GRPOSource:
         T = self.grpo.max_demo_length
         rows = []
         for ex in chosen:
-            demo = ex.columns.get("completion")
-            ids = [] if demo is None else tok(_demo_text(demo), add_special_tokens=False)[
-                "input_ids"]
+            ids = self._demo_ids(ex)
             if tok.eos_token_id is not None:
                 ids = ids + [tok.eos_token_id]
             rows.append(ids[:T])
@@ -306,14 +357,24 @@ def make_grpo_loss_fn(graphdef, grpo: GRPOSection, *, impl: str, with_entropy: b
         ent_RC = None if ent_RS is None else completion_logprobs(ent_RS, C)
         share = mb["advantages"].shape[0] / stats["rows"]
         rl_weight = stats.get("rl_weight", 1.0)
+        rl_mask_RC = mb["completion_mask"]
+        if "prefix_lengths" in mb:
+            prefix_mask_RC, rl_mask_RC = prefix_rft_masks(mb["prefix_lengths"], rl_mask_RC)
         loss, metrics = grpo_loss(
-            loss_cfg, lp_RC, mb.get("old_logprobs"), mb["advantages"], mb["completion_mask"],
+            loss_cfg, lp_RC, mb.get("old_logprobs"), mb["advantages"], rl_mask_RC,
             ref_logprobs_BT=mb.get("ref_logprobs"), num_items_in_batch=stats["num_items"],
             entropy_BT=ent_RC, rl_weight=rl_weight,
         )
         if loss_cfg.loss_type not in ("dapo", "cispo"):
             loss = loss * share  # per-micro-batch means: average over micro-batches
         metrics = {k: v * share for k, v in metrics.items()}
+        if "prefix_lengths" in mb:
+            # The prefix NLL reuses the rollout log-probs, i.e. at the sampling temperature
+            # (exactly the NLL when temperature = 1).
+            prefix_nll = -jnp.sum(lp_RC * prefix_mask_RC) / jnp.maximum(
+                stats["prefix_tokens"], 1.0)
+            loss = loss + grpo.prefix_sft_weight * prefix_nll
+            metrics["prefix_sft_loss"] = prefix_nll
         if "demo_input_ids" in mb:
             demo = {k[5:]: v for k, v in mb.items() if k.startswith("demo_")}
             Td = demo["completion_mask"].shape[1]
@@ -331,10 +392,12 @@ def make_grpo_loss_fn(graphdef, grpo: GRPOSection, *, impl: str, with_entropy: b
 
 def make_batch_stats(grpo: GRPOSection):
     def stats(state, batch):
-        out = {
-            "num_items": jnp.sum(batch["completion_mask"] > 0, dtype=jnp.float32),
-            "rows": batch["advantages"].shape[0],
-        }
+        mask = batch["completion_mask"]
+        out = {"rows": batch["advantages"].shape[0]}
+        if "prefix_lengths" in batch:
+            prefix_mask, mask = prefix_rft_masks(batch["prefix_lengths"], mask)
+            out["prefix_tokens"] = jnp.sum(prefix_mask > 0, dtype=jnp.float32)
+        out["num_items"] = jnp.sum(mask > 0, dtype=jnp.float32)
         if "demo_input_ids" in batch:
             kind = grpo.sft_schedule
             w = sft_weight_schedule(
@@ -465,7 +528,9 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
         keys["old_logprobs"] = 2
     if grpo.beta > 0:
         keys["ref_logprobs"] = 2
-    if grpo.uses_demonstrations():
+    if grpo.prefix_rft_ratio > 0:
+        keys["prefix_lengths"] = 1
+    if grpo.sft_weight > 0:
         keys.update({f"demo_{k}": 2 for k in ("input_ids", "targets", "positions",
                                                 "segment_ids", "completion_mask")})
     batch_sh = batch_shardings(keys, mesh)

@@ -40,16 +40,20 @@ class RolloutConfig:
 
     def __post_init__(self):
         if self.num_generations < 2:
-            raise ValueError(f"num_generations={self.num_generations}: GRPO needs >= 2 per "
-                             "prompt (advantages compare completions of one prompt)")
-        if self.reward_weights is not None and len(self.reward_weights) != len(
-                self.reward_funcs):
-            raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for "
-                             f"{len(self.reward_funcs)} reward_funcs")
+            raise ValueError(
+                f"num_generations={self.num_generations}: GRPO needs >= 2 per "
+                "prompt (advantages compare completions of one prompt)"
+            )
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} entries for "
+                f"{len(self.reward_funcs)} reward_funcs"
+            )
 
     def sampler(self) -> Sampler:
-        return Sampler(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                       min_p=self.min_p)
+        return Sampler(
+            temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p
+        )
 
 
 @dataclasses.dataclass
@@ -62,8 +66,9 @@ class Rollout:
     metrics: dict[str, float]
 
 
-def rollout_sequences(prompt_ids_RP, prompt_mask_RP, completion_ids_RC, completion_mask_RC,
-                      *, pad_id: int = 0) -> dict[str, np.ndarray]:
+def rollout_sequences(
+    prompt_ids_RP, prompt_mask_RP, completion_ids_RC, completion_mask_RC, *, pad_id: int = 0
+) -> dict[str, np.ndarray]:
     """Train-step inputs for rollout rows: the batch contract of `jaxpt.data.packing`
     (`input_ids, targets, positions, segment_ids`) plus `completion_mask` [R, C]."""
     prompt_ids_RP, completion_ids_RC = np.asarray(prompt_ids_RP), np.asarray(completion_ids_RC)
@@ -72,11 +77,13 @@ def rollout_sequences(prompt_ids_RP, prompt_mask_RP, completion_ids_RC, completi
     if prompt_mask_RP.shape[1] and not prompt_mask_RP[:, -1].all():
         raise ValueError("prompts must be left padded (the last prompt column must be real)")
     real_RS = np.concatenate([prompt_mask_RP, completion_mask_RC], axis=1)
-    input_ids_RS = np.where(real_RS, np.concatenate([prompt_ids_RP, completion_ids_RC], 1),
-                            pad_id).astype(np.int32)
+    input_ids_RS = np.where(
+        real_RS, np.concatenate([prompt_ids_RP, completion_ids_RC], 1), pad_id
+    ).astype(np.int32)
     positions_RS = np.maximum(np.cumsum(real_RS, axis=1) - 1, 0).astype(np.int32)
     targets_RS = np.concatenate(
-        [input_ids_RS[:, 1:], np.full((len(input_ids_RS), 1), pad_id, np.int32)], axis=1)
+        [input_ids_RS[:, 1:], np.full((len(input_ids_RS), 1), pad_id, np.int32)], axis=1
+    )
     return {
         "input_ids": input_ids_RS,
         "targets": targets_RS,
@@ -89,7 +96,7 @@ def rollout_sequences(prompt_ids_RP, prompt_mask_RP, completion_ids_RC, completi
 def completion_logprobs(logprobs_RS, completion_len: int):
     """Log-probs of the completion tokens, [R, C], from next-token log-probs [R, S]."""
     P = logprobs_RS.shape[1] - completion_len
-    return logprobs_RS[:, P - 1:P - 1 + completion_len]
+    return logprobs_RS[:, P - 1 : P - 1 + completion_len]
 
 
 def _decode(tokenizer, tokens_RC, lengths_R) -> list[str]:
@@ -99,6 +106,53 @@ def _decode(tokenizer, tokens_RC, lengths_R) -> list[str]:
 
 def _repeat(values: Sequence[Any], n: int) -> list[Any]:
     return [v for v in values for _ in range(n)]
+
+
+def _generate_after_prefixes(
+    graphdef, params, prompt_batch, prefixes_R, *, cfg, eos_ids, rng, pad_id, shardings
+):
+    """Decode every rollout row from its own prompt + demonstration prefix (one row per
+    sample: rows of a group no longer share a prompt). Returns completion tokens
+    [R, max_prefix + max_new] = prefix then continuation, their lengths, the prefix
+    lengths and the generation result (finish reasons)."""
+    G = cfg.num_generations
+    ids_BP = np.asarray(prompt_batch["prompt_ids"])
+    mask_BP = np.asarray(prompt_batch["prompt_mask"]).astype(bool)
+    rows = []
+    for r, prefix in enumerate(prefixes_R):
+        b = r // G
+        rows.append(list(ids_BP[b][mask_BP[b]]) + [int(t) for t in prefix])
+    width = max(len(x) for x in rows)
+    ids_RP = np.full((len(rows), width), pad_id, np.int32)
+    mask_RP = np.zeros((len(rows), width), np.int32)
+    for r, x in enumerate(rows):  # left padded
+        ids_RP[r, width - len(x) :] = x
+        mask_RP[r, width - len(x) :] = 1
+    gen = generate(
+        graphdef,
+        params,
+        ids_RP,
+        mask_RP,
+        sampler=cfg.sampler(),
+        max_new_tokens=cfg.max_new_tokens,
+        eos_ids=tuple(eos_ids),
+        rng=rng,
+        num_samples=1,
+        pad_id=pad_id,
+        bucket=True,
+        shardings=shardings,
+    )
+    new_RC, new_len_R = np.asarray(gen.tokens), np.asarray(gen.lengths)
+    prefix_len_R = np.asarray([len(p) for p in prefixes_R], np.int32)
+    # Completion width rounded up to a multiple of 16 so that prefix lengths do not compile
+    # a new train step each rollout.
+    C = -(-int(prefix_len_R.max()) // 16) * 16 + cfg.max_new_tokens
+    tokens_RC = np.full((len(rows), C), pad_id, np.int32)
+    for r, prefix in enumerate(prefixes_R):
+        n = len(prefix)
+        tokens_RC[r, :n] = prefix
+        tokens_RC[r, n : n + new_len_R[r]] = new_RC[r, : new_len_R[r]]
+    return tokens_RC, prefix_len_R + new_len_R, prefix_len_R, gen
 
 
 def sample_rollouts(
@@ -113,17 +167,49 @@ def sample_rollouts(
     pad_id: int,
     reward_funcs: Sequence[Callable],
     shardings=None,
+    prefixes_R: Sequence[Sequence[int]] | None = None,
 ) -> Rollout:
-    """Sample G completions per prompt, score them, and build the train batch."""
+    """Sample G completions per prompt, score them, and build the train batch.
+
+    prefixes_R (Prefix-RFT): per rollout row, demonstration tokens the completion starts
+    with (empty: a plain rollout). The policy continues after the prefix; the completion
+    (prefix + continuation, up to `len(prefix) + max_new_tokens` tokens) is what rewards
+    see, and the batch gets `prefix_lengths` [R] so the loss can give the prefix the SFT
+    loss and the continuation the RL loss (`jaxpt.losses.grpo.prefix_rft_masks`).
+    """
     G = cfg.num_generations
     t0 = time.perf_counter()
-    gen = generate(
-        graphdef, params, prompt_batch["prompt_ids"], prompt_batch["prompt_mask"],
-        sampler=cfg.sampler(), max_new_tokens=cfg.max_new_tokens, eos_ids=tuple(eos_ids),
-        rng=rng, num_samples=G, pad_id=pad_id, bucket=False, shardings=shardings,
-    )
-    tokens_RC = np.asarray(gen.tokens)
-    lengths_R = np.asarray(gen.lengths)
+    if prefixes_R is None or not any(len(p) for p in prefixes_R):
+        prefixes_R = None
+        gen = generate(
+            graphdef,
+            params,
+            prompt_batch["prompt_ids"],
+            prompt_batch["prompt_mask"],
+            sampler=cfg.sampler(),
+            max_new_tokens=cfg.max_new_tokens,
+            eos_ids=tuple(eos_ids),
+            rng=rng,
+            num_samples=G,
+            pad_id=pad_id,
+            bucket=False,
+            shardings=shardings,
+        )
+        tokens_RC = np.asarray(gen.tokens)
+        lengths_R = np.asarray(gen.lengths)
+        prefix_len_R = np.zeros(len(lengths_R), np.int32)
+    else:
+        tokens_RC, lengths_R, prefix_len_R, gen = _generate_after_prefixes(
+            graphdef,
+            params,
+            prompt_batch,
+            prefixes_R,
+            cfg=cfg,
+            eos_ids=eos_ids,
+            rng=rng,
+            pad_id=pad_id,
+            shardings=shardings,
+        )
     truncated_R = np.asarray(gen.finish_reason) == FINISH_LENGTH
     rollout_time = time.perf_counter() - t0
 
@@ -132,30 +218,38 @@ def sample_rollouts(
     texts = _decode(tokenizer, tokens_RC, lengths_R)
     conversational = bool(prompts) and isinstance(prompts[0], list)
     # TRL's convention: conversational prompts get message-list completions.
-    completions = ([[{"role": "assistant", "content": t}] for t in texts]
-                   if conversational else texts)
+    completions = (
+        [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+    )
     rows = prompt_batch.get("rows")
     rewards_R, _, reward_metrics = compute_rewards(
-        reward_funcs, cfg.reward_weights, _repeat(prompts, G), completions,
+        reward_funcs,
+        cfg.reward_weights,
+        _repeat(prompts, G),
+        completions,
         [list(map(int, t[:n])) for t, n in zip(tokens_RC, lengths_R, strict=True)],
         {k: _repeat(v, G) for k, v in columns.items()},
         _repeat(rows, G) if rows is not None else None,
         timeout_s=cfg.reward_timeout_s,
     )
     advantages_R, adv_metrics = compute_advantages(
-        rewards_R, G, scale_rewards=cfg.scale_rewards, estimator=cfg.advantage_estimator)
+        rewards_R, G, scale_rewards=cfg.scale_rewards, estimator=cfg.advantage_estimator
+    )
 
     steps = np.arange(tokens_RC.shape[1])
     completion_mask_RC = steps[None, :] < lengths_R[:, None]
-    train_mask_RC = completion_mask_RC & ~(truncated_R[:, None]
-                                           & cfg.mask_truncated_completions)
+    train_mask_RC = completion_mask_RC & ~(truncated_R[:, None] & cfg.mask_truncated_completions)
     batch = rollout_sequences(
         np.repeat(np.asarray(prompt_batch["prompt_ids"]), G, axis=0),
         np.repeat(np.asarray(prompt_batch["prompt_mask"]), G, axis=0),
-        tokens_RC, completion_mask_RC, pad_id=pad_id,
+        tokens_RC,
+        completion_mask_RC,
+        pad_id=pad_id,
     )
     batch["completion_mask"] = train_mask_RC.astype(np.float32)
     batch["advantages"] = np.asarray(advantages_R, np.float32)
+    if prefixes_R is not None:
+        batch["prefix_lengths"] = prefix_len_R
 
     terminated = lengths_R[~truncated_R]
     metrics = {
@@ -165,8 +259,15 @@ def sample_rollouts(
         "completions/min_length": float(lengths_R.min()),
         "completions/max_length": float(lengths_R.max()),
         "completions/clipped_ratio": float(truncated_R.mean()),
-        "completions/mean_terminated_length": float(terminated.mean()) if len(terminated)
-        else 0.0,
+        "completions/mean_terminated_length": float(terminated.mean()) if len(terminated) else 0.0,
+        **(
+            {
+                "prefix/rows_frac": float(np.mean(prefix_len_R > 0)),
+                "prefix/mean_length": float(prefix_len_R[prefix_len_R > 0].mean()),
+            }
+            if prefixes_R is not None
+            else {}
+        ),
         "time/rollout": rollout_time,
         "time/rewards": time.perf_counter() - t0 - rollout_time,
     }
