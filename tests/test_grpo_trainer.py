@@ -204,3 +204,48 @@ def test_prefix_rft_loss_splits_sft_and_rl_tokens(tiny):
     nll = -lp_prefix.mean()
     np.testing.assert_allclose(float(metrics["prefix_sft_loss"]), nll, rtol=1e-5)
     np.testing.assert_allclose(float(loss), 0.5 * nll, rtol=1e-5)
+
+
+@pytest.mark.parametrize("reward, fill", [("grpo_rewards:constant", "repeat"),
+                                          ("grpo_rewards:digit_fraction", "zero_advantage")])
+def test_dynamic_sampling_keeps_the_batch_shape_and_stops(tmp_path, tiny, reward, fill):
+    """With no signal anywhere (constant reward) dynamic sampling stops after
+    max_sampling_rounds and fills the batch (zero advantages); with a dense reward the
+    first round already fills it."""
+    from jaxpt.train.grpo import build_grpo_trainer
+
+    cfg = grpo_config(tmp_path, tiny, grpo={"dynamic_sampling": True, "max_sampling_rounds": 3,
+                                            "dynamic_sampling_fill": fill,
+                                            "reward_funcs": [reward]},
+                      train={"max_steps": 1})
+    tr = build_grpo_trainer(cfg)
+    src = tr.source
+    src._rollout(tr.state)
+    batch = src.buffer[0]
+    assert batch["input_ids"].shape[0] == 8 and batch["advantages"].shape == (8,)
+    m = src.metrics
+    if reward.endswith("constant"):
+        assert m["dynamic_sampling/rounds"] == 3 and m["dynamic_sampling/signal_groups"] == 0
+        assert m["dynamic_sampling/padded_groups"] == 2
+        np.testing.assert_array_equal(batch["advantages"], 0.0)
+        assert src.prompt_batches == 3  # each round drew fresh prompts
+    else:
+        assert m["dynamic_sampling/rounds"] == 1 and m["dynamic_sampling/padded_groups"] == 0
+        assert np.abs(batch["advantages"]).sum() > 0
+    # The row layout survives re-padding: real tokens end where completions start.
+    C = batch["completion_mask"].shape[1]
+    P = batch["input_ids"].shape[1] - C
+    assert (batch["segment_ids"][:, P - 1] == 1).all()
+
+
+def test_pad_rollout_keeps_the_layout():
+    from jaxpt.train.grpo import _pad_rollout
+
+    b = rollout_sequences(np.array([[0, 5, 6]]), np.array([[0, 1, 1]]), np.array([[7, 8]]),
+                          np.array([[1, 1]]), pad_id=0)
+    p = _pad_rollout(b, 5, 4, pad_id=0)
+    np.testing.assert_array_equal(p["input_ids"], [[0, 0, 0, 5, 6, 7, 8, 0, 0]])
+    np.testing.assert_array_equal(p["segment_ids"], [[0, 0, 0, 1, 1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(p["positions"][0, 3:7], [0, 1, 2, 3])
+    np.testing.assert_array_equal(p["completion_mask"], [[1, 1, 0, 0]])
+    np.testing.assert_array_equal(completion_logprobs(p["targets"], 4), [[7, 8, 0, 0]])

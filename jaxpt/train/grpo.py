@@ -50,6 +50,7 @@ from jaxpt.losses.grpo import (
     prefix_rft_masks,
     sft_weight_schedule,
 )
+from jaxpt.rewards.advantages import DynamicSampler, compute_advantages
 from jaxpt.rewards.registry import get_reward_function
 from jaxpt.sampling import Sampler
 from jaxpt.sharding import replicated
@@ -100,6 +101,11 @@ class GRPOSection:
     scale_rewards: Literal["group", "batch", "none"] = "group"
     advantage_estimator: Literal["grpo", "rloo"] = "grpo"
     mask_truncated_completions: bool = False
+    # DAPO dynamic sampling: drop groups whose rewards all agree and sample more prompts
+    # until the batch is full, at most `max_sampling_rounds` rounds per rollout.
+    dynamic_sampling: bool = False
+    max_sampling_rounds: int = 3
+    dynamic_sampling_fill: Literal["repeat", "zero_advantage"] = "repeat"
     # Optimization over a rollout.
     num_iterations: int = 1  # mu: passes over each rollout
     steps_per_generation: int = 1  # optimizer steps (mini-batches) per pass
@@ -202,6 +208,30 @@ def _demo_text(completion: Any) -> str:
     return str(completion)
 
 
+def _rollout_widths(batch: dict) -> tuple[int, int]:
+    C = batch["completion_mask"].shape[1]
+    return batch["input_ids"].shape[1] - C, C
+
+
+def _pad_rollout(batch: dict, P: int, C: int, pad_id: int) -> dict:
+    """Re-pad a rollout batch to prompt width P (left) and completion width C (right):
+    the layout of `rollout_sequences` survives (the last prompt token stays at P-1)."""
+    out = dict(batch)
+    for prefix, (p, c) in (("", (P, C)), ("demo_", (P, None))):
+        if prefix + "input_ids" not in batch:
+            continue
+        p0, c0 = _rollout_widths({k[len(prefix):]: v for k, v in batch.items()
+                                  if k.startswith(prefix)})
+        c = c0 if c is None else c
+        for k in ("input_ids", "targets", "positions", "segment_ids"):
+            fill = pad_id if k in ("input_ids", "targets") else 0
+            out[prefix + k] = np.pad(batch[prefix + k], ((0, 0), (p - p0, c - c0)),
+                                     constant_values=fill)
+        out[prefix + "completion_mask"] = np.pad(batch[prefix + "completion_mask"],
+                                                 ((0, 0), (0, c - c0)))
+    return out
+
+
 # -- the batch source ----------------------------------------------------------------------
 
 
@@ -223,20 +253,23 @@ class GRPOSource:
         self.reward_funcs = reward_funcs
         self.graphdef, self.params_of_state, self.score_fn = graphdef, params_of_state, score_fn
         self.seed = seed
-        self.rollouts = 0  # rollouts completed (also the prompt cursor)
+        self.rollouts = 0  # rollouts completed
+        self.prompt_batches = 0  # sampling rounds done (the prompt cursor)
         self.served = 0
         self.buffer: list[dict] = []
         self.metrics: dict[str, float] = {}
 
     # BatchSource protocol
     def get_state(self) -> dict:
-        return {"rollouts": self.rollouts, "seed": self.seed}
+        return {"rollouts": self.rollouts, "prompt_batches": self.prompt_batches,
+                "seed": self.seed}
 
     def set_state(self, state: dict) -> None:
         if state.get("seed") != self.seed:
             raise ValueError(f"checkpoint data state was written with train.seed="
                              f"{state.get('seed')}, this run has {self.seed}")
         self.rollouts, self.buffer, self.served = int(state["rollouts"]), [], 0
+        self.prompt_batches = int(state.get("prompt_batches", self.rollouts))
 
     def _prompt_indices(self, k: int) -> np.ndarray:
         """Prompts of rollout k: a fresh seeded permutation per epoch over the prompts."""
@@ -259,22 +292,12 @@ class GRPOSource:
 
     def _rollout(self, state) -> None:
         grpo = self.grpo
-        chosen = [self.prompts[i] for i in self._prompt_indices(self.rollouts)]
-        pb = prompt_batch(chosen, pad_id=self.pad_id, max_prompt_length=grpo.max_prompt_length)
         params = self.params_of_state(state)
-        rng = jax.random.fold_in(jax.random.key(self.seed), self.rollouts)
-        prefixes = self._prefixes(chosen) if grpo.prefix_rft_ratio > 0 else None
-        ro = sample_rollouts(
-            self.graphdef, params, pb, tokenizer=self.tokenizer, cfg=self.rollout_cfg,
-            eos_ids=self.eos_ids, rng=rng, pad_id=self.pad_id, reward_funcs=self.reward_funcs,
-            prefixes_R=prefixes,
-        )
-        batch = ro.batch
-        if prefixes is not None and "prefix_lengths" not in batch:
-            batch["prefix_lengths"] = np.zeros(len(batch["advantages"]), np.int32)
+        if grpo.dynamic_sampling:
+            batch, metrics = self._dynamic_rounds(params)
+        else:
+            batch, _, metrics = self._sample_round(params)
         R = len(batch["advantages"])
-        if grpo.sft_weight > 0:
-            batch.update(self._demonstrations(chosen, pb))
         reuse = grpo.num_iterations > 1 or grpo.steps_per_generation > 1
         if reuse or grpo.beta > 0:
             scores = self.score_fn(state, batch, old=reuse, ref=grpo.beta > 0)
@@ -288,7 +311,65 @@ class GRPOSource:
         self.buffer = [dict(m) for _ in range(grpo.num_iterations) for m in minis]
         self.served = 0
         self.rollouts += 1
-        self.metrics = {**ro.metrics, "rollout": float(self.rollouts)}
+        self.metrics = {**metrics, "rollout": float(self.rollouts)}
+
+    def _sample_round(self, params) -> tuple[dict, np.ndarray, dict]:
+        """One round: the next `prompts_per_rollout` prompts, G samples each, rewards,
+        advantages (and demonstrations / prefixes for the hybrids)."""
+        grpo = self.grpo
+        k = self.prompt_batches
+        chosen = [self.prompts[i] for i in self._prompt_indices(k)]
+        pb = prompt_batch(chosen, pad_id=self.pad_id, max_prompt_length=grpo.max_prompt_length)
+        rng = jax.random.fold_in(jax.random.key(self.seed), k)
+        prefixes = self._prefixes(chosen, k) if grpo.prefix_rft_ratio > 0 else None
+        ro = sample_rollouts(
+            self.graphdef, params, pb, tokenizer=self.tokenizer, cfg=self.rollout_cfg,
+            eos_ids=self.eos_ids, rng=rng, pad_id=self.pad_id, reward_funcs=self.reward_funcs,
+            prefixes_R=prefixes,
+        )
+        self.prompt_batches += 1
+        batch = ro.batch
+        if prefixes is not None and "prefix_lengths" not in batch:
+            batch["prefix_lengths"] = np.zeros(len(batch["advantages"]), np.int32)
+        if grpo.sft_weight > 0:
+            batch.update(self._demonstrations(chosen, pb))
+        return batch, ro.rewards_R, ro.metrics
+
+    def _dynamic_rounds(self, params) -> tuple[dict, dict]:
+        """DAPO dynamic sampling: sample rounds of fresh prompts until `prompts_per_rollout`
+        groups whose rewards disagree are collected (or `max_sampling_rounds` is reached,
+        then `DynamicSampler`'s fill policy completes the batch), so the batch keeps its
+        shape. Reward metrics are those of the first round (the policy as it is)."""
+        grpo, G = self.grpo, self.grpo.num_generations
+        sampler = DynamicSampler(self.prompts_per_rollout, G, grpo.max_sampling_rounds,
+                                 fill=grpo.dynamic_sampling_fill)
+        rounds = []
+        while not sampler.done:
+            batch, rewards_R, metrics = self._sample_round(params)
+            R = len(rewards_R)
+            sampler.add(rewards_R, {"round": np.full(R, len(rounds)), "row": np.arange(R)})
+            rounds.append((batch, metrics))
+        rewards_R, picked, info = sampler.result()
+        widths = [_rollout_widths(b) for b, _ in rounds]
+        P, C = max(w[0] for w in widths), max(w[1] for w in widths)
+        padded = [_pad_rollout(b, P, C, self.pad_id) for b, _ in rounds]
+        keys = [k for k in padded[0] if k != "advantages"]
+        batch = {k: np.stack([padded[r][k][i] for r, i in zip(picked["round"], picked["row"],
+                                                            strict=True)]) for k in keys}
+        cfg = self.rollout_cfg
+        advantages_R, _ = compute_advantages(rewards_R, G, scale_rewards=cfg.scale_rewards,
+                                             estimator=cfg.advantage_estimator)
+        if grpo.dynamic_sampling_fill == "zero_advantage":
+            advantages_R = np.where(info["completion_is_padding"], 0.0, advantages_R)
+        batch["advantages"] = np.asarray(advantages_R, np.float32)
+        metrics = {
+            **rounds[0][1],
+            "dynamic_sampling/rounds": float(info["rounds"]),
+            "dynamic_sampling/signal_groups": float(info["num_signal_groups"]),
+            "dynamic_sampling/padded_groups": float(info["num_padded_groups"]),
+            "time/rollout": float(sum(m["time/rollout"] for _, m in rounds)),
+        }
+        return batch, metrics
 
     def _demo_ids(self, ex) -> list[int]:
         demo = ex.columns.get("completion")
@@ -296,12 +377,12 @@ class GRPOSource:
             return []
         return self.tokenizer(_demo_text(demo), add_special_tokens=False)["input_ids"]
 
-    def _prefixes(self, chosen) -> list[list[int]]:
+    def _prefixes(self, chosen, round_no: int) -> list[list[int]]:
         """Per rollout row: a demonstration prefix (the first `prefixes_per_group` rows of
         each group) or [] (the policy's own rollout; also for prompts without one)."""
         grpo = self.grpo
         G, k = grpo.num_generations, grpo.prefixes_per_group()
-        rs = np.random.RandomState([self.seed, self.rollouts, 2])
+        rs = np.random.RandomState([self.seed, round_no, 2])
         out = []
         for ex in chosen:
             demo = self._demo_ids(ex)[:grpo.max_demo_length]
