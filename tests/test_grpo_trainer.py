@@ -249,3 +249,40 @@ def test_pad_rollout_keeps_the_layout():
     np.testing.assert_array_equal(p["positions"][0, 3:7], [0, 1, 2, 3])
     np.testing.assert_array_equal(p["completion_mask"], [[1, 1, 0, 0]])
     np.testing.assert_array_equal(completion_logprobs(p["targets"], 4), [[7, 8, 0, 0]])
+
+
+def test_sasr_mixer_rule():
+    from jaxpt.train.grpo import SASRMixer
+
+    m = SASRMixer(warmup_steps=2, gamma=0.5, seed=0)
+    assert m.decide() == (True, 1.0) and m.decide() == (True, 1.0)  # warm-up: SFT
+    m.observe(1, {"grad_norm": 4.0})
+    assert m.decide() == (True, 1.0)  # g_warmup (step 2) has not arrived yet: still SFT
+    m.observe(2, {"grad_norm": 2.0})
+    assert m.g_warmup == 2.0 and m.g_last == 2.0
+    m.observe(3, {"grad_norm": 3.0})  # an SFT step: its norm is the SFT gradient's
+    assert m.probability() == pytest.approx(3.0 / (3.0 + 0.5 * 2.0))
+    draws = [m.decide() for _ in range(200)]
+    assert all(p == pytest.approx(0.75) for _, p in draws)
+    assert 0.6 < np.mean([sft for sft, _ in draws]) < 0.9
+    rl_step = next(i for i, (sft, _) in enumerate(draws) if not sft) + 4
+    m.observe(rl_step, {"grad_norm": 100.0})  # an RL step's norm is not the SFT gradient's
+    assert m.g_last == 3.0
+
+
+def test_sasr_adaptive_schedule_in_the_trainer(tmp_path, tiny):
+    rows = run_grpo(grpo_config(tmp_path, tiny, grpo={
+        "sft_weight": 1.0, "sft_schedule": "adaptive", "sft_warmup_steps": 2, "sasr_gamma": 1.0},
+        train={"max_steps": 6}))
+    steps = [r for r in rows if "loss" in r]
+    assert [r["sasr/sft_step"] for r in steps[:3]] == [1.0, 1.0, 1.0]
+    for r in steps:
+        if r["sasr/sft_step"] == 1.0:  # an SFT step: the RL term is off
+            assert r["loss"] == pytest.approx(r["sft_loss"], rel=1e-5)
+    # From step 4 on, p = g / (g + g_warmup) with g = the latest SFT step's gradient norm
+    # two steps back (metrics arrive one step late) and g_warmup = step 2's.
+    g_warmup = steps[1]["grad_norm"]
+    for i in range(3, 6):
+        sft_before = [r for r in steps[:i - 1] if r["sasr/sft_step"] == 1.0]
+        g = sft_before[-1]["grad_norm"]
+        assert steps[i]["sasr/p_sft"] == pytest.approx(g / (g + g_warmup), rel=1e-5)

@@ -117,8 +117,9 @@ class GRPOSection:
     cispo_epsilon_max: float = 5.0
     # SFT+RL hybrids.
     sft_weight: float = 0.0  # weight of the demonstration NLL (0: pure RL)
-    sft_schedule: Literal["constant", "linear", "warmup_then_rl"] = "constant"
-    sft_warmup_steps: int = 0  # warmup_then_rl: SFT only for these steps, then RL only
+    sft_schedule: Literal["constant", "linear", "warmup_then_rl", "adaptive"] = "constant"
+    sft_warmup_steps: int = 0  # warmup_then_rl / adaptive: SFT only for these steps
+    sasr_gamma: float = 1.0  # adaptive (SASR): p_sft = g / (g + gamma * g_warmup)
     sft_decay_steps: int = 0  # linear: sft_weight -> 0 over these steps
     max_demo_length: int = 256
     # Prefix-RFT: the share of each group's rollouts that start from a demonstration prefix.
@@ -134,6 +135,9 @@ class GRPOSection:
     def __post_init__(self):
         if self.num_generations < 2:
             raise ValueError(f"grpo.num_generations={self.num_generations}: must be >= 2")
+        if self.sft_schedule == "adaptive" and (self.sft_weight <= 0 or self.sft_warmup_steps < 1):
+            raise ValueError("grpo.sft_schedule=adaptive (SASR) needs sft_weight > 0 and "
+                             "sft_warmup_steps >= 1 (its gradient-norm reference)")
         if not 0.0 <= self.prefix_rft_ratio < 1.0:
             raise ValueError(f"grpo.prefix_rft_ratio={self.prefix_rft_ratio}: must be in "
                              "[0, 1) (some rollouts of each group must be the policy's own)")
@@ -232,6 +236,56 @@ def _pad_rollout(batch: dict, P: int, C: int, pad_id: int) -> dict:
     return out
 
 
+class SASRMixer:
+    """SASR's step-wise choice between an SFT step and an RL step (host side).
+
+    The first `warmup_steps` steps are SFT; the gradient norm of the last one is the
+    reference `g_warmup`. After that each step is an SFT step with probability
+    `p = g / (g + gamma * g_warmup)`, where `g` is the gradient norm of the latest SFT step
+    (an SFT step's gradient is the SFT loss's alone): when the model drifts from the
+    demonstrations, `g` grows and SFT comes back more often. Metrics reach the host one
+    step late (the loop overlaps a step with fetching the previous one's metrics), so a
+    decision uses norms up to two steps back, and the warm-up lasts until `g_warmup` has
+    arrived. Draws are seeded by (seed, step): a run is reproducible."""
+
+    def __init__(self, warmup_steps: int, gamma: float, seed: int):
+        self.warmup_steps, self.gamma, self.seed = warmup_steps, gamma, seed
+        self.steps = 0  # decisions made = steps served
+        self.g_warmup: float | None = None
+        self.g_last: float | None = None
+        self.modes: dict[int, bool] = {}  # 1-based step -> was an SFT step (until observed)
+
+    def probability(self) -> float:
+        if self.steps < self.warmup_steps or self.g_warmup is None or self.g_last is None:
+            return 1.0
+        return self.g_last / max(self.g_last + self.gamma * self.g_warmup, 1e-12)
+
+    def decide(self) -> tuple[bool, float]:
+        p = self.probability()
+        u = np.random.RandomState([self.seed, self.steps, 3]).uniform()
+        sft = bool(u < p)
+        self.steps += 1
+        self.modes[self.steps] = sft
+        return sft, p
+
+    def observe(self, step: int, metrics: dict[str, float]) -> None:
+        sft = self.modes.pop(step, None)
+        g = metrics.get("grad_norm")
+        if not sft or g is None or not math.isfinite(g):
+            return
+        self.g_last = float(g)
+        if step >= self.warmup_steps and self.g_warmup is None:
+            self.g_warmup = float(g)
+
+    def get_state(self) -> dict:
+        return {"steps": self.steps, "g_warmup": self.g_warmup, "g_last": self.g_last}
+
+    def set_state(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self.g_warmup, self.g_last = state["g_warmup"], state["g_last"]
+        self.modes = {}
+
+
 # -- the batch source ----------------------------------------------------------------------
 
 
@@ -258,11 +312,16 @@ class GRPOSource:
         self.served = 0
         self.buffer: list[dict] = []
         self.metrics: dict[str, float] = {}
+        self.sasr = (SASRMixer(grpo.sft_warmup_steps, grpo.sasr_gamma, seed)
+                     if grpo.sft_schedule == "adaptive" else None)
 
     # BatchSource protocol
     def get_state(self) -> dict:
-        return {"rollouts": self.rollouts, "prompt_batches": self.prompt_batches,
-                "seed": self.seed}
+        state = {"rollouts": self.rollouts, "prompt_batches": self.prompt_batches,
+                 "seed": self.seed}
+        if self.sasr is not None:
+            state["sasr"] = self.sasr.get_state()
+        return state
 
     def set_state(self, state: dict) -> None:
         if state.get("seed") != self.seed:
@@ -270,6 +329,8 @@ class GRPOSource:
                              f"{state.get('seed')}, this run has {self.seed}")
         self.rollouts, self.buffer, self.served = int(state["rollouts"]), [], 0
         self.prompt_batches = int(state.get("prompt_batches", self.rollouts))
+        if self.sasr is not None and "sasr" in state:
+            self.sasr.set_state(state["sasr"])
 
     def _prompt_indices(self, k: int) -> np.ndarray:
         """Prompts of rollout k: a fresh seeded permutation per epoch over the prompts."""
@@ -288,7 +349,16 @@ class GRPOSource:
         batch = self.buffer.pop(0)
         batch["_metrics"] = dict(self.metrics) if self.served == 0 else {}
         self.served += 1
+        if self.sasr is not None:
+            sft, p = self.sasr.decide()
+            batch["sft_mode"] = np.full(len(batch["advantages"]), float(sft), np.float32)
+            batch["_metrics"].update({"sasr/p_sft": p, "sasr/sft_step": float(sft)})
         return batch
+
+    def observe(self, step: int, metrics: dict[str, float]) -> None:
+        """Called by the loop with each step's metrics (one step late: see SASRMixer)."""
+        if self.sasr is not None:
+            self.sasr.observe(step, metrics)
 
     def _rollout(self, state) -> None:
         grpo = self.grpo
@@ -484,7 +554,12 @@ def make_batch_stats(grpo: GRPOSection):
             w = sft_weight_schedule(
                 state.step, kind=kind, initial_weight=grpo.sft_weight, final_weight=0.0,
                 decay_steps=max(grpo.sft_decay_steps, 1), warmup_steps=grpo.sft_warmup_steps,
-            ) if kind != "constant" else jnp.asarray(grpo.sft_weight, jnp.float32)
+            ) if kind not in ("constant", "adaptive") else jnp.asarray(grpo.sft_weight,
+                                                                      jnp.float32)
+            if "sft_mode" in batch:  # adaptive (SASR): the host chose SFT or RL for this step
+                mode = batch["sft_mode"][0]
+                w = grpo.sft_weight * mode
+                out["rl_weight"] = 1.0 - mode
             out["sft_weight"] = w
             out["demo_tokens"] = jnp.sum(batch["demo_completion_mask"])
             if kind == "warmup_then_rl":
@@ -611,6 +686,8 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
         keys["ref_logprobs"] = 2
     if grpo.prefix_rft_ratio > 0:
         keys["prefix_lengths"] = 1
+    if grpo.sft_schedule == "adaptive":
+        keys["sft_mode"] = 1
     if grpo.sft_weight > 0:
         keys.update({f"demo_{k}": 2 for k in ("input_ids", "targets", "positions",
                                                 "segment_ids", "completion_mask")})
