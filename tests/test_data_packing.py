@@ -158,8 +158,11 @@ def test_collate_preference_hand_computed():
 
 
 def test_bucket_length_table():
-    assert [bucket_length(n) for n in (1, 16, 17, 64, 65)] == [16, 16, 32, 64, 128]
-    assert bucket_length(65, max_length=100) == 100
+    assert [bucket_length(n, bucket="pow2") for n in (1, 16, 17, 64, 65)] == [16, 16, 32, 64, 128]
+    # default: multiples of an eighth of the next power of two (min 16)
+    assert [bucket_length(n) for n in (1, 17, 33, 72, 129, 257)] == [16, 32, 48, 80, 160, 320]
+    assert bucket_length(65, bucket="pow2", max_length=100) == 100
+    assert bucket_length(99, max_length=100) == 100
     assert [bucket_length(n, bucket=64) for n in (1, 64, 65)] == [64, 64, 128]
     with pytest.raises(ValueError, match="> max_length"):
         bucket_length(101, max_length=100)

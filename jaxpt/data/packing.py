@@ -223,23 +223,31 @@ def collate_preference(
 def bucket_length(
     n: int,
     *,
-    bucket: int | Literal["pow2"] = "pow2",
+    bucket: int | Literal["eighths", "pow2"] = "eighths",
     min_length: int = 16,
     max_length: int | None = None,
 ) -> int:
     """The padded length for a longest prompt of ``n`` tokens.
 
-    ``bucket="pow2"``: next power of two >= max(n, min_length); an int: next multiple of it.
-    Capped at ``max_length`` (which is then a bucket itself); n > max_length is an error.
+    ``bucket="eighths"`` (default): n rounded up to a multiple of max(min_length, p / 8), p
+    the next power of two >= n: at most 4 buckets per doubling (16, 32, 48, 64, 80, 96, 112,
+    128, 160, 192, ...), at most 25% padding past 128 tokens, a few compiled programs for
+    any mix of lengths. ``"pow2"``: next power of two >= max(n, min_length) (up to 100%
+    padding). An int: next multiple of it. Capped at ``max_length`` (which is then a bucket
+    itself); n > max_length is an error.
     """
     if max_length is not None and n > max_length:
         raise ValueError(f"prompt length {n} > max_length {max_length}; truncate first")
-    if bucket == "pow2":
-        b = 1 << max(0, (max(n, min_length, 1) - 1).bit_length())
+    pow2 = 1 << max(0, (max(n, min_length, 1) - 1).bit_length())
+    if bucket == "eighths":
+        step = max(min_length, pow2 // 8)
+        b = max(-(-n // step) * step, min_length)
+    elif bucket == "pow2":
+        b = pow2
     elif isinstance(bucket, int) and bucket > 0:
         b = max(-(-n // bucket) * bucket, bucket)
     else:
-        raise ValueError(f"bucket={bucket!r}; expected 'pow2' or a positive int")
+        raise ValueError(f"bucket={bucket!r}; expected 'eighths', 'pow2' or a positive int")
     return min(b, max_length) if max_length is not None else b
 
 
@@ -247,7 +255,7 @@ def collate_prompts(
     prompts: Sequence[np.ndarray],
     *,
     pad_id: int = 0,
-    bucket: int | Literal["pow2"] = "pow2",
+    bucket: int | Literal["eighths", "pow2"] = "eighths",
     min_length: int = 16,
     max_length: int | None = None,
 ) -> dict[str, np.ndarray]:

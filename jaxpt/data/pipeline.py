@@ -354,7 +354,7 @@ def prompt_batch(
     prompts: Sequence[PromptExample],
     *,
     pad_id: int = 0,
-    bucket: int | Literal["pow2"] = "pow2",
+    bucket: int | Literal["eighths", "pow2"] = "eighths",
     min_length: int = 16,
     max_prompt_length: int | None = None,
 ) -> dict[str, Any]:
@@ -381,7 +381,7 @@ def prompt_loader(
     *,
     batch_size: int,
     max_prompt_length: int | None = None,
-    bucket: int | Literal["pow2"] = "pow2",
+    bucket: int | Literal["eighths", "pow2"] = "eighths",
     min_length: int = 16,
     seed: int = 0,
     shuffle: bool = True,

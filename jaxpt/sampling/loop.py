@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxpt.data.packing import bucket_length as _packing_bucket_length
 from jaxpt.models.decoder import KVCache
 from jaxpt.sampling.samplers import Sampler
 from jaxpt.sampling.step import (
@@ -103,14 +104,9 @@ class DecodeState:
 
 
 def bucket_length(n: int, *, minimum: int = 16) -> int:
-    """Prompt-length bucket: n rounded up to a multiple of max(minimum, p / 8), p the
-    next power of two >= n. So at most 4 buckets per doubling of the length (16, 32, 48,
-    64, 80, 96, 112, 128, 160, 192, 224, 256, 320, ...), at most 25% padding past 128
-    tokens, and a few compiled programs for any mix of prompt lengths."""
-    if n <= minimum:
-        return minimum
-    step = max(minimum, (1 << (n - 1).bit_length()) // 8)
-    return -(-n // step) * step
+    """Prompt-length bucket (`jaxpt.data.packing.bucket_length`'s "eighths" rule): at most
+    4 buckets per doubling of the length, so new prompt lengths reuse a few programs."""
+    return _packing_bucket_length(n, bucket="eighths", min_length=minimum)
 
 
 def _is_stop(tokens_R: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -312,6 +313,8 @@ class GRPOSource:
         self.served = 0
         self.buffer: list[dict] = []
         self.metrics: dict[str, float] = {}
+        self.steps_served = 0
+        self.train_times: dict[int, float] = {}  # step -> seconds its update took
         self.sasr = (SASRMixer(grpo.sft_warmup_steps, grpo.sasr_gamma, seed)
                      if grpo.sft_schedule == "adaptive" else None)
 
@@ -344,6 +347,13 @@ class GRPOSource:
         return np.asarray(idx)
 
     def next(self, state) -> dict[str, Any]:
+        # Wait for the previous optimizer step here, so that its device time is reported as
+        # `time/train` (see `observe`) and never counted as rollout time.
+        t0 = time.perf_counter()
+        jax.block_until_ready(state.params)
+        if self.steps_served:
+            self.train_times[self.steps_served] = time.perf_counter() - t0
+        self.steps_served += 1
         if not self.buffer:
             self._rollout(state)
         batch = self.buffer.pop(0)
@@ -355,10 +365,13 @@ class GRPOSource:
             batch["_metrics"].update({"sasr/p_sft": p, "sasr/sft_step": float(sft)})
         return batch
 
-    def observe(self, step: int, metrics: dict[str, float]) -> None:
-        """Called by the loop with each step's metrics (one step late: see SASRMixer)."""
+    def observe(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Called by the loop with each step's metrics (one step late: see SASRMixer);
+        returns metrics to add to that step's row (its train time, when measured)."""
         if self.sasr is not None:
             self.sasr.observe(step, metrics)
+        train = self.train_times.pop(step, None)
+        return {} if train is None else {"time/train": train}
 
     def _rollout(self, state) -> None:
         grpo = self.grpo

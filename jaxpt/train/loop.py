@@ -180,7 +180,7 @@ def run(
         host = {k: float(v) for k, v in jax.device_get(dev).items()}
         observe = getattr(trainer.source, "observe", None)
         if observe is not None:  # sources that adapt to the training signal (SASR)
-            observe(step_no, host)
+            extras = {**extras, **(observe(step_no, host) or {})}
         row = {**host, **extras, **throughput.update(ntok), "num_tokens": cum}
         if trainer.batches_per_epoch:
             row["epoch"] = step_no / trainer.batches_per_epoch
