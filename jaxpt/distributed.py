@@ -201,23 +201,25 @@ def is_primary() -> bool:
 # ----------------------------------------------------------------------------- checks
 
 
-def check_batch_layout(mesh, rules=None) -> None:
+def check_batch_layout(mesh, rules=None, *, process_count=None, process_of=None) -> None:
     """Raise unless the batch dimension is laid out by process: with P processes and the
     batch split into D shards over the mesh's batch axes, process p's devices must hold
-    exactly rows [p*D/P, (p+1)*D/P) of every global batch (what the loaders give it)."""
+    exactly rows [p*D/P, (p+1)*D/P) of every global batch (what the loaders give it).
+    ``process_count`` / ``process_of(device)`` default to JAX's (tests pass others)."""
     import jax
 
     from jaxpt.sharding import TRAIN_RULES, batch_divisor, batch_sharding
 
     rules = rules or TRAIN_RULES
-    n = jax.process_count()
+    n = jax.process_count() if process_count is None else process_count
+    process_of = process_of or (lambda d: d.process_index)
     if n == 1:
         return
     shards = batch_divisor(mesh, rules)
     axes = rules["batch"]
     if shards % n:
         raise ValueError(
-            f"the batch is split into {shards} shards over mesh axes {axes} "
+            f"the batch is split into {shards} shard(s) over mesh axes {axes} "
             f"({dict(mesh.shape)}), which do not divide over {n} processes: every process "
             "must hold whole batch shards of its own (raise mesh.data or mesh.fsdp)"
         )
@@ -225,7 +227,7 @@ def check_batch_layout(mesh, rules=None) -> None:
     index_map = batch_sharding(mesh, 1, rules).devices_indices_map((shards,))
     for dev, (rows,) in index_map.items():
         start, stop, _ = rows.indices(shards)
-        p = dev.process_index
+        p = process_of(dev)
         if not (p * block <= start and stop <= (p + 1) * block):
             raise ValueError(
                 f"device {dev} of process {p} holds batch rows [{start}, {stop}) of {shards}, "
@@ -285,7 +287,7 @@ def check_shared_dir(path: str | Path) -> None:
         marker.unlink(missing_ok=True)
     bad = [i for i, v in enumerate(oks) if not v]
     if bad:
-        raise RuntimeError(
+        raise ValueError(
             f"out_dir {path} is not shared by all {jax.process_count()} processes "
             f"(process(es) {bad} cannot read a file process 0 wrote there). Orbax writes one "
             "checkpoint collectively, so out_dir must be on a filesystem every host mounts "

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_with_devices
 from train_utils import (
     make_tiny_model_dir,
     make_tiny_tokenizer,
@@ -203,19 +204,37 @@ def procs():
     p.kill_all()
 
 
-@pytest.mark.e2e
-def test_two_processes_match_one_and_resume_together(tmp_path, data_dir, procs):
-    steps = 5
-    tok = make_tiny_tokenizer(tmp_path / "tok", data_dir)
-    model_dir = make_tiny_model_dir(tmp_path / "model", tok)
-    config = tiny_run_config(
-        tmp_path / "run.yaml",
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory, data_dir) -> Path:
+    root = tmp_path_factory.mktemp("multihost")
+    tok = make_tiny_tokenizer(root / "tok", data_dir)
+    model_dir = make_tiny_model_dir(root / "model", tok)
+    return tiny_run_config(
+        root / "run.yaml",
         model_dir,
         data_dir,
-        tmp_path / "unused",
-        train={"max_steps": steps, "batch_size": 8},
+        root / "unused",
+        train={"max_steps": STEPS, "batch_size": 8},
         checkpoint={"every": 0},
     )
+
+
+def start_two(procs: Procs, config: Path, out_dirs: list[Path], logs: list[Path]) -> None:
+    """Two `jaxpt train` processes x 4 devices joined with explicit flags."""
+    port = free_port()
+    for i in range(2):
+        flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+        flags += ["--process-id", str(i)]
+        cmd = train_cmd(config, f"out_dir={out_dirs[i]}", *flags)
+        procs.start(cmd, env_with_devices(4), logs[i])
+
+
+@pytest.mark.e2e
+def test_two_processes_match_one_and_resume_together(tmp_path, config, procs):
+    steps = STEPS
 
     # One process x 8 devices, uninterrupted: the reference.
     ref_dir, ref_log = tmp_path / "ref", tmp_path / "ref.log"
@@ -261,12 +280,8 @@ def test_two_processes_match_one_and_resume_together(tmp_path, data_dir, procs):
     assert "Reached preemption sync point" in (logs_dir / "process_1.log").read_text()
 
     # Resume with two plain `jaxpt train` processes (explicit flags) to the end.
-    port = free_port()
     leg2 = [tmp_path / f"leg2_process_{i}.log" for i in range(2)]
-    for i in range(2):
-        flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
-        flags += ["--process-id", str(i)]
-        procs.start(train_cmd(config, f"out_dir={run_dir}", *flags), env_with_devices(4), leg2[i])
+    start_two(procs, config, [run_dir, run_dir], leg2)
     procs.wait_all(TIMEOUT, leg2)
     assert f"resumed from checkpoint step {stopped}" in leg2[0].read_text()
     # Process 0 alone prints and logs: one metrics row per step, no duplicates.
@@ -283,3 +298,51 @@ def test_two_processes_match_one_and_resume_together(tmp_path, data_dir, procs):
         assert multi_losses[s] == pytest.approx(ref_losses[s], rel=1e-5, abs=1e-6), s
     assert [r["num_tokens"] for r in multi] == [r["num_tokens"] for r in reference]
     assert [r["num_target_tokens"] for r in multi] == [r["num_target_tokens"] for r in reference]
+
+
+def test_batch_layout_must_follow_processes():
+    """Two pretend processes over 8 CPU devices (ids 0-3: process 0, 4-7: process 1)."""
+    out = run_with_devices(
+        """
+        import jax
+        from jaxpt.distributed import check_batch_layout
+        from jaxpt.sharding import make_mesh
+
+        of = lambda d: d.id // 4
+        devs = jax.devices()
+        check_batch_layout(make_mesh(1, 8, 1), process_count=2, process_of=of)
+        check_batch_layout(make_mesh(2, 2, 2), process_count=2, process_of=of)
+        for mesh in (
+            make_mesh(1, 8, 1, devices=devs[4:] + devs[:4]),  # process 1's devices first
+            make_mesh(1, 1, 8),  # tensor spans both processes: one batch shard for two
+            make_mesh(1, 4, 2, devices=devs[::2] + devs[1::2]),
+        ):
+            try:
+                check_batch_layout(mesh, process_count=2, process_of=of)
+                print("accepted", dict(mesh.shape))
+            except ValueError as e:
+                print("rejected:", e)
+        """,
+        n_devices=8,
+    )
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and all(line.startswith("rejected:") for line in lines), out
+    assert "holds batch rows [0, 1) of 8, outside process 1's block [4, 8)" in lines[0]
+    assert "1 shard(s)" in lines[1] and "do not divide over 2 processes" in lines[1]
+    assert "outside process" in lines[2]
+
+
+@pytest.mark.e2e
+def test_out_dir_that_is_not_shared_stops_every_process(tmp_path, config, procs):
+    """Each process gets its own out_dir (as on hosts without a shared filesystem): every
+    process fails with the same clear error before training, none hangs."""
+    dirs = [tmp_path / "host0", tmp_path / "host1"]
+    logs = [tmp_path / f"process_{i}.log" for i in range(2)]
+    start_two(procs, config, dirs, logs)
+    deadline = time.time() + TIMEOUT
+    for p in procs.procs:
+        assert p.wait(max(1.0, deadline - time.time())) == 2, tails(logs)
+    for log in logs:
+        text = log.read_text()
+        assert "is not shared by all 2 processes (process(es) [1] cannot read" in text, text
+    assert not (dirs[0] / "checkpoints" / "1").exists()
