@@ -346,3 +346,22 @@ def test_out_dir_that_is_not_shared_stops_every_process(tmp_path, config, procs)
         text = log.read_text()
         assert "is not shared by all 2 processes (process(es) [1] cannot read" in text, text
     assert not (dirs[0] / "checkpoints" / "1").exists()
+
+
+def test_loading_any_recipe_starts_no_jax_backend():
+    """`jaxpt train` loads the config (importing the trainer modules) before
+    jax.distributed.initialize, which must come before any JAX computation."""
+    out = run_with_devices(
+        """
+        import glob
+        from jaxpt.cli import build_parser
+        from jaxpt.config import load_config
+        build_parser()
+        for path in sorted(glob.glob("configs/*.yaml")):
+            load_config(path)
+        from jax._src import xla_bridge
+        print("initialized:", xla_bridge.backends_are_initialized())
+        """,
+        n_devices=1,
+    )
+    assert out.strip() == "initialized: False"
