@@ -33,8 +33,8 @@ What changes with several processes (``jax.process_count() > 1``):
 * preemption: SIGTERM on any host is propagated by JAX's preemption service; every process
   stops and saves at the same step (``multihost_utils.reached_preemption_sync_point``).
 
-CPU processes (tests, ``launch/local_multiprocess.sh``) use gloo collectives, JAX's default
-for CPU since 0.4.36 (``jax_cpu_collectives_implementation``).
+CPU processes (tests, ``launch/local_multiprocess.sh``) use gloo collectives: the default
+of ``jax_cpu_collectives_implementation`` in jax 0.10, so nothing needs setting.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import glob
 import importlib.util
 import os
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -323,7 +323,7 @@ def settings_from_args(cfg_section: DistributedConfig | None, args) -> Distribut
     )
 
 
-__all__: Sequence[str] = (
+__all__ = (
     "DistributedConfig",
     "InitPlan",
     "add_cli_flags",
