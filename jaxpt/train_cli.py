@@ -22,22 +22,32 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="YAML run config (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    from jaxpt.distributed import add_cli_flags
+
+    add_cli_flags(p)
     p.set_defaults(func=run_train)
     return p
 
 
 def run_train(args, *, callbacks=(), stop=None) -> int:
+    from jaxpt import distributed
     from jaxpt.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    # Before any JAX computation: connect the processes of a multi-host run.
+    distributed.initialize(distributed.settings_from_args(cfg.distributed, args))
+
     from jaxpt.train.loop import NonFiniteError
     from jaxpt.train.registry import get_trainer
 
-    cfg = load_config(args.config, args.overrides)
     trainer = get_trainer(cfg.algorithm)
     try:
         result = trainer(cfg, callbacks=callbacks, stop=stop)
     except NonFiniteError as e:
         print(f"jaxpt train: error: {e}", file=sys.stderr, flush=True)
         return 3
+    if not distributed.is_primary():
+        return 0
     shown = {k: v for k, v in result.last_metrics.items() if k == "loss"}
     shown.update({k: v for k, v in result.eval_metrics.items() if k == "eval_loss"})
     summary = ", ".join(f"{k} {v:.4g}" for k, v in shown.items())

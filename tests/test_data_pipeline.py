@@ -87,24 +87,35 @@ def test_padded_epochs_reshuffle_and_cover_each_example_once():
     assert again == epochs[0]  # same seed -> same order
 
 
-def test_shards_are_disjoint_and_equal_sized():
+def test_shards_split_the_global_batches_of_one_process():
+    """k shards of batch b give, concatenated in shard order, exactly the batches of one
+    shard of batch k*b: the run does not depend on the number of processes."""
     examples = _examples(11)
-    seen = []
-    for k in range(3):
-        loader = sft_loader(
-            examples,
-            batch_size=3,
-            max_length=8,
-            packing=False,
-            shard_index=k,
-            shard_count=3,
-            num_epochs=1,
-        )
-        ids = sum((_first_ids(b) for b in iter(loader)), [])
-        assert len(ids) == 3  # 11 -> 9 items, 3 per shard, one batch of 3
-        seen.extend(ids)
-    assert sorted(seen) == list(range(9))
-    with pytest.raises(ValueError, match="fewer than batch_size"):
+    make = lambda bs, k, n: sft_loader(
+        examples,
+        batch_size=bs,
+        max_length=8,
+        packing=False,
+        seed=5,
+        shard_index=k,
+        shard_count=n,
+        num_epochs=2,
+    )
+    single = [_first_ids(b) for b in iter(make(9, 0, 1))]
+    assert len(single) == 2 and all(len(ids) == 9 for ids in single)  # 11 -> 1 batch/epoch
+    shards = [[_first_ids(b) for b in iter(make(3, k, 3))] for k in range(3)]
+    for epoch in range(2):
+        rows = [shards[k][epoch] for k in range(3)]
+        assert all(len(r) == 3 for r in rows)
+        assert sum(rows, []) == single[epoch]  # disjoint, in shard order
+    assert make(3, 1, 3).batches_per_epoch == 1
+    # the iterator state is global: shard 2 resumes from shard 0's saved state
+    it0 = iter(make(3, 0, 3))
+    next(it0)
+    it2 = iter(make(3, 2, 3))
+    it2.set_state(it0.get_state())
+    assert _first_ids(next(it2)) == shards[2][1]
+    with pytest.raises(ValueError, match="fewer than one global batch of 15"):
         sft_loader(examples, batch_size=5, max_length=8, shard_index=0, shard_count=3)
 
 

@@ -8,14 +8,18 @@ row 7,000 fails at startup naming file and row)::
     loader = sft_loader(examples, batch_size=..., max_length=..., seed=...)
     it = iter(loader); batch = next(it); state = it.get_state(); it.set_state(state)
 
-Loaders are ``grain.MapDataset`` pipelines: items -> per-process shard -> seeded shuffle
-(reshuffled every epoch) -> batch (drop remainder, so every process gets the same number of
-equally shaped batches) -> repeat. Packed SFT packs the whole dataset once with best-fit
-decreasing (the packed rows are the items that get shuffled), as TRL packs once per dataset.
+Loaders are ``grain.MapDataset`` pipelines: items -> seeded shuffle (reshuffled every
+epoch) -> global batches of ``batch_size * shard_count`` items (drop remainder) -> this
+shard's rows of each global batch, collated -> repeat. Packed SFT packs the whole dataset
+once with best-fit decreasing (the packed rows are the items that get shuffled), as TRL
+packs once per dataset.
 
 Sharding: ``shard_index``/``shard_count`` default to ``jax.process_index()`` /
-``jax.process_count()``; items are first cut to a multiple of ``shard_count`` and shard k
-takes items k, k + shard_count, ... ``batch_size`` is the per-process batch size.
+``jax.process_count()``; ``batch_size`` is the per-process batch size. Every shard shuffles
+the same items with the same seed and takes rows ``[k * batch_size, (k + 1) * batch_size)``
+of each global batch, so the global batches (and the training run) are the same for any
+number of processes, and the iterator state is the same on every shard (one saved copy
+restores them all). Each shard collates only its own rows.
 """
 
 from __future__ import annotations
@@ -203,7 +207,7 @@ class BatchIterator:
 class Loader:
     """A batched, sharded, shuffled, repeated grain dataset; ``iter(loader)`` -> BatchIterator.
 
-    batches_per_epoch: batches one process sees per epoch; stats: the data statistics.
+    batches_per_epoch: (global) batches per epoch; stats: the data statistics.
     """
 
     dataset: grain.MapDataset
@@ -244,28 +248,32 @@ def _make_loader(
     num_threads: int,
 ) -> Loader:
     shard_index, shard_count = resolve_shard(shard_index, shard_count)
-    per_shard = len(items) // shard_count
-    if per_shard < batch_size:
+    global_batch = batch_size * shard_count
+    if len(items) < global_batch:
         raise ValueError(
-            f"{kind}: {len(items)} rows over {shard_count} shard(s) give {per_shard} per shard, "
-            f"fewer than batch_size={batch_size}"
+            f"{kind}: {len(items)} rows are fewer than one global batch of {global_batch} "
+            f"(batch_size={batch_size} per shard x {shard_count} shard(s))"
         )
-    ds = grain.MapDataset.source(list(items[: per_shard * shard_count]))
-    ds = ds[shard_index::shard_count]
+    lo = shard_index * batch_size
+
+    def shard_batch(rows):
+        return batch_fn(rows[lo : lo + batch_size])
+
+    ds = grain.MapDataset.source(list(items))
     if shuffle:
         ds = ds.shuffle(seed)
-    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=batch_fn)
+    ds = ds.batch(global_batch, drop_remainder=True, batch_fn=shard_batch)
     ds = ds.repeat(num_epochs)
+    # The position is global: the same state restores every shard (shard_index is left out).
     meta = {
         "kind": kind,
         "seed": seed,
         "shuffle": shuffle,
-        "shard_index": shard_index,
         "shard_count": shard_count,
         "num_items": len(items),
         "batch_size": batch_size,
     }
-    return Loader(ds, per_shard // batch_size, stats, meta, num_threads)
+    return Loader(ds, len(items) // global_batch, stats, meta, num_threads)
 
 
 def sft_loader(

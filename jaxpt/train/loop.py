@@ -20,6 +20,13 @@ Non-finite steps are not applied by the step (see ``state.make_train_step``); af
 ``train.max_bad_steps`` consecutive ones the loop raises :class:`NonFiniteError` without
 saving, so the newest checkpoint stays the last good one.
 
+Multi-process runs (``jax.process_count() > 1``, see ``jaxpt.distributed``): every process
+runs this loop on its rows of each batch; ``num_tokens`` / ``tokens_per_second`` count the
+global batch (summed on device, fetched with the metrics); metrics, ``config.yaml`` and
+messages come from process 0 only; checkpoints are saved by all processes together; SIGTERM
+on any host stops every process at the same step (JAX's preemption sync point) instead of
+the ``stop`` flag.
+
 Resume (``checkpoint.resume``): the newest checkpoint in ``<out_dir>/checkpoints`` is
 restored into the state's shardings, the source is set to its saved position, and
 ``metrics.jsonl`` lines after that step are dropped, so a resumed run logs exactly what an
@@ -37,6 +44,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from jaxpt import distributed
 from jaxpt.config import RunConfig, config_to_dict, dump_config
 from jaxpt.train.checkpoint import Checkpointer, StopFlag, abstract_like, install_stop_handler
 from jaxpt.train.metrics import MetricsWriter, Throughput, device_peak_flops
@@ -136,14 +144,23 @@ def run(
     cfg = trainer.cfg
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    multi = jax.process_count() > 1
+    primary = distributed.is_primary()
+    global_tokens = None
+    if multi:
+        distributed.check_batch_layout(trainer.mesh)
+        distributed.check_shared_dir(out)
+        global_tokens = distributed.global_sum_fn(trainer.mesh)
+    if primary:
+        dump_config(cfg, out / "config.yaml")
     ckpt = Checkpointer(
         out / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
     )
     start, num_tokens = 0, 0
     if cfg.checkpoint.resume and ckpt.latest_step() is not None:
         start, num_tokens = _restore(trainer, ckpt)
-        print(f"resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
+        if primary:
+            print(f"resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
     end = trainer.total_steps
     if cfg.train.stop_after_steps is not None:
         end = min(end, cfg.train.stop_after_steps)
@@ -158,6 +175,7 @@ def run(
         wandb_run_name=cfg.logging.wandb_run_name,
         run_config=config_to_dict(cfg),
         resume=start > 0,
+        enabled=primary,
     )
     peak = cfg.logging.peak_flops or device_peak_flops()
     throughput = Throughput(
@@ -165,23 +183,35 @@ def run(
         peak_flops_total=peak * len(trainer.mesh.devices.flat) if peak else None,
     )
     stop = stop or StopFlag()
-    restore_handler = install_stop_handler(stop)
+    # Several processes must stop at the same step: JAX's preemption service (installed by
+    # jax.distributed.initialize) owns SIGTERM there, so no Python handler replaces it.
+    restore_handler = (lambda: None) if multi else install_stop_handler(stop)
+
+    def stop_requested(step_no: int) -> bool:
+        if multi:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step_no)
+        return stop.requested
+
     result = LoopResult(trainer.state, start, "done", {}, {})
     pending: tuple | None = None
     bad = 0
     last_saved = start if start > 0 else None
 
     def flush() -> None:
-        nonlocal pending, bad
+        nonlocal pending, bad, num_tokens
         if pending is None:
             return
-        step_no, dev, extras, ntok, cum = pending
+        step_no, dev, extras, ntok = pending
         pending = None
         host = {k: float(v) for k, v in jax.device_get(dev).items()}
         observe = getattr(trainer.source, "observe", None)
         if observe is not None:  # sources that adapt to the training signal (SASR)
             extras = {**extras, **(observe(step_no, host) or {})}
-        row = {**host, **extras, **throughput.update(ntok), "num_tokens": cum}
+        ntok = int(jax.device_get(ntok))
+        num_tokens += ntok
+        row = {**host, **extras, **throughput.update(ntok), "num_tokens": num_tokens}
         if trainer.batches_per_epoch:
             row["epoch"] = step_no / trainer.batches_per_epoch
         bad = bad + 1 if host.get("skipped", 0.0) > 0 else 0
@@ -224,9 +254,10 @@ def run(
             ntok = trainer.tokens_fn(host)
             batch = trainer.put_batch(host)
             trainer.state, dev = trainer.step_fn(trainer.state, batch)
-            num_tokens += ntok
+            if global_tokens is not None:
+                ntok = global_tokens(ntok)  # this process's rows -> the global batch's
             flush()
-            pending = (s + 1, dev, dict(extras), ntok, num_tokens)
+            pending = (s + 1, dev, dict(extras), ntok)
             step_no = s + 1
             if (
                 trainer.eval_fn is not None
@@ -242,7 +273,7 @@ def run(
                 throughput.reset()
             if cfg.checkpoint.every and step_no % cfg.checkpoint.every == 0:
                 save(step_no)
-            if stop.requested:
+            if stop_requested(step_no):
                 flush()
                 if last_saved != step_no:
                     save(step_no, wait=True)
@@ -267,9 +298,10 @@ def run(
         writer.close()
         ckpt.close()
     result.state = trainer.state
-    if result.reason == "signal":
+    if result.reason == "signal" and primary:
+        what = "a preemption notice (SIGTERM)" if multi else f"signal {stop.signal}"
         print(
-            f"stopped by signal {stop.signal} after step {result.step}; checkpoint saved in "
+            f"stopped by {what} after step {result.step}; checkpoint saved in "
             f"{ckpt.directory}; run the same command again to resume",
             flush=True,
         )

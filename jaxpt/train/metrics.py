@@ -6,6 +6,9 @@ TRL's names (``loss``, ``mean_token_accuracy``, ``entropy``, ``num_tokens``, ``g
 ``tokens_per_second``, ``mfu`` (only when the peak FLOPs of the device are known) and
 ``skipped`` (1.0 when a non-finite step was not applied).
 
+In a multi-process run only process 0 writes (``enabled=False`` elsewhere: ``write`` returns
+the row and touches no file, no bar, no TensorBoard / W&B).
+
 The loop hands metrics over one step late (the device values of step s are fetched after
 step s+1 is dispatched), so logging never makes the device wait.
 """
@@ -88,17 +91,21 @@ class MetricsWriter:
         wandb_run_name: str | None = None,
         run_config: Mapping[str, Any] | None = None,
         resume: bool = False,
+        enabled: bool = True,
     ):
+        self.enabled = enabled
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "metrics.jsonl"
+        self._file = self._tb = self._wandb = self._bar = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             truncate_jsonl(self.path, start_step)
         elif self.path.exists():
             self.path.unlink()
         self._file = self.path.open("a")
         self._tb = self._open_tensorboard() if tensorboard else None
-        self._wandb = None
         if wandb_project:
             try:
                 import wandb
@@ -113,7 +120,6 @@ class MetricsWriter:
                 dir=str(self.out_dir),
                 resume="allow",
             )
-        self._bar = None
         if progress:
             from tqdm.auto import tqdm
 
@@ -135,6 +141,8 @@ class MetricsWriter:
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, Any]:
         row = {"step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        if not self.enabled:
+            return row
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         numeric = {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
@@ -159,7 +167,8 @@ class MetricsWriter:
         self._bar.refresh()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
