@@ -201,14 +201,19 @@ def register_section(name: str, cls: type | None = None):
     return do(cls) if cls is not None else do
 
 
+# sections registered outside jaxpt.train
+_SECTION_MODULES = {"distributed": "jaxpt.distributed"}
+
+
 def section_class(name: str) -> type | None:
     """The registered dataclass for section `name`, importing ``jaxpt.train.<name>`` once
     if it is not registered yet (trainer modules register their sections)."""
     if name not in _SECTIONS and re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        module = _SECTION_MODULES.get(name, f"jaxpt.train.{name}")
         try:
-            importlib.import_module(f"jaxpt.train.{name}")
+            importlib.import_module(module)
         except ModuleNotFoundError as e:
-            if e.name != f"jaxpt.train.{name}":
+            if e.name != module:
                 raise
     return _SECTIONS.get(name)
 
