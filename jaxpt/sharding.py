@@ -1,18 +1,32 @@
-"""Mesh and the one table that says what is sharded how.
+"""Mesh and the one table that says what is sharded how, for training and for decoding.
 
 Logical axes name what a tensor dimension *is* (`embed`, `vocab`, `heads`, ...); the rules
 map each logical axis to mesh axes (`data`, `fsdp`, `tensor`). Parameters are created and
 loaded straight into the shardings derived here, never unsharded first.
+
+Two presets of the same table:
+
+* ``TRAIN_RULES``: FSDP over ``embed``, Megatron-style tensor parallelism over heads /
+  mlp / vocab, the batch over ``data x fsdp``. A dimension that does not divide its mesh
+  axes is an error (:class:`ShardingError` names the tensor, dimension and axis).
+* ``DECODE_RULES`` (:class:`DecodeSharding`): decoding is memory-bound on the weights and
+  the KV cache, so weights are split over ``tensor`` only (no fsdp all-gather per token)
+  and the rows (prompts, tokens, the cache's batch axis) over every other axis. A
+  dimension that does not divide is replicated instead (e.g. 2 kv heads on tensor=4).
+
+Arrays are named by their last path component: parameters in ``PARAM_AXES``, KV cache
+arrays (``models.decoder.KVCache``, ``sampling.step.DecodeCache``) in ``CACHE_AXES``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxpt.tree import path_names, path_str
 
@@ -64,9 +78,39 @@ PARAM_AXES: dict[str, tuple[str, ...]] = {
     "lora_b": (None, "mlp"),
 }
 
+# KV cache arrays (field names of models.decoder.KVCache and sampling.step.DecodeCache) ->
+# logical axes; `seq` is the cache slot axis. The decode loop's per-layer split cache (one
+# [R, K, S, D] array per layer) drops the leading "layers".
+_KV_MODEL = ("layers", "batch", "seq", "kv_heads", "head_dim")
+_KV_DECODE = ("layers", "batch", "kv_heads", "seq", "head_dim")
+CACHE_AXES: dict[str, tuple[str, ...]] = {
+    "k_LBSKD": _KV_MODEL,
+    "v_LBSKD": _KV_MODEL,
+    "positions_BS": ("batch", "seq"),
+    "segment_ids_BS": ("batch", "seq"),
+    "k_LRKSD": _KV_DECODE,
+    "v_LRKSD": _KV_DECODE,
+    "positions_RS": ("batch", "seq"),
+    "segment_ids_RS": ("batch", "seq"),
+}
+
 
 class ShardingError(ValueError):
-    pass
+    """A mesh / shape combination that cannot be sharded; names the tensor, dimension,
+    size and mesh axes."""
+
+
+def axis_size(mesh: Mesh, axis: str) -> int:
+    """Size of `axis` in `mesh`; 1 for an axis the mesh does not have."""
+    return mesh.shape.get(axis, 1)
+
+
+def rule_axes(rules: Mapping[str, str | tuple[str, ...] | None], logical: str) -> tuple[str, ...]:
+    """The mesh axes a logical axis maps to, as a tuple (empty: replicated)."""
+    axes = rules.get(logical)
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 def make_mesh(
@@ -123,22 +167,26 @@ def spec_for(
     rules: Mapping[str, str | tuple[str, ...] | None],
     *,
     name: str = "tensor",
+    replicate_indivisible: bool = False,
 ) -> PartitionSpec:
-    """PartitionSpec for one tensor; raises naming the tensor, dimension and mesh axis when
-    a dimension does not divide its mesh axes."""
+    """PartitionSpec for one tensor. A mesh axis is used once per spec (by the first
+    dimension that maps to it); axes of size 1 or absent from the mesh are dropped.
+
+    When a dimension does not divide its mesh axes: raises naming the tensor, dimension and
+    mesh axis, or with ``replicate_indivisible`` keeps the longest leading run of those
+    axes that divides it (none: replicated)."""
     parts = []
     used: set[str] = set()
     for dim, (size, axis) in enumerate(zip(shape, axes, strict=True)):
-        mesh_axes = rules.get(axis) if axis is not None else None
-        if mesh_axes is None:
-            parts.append(None)
-            continue
-        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
-        mesh_axes = tuple(a for a in mesh_axes if mesh.shape[a] > 1 and a not in used)
+        mesh_axes = rule_axes(rules, axis) if axis is not None else ()
+        mesh_axes = tuple(a for a in mesh_axes if axis_size(mesh, a) > 1 and a not in used)
+        if replicate_indivisible:
+            while mesh_axes and size % math.prod(axis_size(mesh, a) for a in mesh_axes):
+                mesh_axes = mesh_axes[:-1]
         if not mesh_axes:
             parts.append(None)
             continue
-        n = math.prod(mesh.shape[a] for a in mesh_axes)
+        n = math.prod(axis_size(mesh, a) for a in mesh_axes)
         if size % n:
             raise ShardingError(
                 f"{name}: dimension {dim} ({axis}, size {size}) does not divide mesh axis "
@@ -150,31 +198,153 @@ def spec_for(
     return PartitionSpec(*parts)
 
 
-def param_shardings(abstract_params, mesh: Mesh, rules=TRAIN_RULES):
+def param_shardings(
+    abstract_params, mesh: Mesh, rules=TRAIN_RULES, *, replicate_indivisible: bool = False
+):
     """A tree of NamedSharding matching `abstract_params` (arrays or ShapeDtypeStructs)."""
 
     def one(path, leaf):
         axes = logical_axes_for(path, len(leaf.shape))
-        name = path_str(path)
-        return NamedSharding(mesh, spec_for(leaf.shape, axes, mesh, rules, name=name))
+        spec = spec_for(
+            leaf.shape,
+            axes,
+            mesh,
+            rules,
+            name=path_str(path),
+            replicate_indivisible=replicate_indivisible,
+        )
+        return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(one, abstract_params)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2, rules=TRAIN_RULES) -> NamedSharding:
-    """Batch dim over the rules' batch axes, everything else replicated."""
-    batch_axes = rules["batch"]
-    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
-    batch_axes = tuple(a for a in batch_axes if mesh.shape[a] > 1)
-    first = batch_axes if len(batch_axes) > 1 else (batch_axes[0] if batch_axes else None)
-    return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
+def batch_axes(mesh: Mesh, rules=TRAIN_RULES) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) the batch dimension is split over."""
+    return tuple(a for a in rule_axes(rules, "batch") if axis_size(mesh, a) > 1)
 
 
 def batch_divisor(mesh: Mesh, rules=TRAIN_RULES) -> int:
-    batch_axes = rules["batch"]
-    batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
-    return math.prod(mesh.shape[a] for a in batch_axes)
+    """How many ways the batch dimension is split: every batch size must divide by it."""
+    return math.prod(axis_size(mesh, a) for a in batch_axes(mesh, rules))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules=TRAIN_RULES) -> NamedSharding:
+    """Batch dim over the rules' batch axes, everything else replicated."""
+    axes = batch_axes(mesh, rules)
+    first = axes if len(axes) > 1 else (axes[0] if axes else None)
+    return NamedSharding(mesh, PartitionSpec(first, *([None] * (ndim - 1))))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, rules=TRAIN_RULES, *, what: str = "batch"):
+    """Raise ShardingError naming `what`, its size and the mesh axes when `batch_size` rows
+    cannot be split evenly over the batch axes."""
+    n = batch_divisor(mesh, rules)
+    if batch_size % n:
+        axes = rule_axes(rules, "batch")
+        sizes = " x ".join(f"{a}={axis_size(mesh, a)}" for a in axes)
+        raise ShardingError(
+            f"{what}: batch size {batch_size} is not divisible by the mesh batch axes "
+            f"{sizes} ({n} shards); use a batch size that is a multiple of {n} or a mesh "
+            f"with smaller {'/'.join(axes)} axes"
+        )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def auto_axes(mesh: Mesh) -> Mesh:
+    """`mesh` with every axis Auto: shardings are placed on inputs and XLA propagates them
+    (`jax.make_mesh` defaults to Explicit axes, which need annotations everywhere)."""
+    types = getattr(mesh, "axis_types", None)
+    if types is None or all(t == AxisType.Auto for t in types):
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(types))
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSharding:
+    """The decoding preset on `mesh`: ``DECODE_RULES``, indivisible dimensions replicated.
+
+    Hashable, so it is a static argument of the jitted prefill / decode:
+    ``generate(..., shardings=ds)`` constrains the KV cache with :meth:`cache`;
+    :meth:`place_params` / :meth:`place_rows` put inputs where it expects them. The mesh
+    may lack any of ``data`` / ``fsdp`` / ``tensor`` (missing = not split); Explicit axes
+    are converted to Auto.
+    """
+
+    mesh: Mesh
+
+    def __post_init__(self):
+        object.__setattr__(self, "mesh", auto_axes(self.mesh))
+
+    @property
+    def batch_axes(self) -> tuple[str, ...]:
+        return batch_axes(self.mesh, DECODE_RULES)
+
+    @property
+    def batch_divisor(self) -> int:
+        return batch_divisor(self.mesh, DECODE_RULES)
+
+    def spec(self, shape: Sequence[int], axes: Sequence[str | None], *, name="tensor"):
+        return spec_for(shape, axes, self.mesh, DECODE_RULES, name=name, replicate_indivisible=True)
+
+    # -- parameters ------------------------------------------------------------------
+
+    def params(self, params):
+        """A tree of NamedSharding shaped like `params` (the model's param dict, arrays
+        or ShapeDtypeStructs)."""
+        return param_shardings(params, self.mesh, DECODE_RULES, replicate_indivisible=True)
+
+    def place_params(self, params):
+        return jax.device_put(params, self.params(params))
+
+    # -- per-row arrays and the KV cache ----------------------------------------------
+
+    def rows(self, ndim: int = 2, size: int | None = None) -> NamedSharding:
+        """Rows (axis 0) over the batch axes (only those that divide `size`, if given),
+        everything else replicated."""
+        size = self.batch_divisor if size is None else size
+        first = self.spec((size,), ("batch",))[0]
+        return NamedSharding(self.mesh, PartitionSpec(first, *([None] * (ndim - 1))))
+
+    def place_rows(self, x: jax.Array) -> jax.Array:
+        """`x` with its rows split over the batch axes (replicated when they do not
+        divide its row count)."""
+        return jax.device_put(x, self.rows(x.ndim, x.shape[0]))
+
+    def check_batch(self, batch: int, num_samples: int = 1) -> None:
+        """The decoded rows (`batch` prompts x `num_samples`) must split evenly over the
+        batch axes (the prompts alone need not: their prefill is then replicated)."""
+        check_batch_size(
+            batch * num_samples,
+            self.mesh,
+            DECODE_RULES,
+            what=f"decode rows (prompt batch {batch} x num_samples {num_samples})",
+        )
+
+    def cache(self, cache):
+        """A tree of NamedSharding shaped like `cache` (a ``KVCache``, a ``DecodeCache``
+        or its per-layer split; arrays or ShapeDtypeStructs), from ``CACHE_AXES``."""
+
+        def one(path, leaf):
+            names = path_names(path)
+            field = next((n for n in reversed(names) if n in CACHE_AXES), None)
+            if field is None:
+                raise ShardingError(
+                    f"no logical axes for cache array {path_str(path)}; add it to CACHE_AXES"
+                )
+            axes = CACHE_AXES[field]
+            if len(leaf.shape) == len(axes) - 1 and axes[0] == "layers":
+                axes = axes[1:]
+            return NamedSharding(self.mesh, self.spec(leaf.shape, axes, name=path_str(path)))
+
+        return jax.tree_util.tree_map_with_path(one, cache)
+
+
+def decode_sharding(mesh: Mesh) -> DecodeSharding:
+    """The decoding preset for `mesh` (see :class:`DecodeSharding`)."""
+    return DecodeSharding(mesh)

@@ -20,7 +20,6 @@ from jaxpt.sampling.loop import (
     result_from_state,
 )
 from jaxpt.sampling.samplers import Sampler, SamplerError
-from jaxpt.sampling.sharding import DecodeSharding, ShardingError, decode_sharding
 from jaxpt.sampling.text import (
     Completion,
     PromptError,
@@ -29,6 +28,7 @@ from jaxpt.sampling.text import (
     generate_text,
     left_pad,
 )
+from jaxpt.sharding import DecodeSharding, ShardingError, decode_sharding
 
 __all__ = [
     "FINISH_LENGTH",

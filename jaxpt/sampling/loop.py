@@ -152,7 +152,7 @@ def prefill(
     cfg = model.cfg
     B, P = prompt_ids_BP.shape
     M, n = max_new_tokens, num_samples
-    R, S = B * n, P + M - 1
+    R = B * n
 
     mask_BP = prompt_mask_BP.astype(bool)
     segment_ids_BP = mask_BP.astype(jnp.int32)
@@ -160,7 +160,7 @@ def prefill(
     prompt_len_B = segment_ids_BP.sum(axis=1)
     cache = KVCache.init(cfg, B, P)
     if shardings is not None:
-        cache = _constrain(cache, shardings.cache(cfg, B, P, layout="model"))
+        cache = _constrain(cache, shardings.cache(cache))
     hidden_BPE, cache = model(
         prompt_ids_BP.astype(jnp.int32),
         positions_BP,
@@ -178,7 +178,7 @@ def prefill(
     rep = lambda x: jnp.repeat(x, n, axis=0) if n > 1 else x  # noqa: E731
     cache = cache_from_prefill(cache, n, M - 1)
     if shardings is not None:
-        cache = _constrain(cache, shardings.cache(cfg, R, S))
+        cache = _constrain(cache, shardings.cache(cache))
     logits_RV = rep(logits_BV)
     prompt_len_R = rep(prompt_len_B)
 
@@ -249,10 +249,7 @@ def decode(
     S = state.cache.max_len
     P = S - M + 1
     pad = jnp.int32(pad_id)
-    cache_shardings = None
-    if shardings is not None:
-        layout = "decode_split" if layer_loop == "unroll" else "decode"
-        cache_shardings = shardings.cache(cfg, state.tokens_RM.shape[0], S, layout=layout)
+    cache_shardings = None if shardings is None else shardings.cache(state.cache)
 
     def cond(s: DecodeState):
         return (s.step < M) & ~jnp.all(s.done_R)
@@ -340,8 +337,9 @@ def generate(
     eos_ids: stop token ids; a row finishes after emitting one (it is included in the
         row's length); empty = always generate max_new_tokens.
     rng: an int seed or a `jax.random.key`.
-    shardings: an optional `jaxpt.sampling.sharding.DecodeSharding`; params and prompts
-        should already be placed with it (`place_params`, `place_rows`).
+    shardings: an optional `jaxpt.sharding.DecodeSharding` (the decode preset of the
+        sharding table); params and prompts should already be placed with it
+        (`place_params`, `place_rows`). B * num_samples must divide its batch axes.
     layer_loop: "unroll" | "scan" | "auto" (scan on TPU: no transient copy of the
         weights, compile time independent of depth; unroll elsewhere); see `decode`.
     Returns a `GenerationResult` with R = B * num_samples rows, row r = prompt

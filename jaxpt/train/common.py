@@ -28,7 +28,7 @@ from jaxpt.config import RunConfig
 from jaxpt.models import hub
 from jaxpt.models.config import ModelConfig
 from jaxpt.models.decoder import abstract_model
-from jaxpt.sharding import make_mesh, param_shardings
+from jaxpt.sharding import check_batch_size, make_mesh, param_shardings
 from jaxpt.train import lora as lora_lib
 from jaxpt.train.state import TrainState, identity_params, init_state
 
@@ -53,6 +53,12 @@ class ModelBundle:
 
 def build_mesh(cfg: RunConfig) -> Mesh:
     return make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+
+
+def check_train_batch(cfg: RunConfig, mesh: Mesh) -> None:
+    """``train.batch_size`` must split evenly over the mesh's batch axes (data x fsdp);
+    raises ShardingError naming it, its size and the axes."""
+    check_batch_size(cfg.train.batch_size, mesh, what=f"{cfg.source}: train.batch_size")
 
 
 def load_tokenizer(cfg: RunConfig, resolved: hub.ResolvedModel):

@@ -60,9 +60,15 @@ from jaxpt.data.packing import collate_preference
 from jaxpt.data.pipeline import Loader, _make_loader
 from jaxpt.data.tokenize import TokenizedPreference
 from jaxpt.losses.dpo import LOSS_TYPES, DPOLossConfig, dpo_loss, needs_reference
-from jaxpt.sharding import replicated
+from jaxpt.sharding import check_batch_size, replicated
 from jaxpt.train.checkpoint import StopFlag
-from jaxpt.train.common import build_train_state, load_model_bundle, read_data_records
+from jaxpt.train.common import (
+    build_mesh,
+    build_train_state,
+    check_train_batch,
+    load_model_bundle,
+    read_data_records,
+)
 from jaxpt.train.logprobs import sequence_token_logprobs
 from jaxpt.train.loop import LoopResult, Trainer, count_tokens, run
 from jaxpt.train.registry import register_trainer
@@ -458,8 +464,10 @@ def build_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
             f"{cfg.source}: train.batch_size={t.batch_size} is not divisible by the "
             f"{n_proc} processes"
         )
+    mesh = mesh or build_mesh(cfg)
+    check_train_batch(cfg, mesh)
     bundle = load_model_bundle(cfg, mesh)
-    mesh, tok = bundle.mesh, bundle.tokenizer
+    tok = bundle.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     local_bs = t.batch_size // n_proc
     train_pairs, train_stats, eval_pairs = read_pairs(cfg, tok, dpo)
@@ -486,6 +494,8 @@ def build_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
         raise ValueError(
             f"{cfg.source}: eval batch size {eval_bs} is not divisible by the {n_proc} processes"
         )
+    if eval_pairs is not None:
+        check_batch_size(eval_bs, mesh, what=f"{cfg.source}: eval batch size")
 
     tables: dict[str, np.ndarray] = {}
     if precompute:

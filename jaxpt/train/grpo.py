@@ -54,10 +54,12 @@ from jaxpt.losses.grpo import (
 from jaxpt.rewards.advantages import DynamicSampler, compute_advantages
 from jaxpt.rewards.registry import get_reward_function
 from jaxpt.sampling import Sampler
-from jaxpt.sharding import replicated
+from jaxpt.sharding import decode_sharding, replicated
 from jaxpt.train.checkpoint import StopFlag
 from jaxpt.train.common import (
+    build_mesh,
     build_train_state,
+    check_train_batch,
     load_model_bundle,
     read_data_records,
 )
@@ -297,8 +299,10 @@ class GRPOSource:
     sampled again from the restored policy)."""
 
     def __init__(self, *, prompts, grpo: GRPOSection, rows_per_step: int, tokenizer,
-                 eos_ids, pad_id, reward_funcs, graphdef, params_of_state, score_fn, seed):
+                 eos_ids, pad_id, reward_funcs, graphdef, params_of_state, score_fn, seed,
+                 shardings=None):
         self.prompts = prompts
+        self.shardings = shardings  # the decode preset (`jaxpt.sharding.DecodeSharding`)
         self.grpo = grpo
         self.rollout_cfg = grpo.rollout()
         self.rows_per_step = rows_per_step
@@ -408,7 +412,7 @@ class GRPOSource:
         ro = sample_rollouts(
             self.graphdef, params, pb, tokenizer=self.tokenizer, cfg=self.rollout_cfg,
             eos_ids=self.eos_ids, rng=rng, pad_id=self.pad_id, reward_funcs=self.reward_funcs,
-            prefixes_R=prefixes,
+            prefixes_R=prefixes, shardings=self.shardings,
         )
         self.prompt_batches += 1
         batch = ro.batch
@@ -662,8 +666,10 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
                          f"completions must hold whole groups of {G}")
     if jax.process_count() > 1:
         raise NotImplementedError("multi-process GRPO rollouts are not supported yet")
+    mesh = mesh or build_mesh(cfg)
+    check_train_batch(cfg, mesh)
     bundle = load_model_bundle(cfg, mesh)
-    mesh, tok = bundle.mesh, bundle.tokenizer
+    tok = bundle.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     eos_ids = set(bundle.resolved.generation_eos_ids())
     if tok.eos_token_id is not None:
@@ -706,8 +712,11 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
                                                 "segment_ids", "completion_mask")})
     batch_sh = batch_shardings(keys, mesh)
     step_fn = compile_step(step, ts.shardings, batch_sh, mesh)
-    current = jax.jit(lambda s: ts.params_fn(s.params, s.frozen, None))
-    params_of_state = current
+    # Rollouts decode under the decode preset: the policy is resharded to tensor-only
+    # weights once per rollout, and the decoded rows are split over data x fsdp.
+    decode_sh = decode_sharding(mesh)
+    params_of_state = jax.jit(lambda s: ts.params_fn(s.params, s.frozen, None),
+                              out_shardings=decode_sh.params(bundle.params))
     score_fn = make_score_fn(bundle.graphdef, ts.params_fn, impl=t.logprob_impl,
                              temperature=grpo.temperature if grpo.temperature > 0 else 1.0,
                              batch_sh=batch_sh, mesh=mesh, shardings=ts.shardings,
@@ -716,7 +725,7 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
         prompts=train_prompts, grpo=grpo, rows_per_step=t.batch_size, tokenizer=tok,
         eos_ids=sorted(eos_ids), pad_id=pad_id, reward_funcs=reward_funcs,
         graphdef=bundle.graphdef, params_of_state=params_of_state, score_fn=score_fn,
-        seed=t.seed,
+        seed=t.seed, shardings=decode_sh,
     )
     eval_fn = None
     if grpo.task == "arithmetic" or cfg.data.eval is not None:

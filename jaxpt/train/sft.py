@@ -28,10 +28,12 @@ from flax import nnx
 from jaxpt.config import RunConfig, SFTConfig
 from jaxpt.data import BATCH_KEYS, DataStats, prepare_sft, sft_loader
 from jaxpt.losses.sft import sft_loss
-from jaxpt.sharding import replicated
+from jaxpt.sharding import check_batch_size, replicated
 from jaxpt.train.checkpoint import StopFlag
 from jaxpt.train.common import (
+    build_mesh,
     build_train_state,
+    check_train_batch,
     load_model_bundle,
     read_data_records,
 )
@@ -159,8 +161,10 @@ def build_sft_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     """Data, model, state, jitted step and eval for an SFT run (see module doc)."""
     sft: SFTConfig = cfg.section("sft")
     t = cfg.train
+    mesh = mesh or build_mesh(cfg)
+    check_train_batch(cfg, mesh)
     bundle = load_model_bundle(cfg, mesh)
-    mesh, tok = bundle.mesh, bundle.tokenizer
+    tok = bundle.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     n_proc = jax.process_count()
     if t.batch_size % n_proc:
@@ -219,6 +223,7 @@ def build_sft_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     if cfg.data.eval is not None:
         eval_ex, _ = examples("eval")
         eval_bs = t.eval_batch_size or t.batch_size // t.grad_accum
+        check_batch_size(eval_bs, mesh, what=f"{cfg.source}: eval batch size")
         eval_loader = sft_loader(
             eval_ex,
             batch_size=eval_bs // n_proc,

@@ -34,7 +34,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from jaxpt.config import OptimConfig
-from jaxpt.sharding import batch_sharding, replicated
+from jaxpt.sharding import batch_sharding, check_batch_size, replicated
 from jaxpt.tree import path_names
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array, Mapping[str, Any]], tuple]
@@ -343,10 +343,14 @@ def compile_step(
 
 
 def put_batch(batch: Mapping[str, Any], batch_sh: Mapping[str, NamedSharding]) -> dict:
-    """Host (numpy, this process's rows) -> global arrays in the batch shardings."""
+    """Host (numpy, this process's rows) -> global arrays in the batch shardings. Raises
+    ShardingError naming the key, its batch size and the mesh axes when the rows do not
+    split evenly over data x fsdp."""
     out = {}
     for k, sh in batch_sh.items():
         if k not in batch:
             raise KeyError(f"batch is missing key {k!r} (has {sorted(batch)})")
+        rows = len(batch[k]) * jax.process_count()
+        check_batch_size(rows, sh.mesh, what=f"batch key {k!r}")
         out[k] = jax.make_array_from_process_local_data(sh, batch[k])
     return out
