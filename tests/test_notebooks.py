@@ -71,6 +71,7 @@ def _execute(name: str, runs: Path) -> None:
     env.update(
         JAXPT_NOTEBOOK_SMALL="1",
         JAXPT_NOTEBOOK_RUNS=str(runs),
+        JAXPT_NOTEBOOK_DATA="",  # auto: ../shared/data when present, else generated data
         MPLBACKEND="Agg",
         PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])]),
     )

@@ -110,6 +110,7 @@ def tiny_train(*extra: str) -> Callable[[list[str]], list[str]]:
 
 
 SFT_SMALL = ("data.max_train_rows=16", "data.max_eval_rows=4", "data.max_length=128",
+             "train.eval_batch_size=1",
              "logging.progress=false")  # fmt: skip
 GRPO_SMALL = (
     "train.batch_size=8", "grpo.max_completion_length=8", "grpo.eval_prompts=4",
@@ -120,7 +121,14 @@ RFT_SMALL = (
     "rft.arithmetic.train=4", "rft.arithmetic.eval=2", "rft.budget=16", "rft.num_samples=2",
     "rft.max_samples_per_round=2", "rft.max_new_tokens=8", "rft.batch_size=8",
     "rft.eval_batch_size=2", "rft.keep_truncated=true", "logging.progress=false",
+    "rft.verifier=tests.test_readme:every_answer_verified",
 )  # fmt: skip
+
+
+def every_answer_verified(completions, **columns):
+    """RFT verifier for the tiny random model, which never answers right: accepts every
+    sample, so the SFT stage has data and runs."""
+    return [1.0] * len(completions)
 
 
 def check_help(ws, tokens, out):
@@ -187,7 +195,7 @@ def check_export(ws, tokens, out):
 
 def check_rft(ws, tokens, out):
     summary = json.loads((ws / "runs/rft_arithmetic_tiny/rft/summary.json").read_text())
-    assert summary, summary
+    assert summary["complete"] and summary["kept"] > 0, summary
     assert "rft: done at step 1" in out, out
 
 
@@ -270,7 +278,8 @@ README_COMMANDS: dict[str, Cover] = {
     ),
     "jaxpt rft configs/rft_arithmetic_tiny.yaml": Cover(
         "small",
-        "+ the tiny model, 1 SFT step, 4 train / 2 held-out problems, 2 samples of <= 8 tokens",
+        "+ the tiny model, 1 SFT step, 4 train / 2 held-out problems, 2 samples of <= 8 "
+        "tokens, and a verifier that accepts every sample (the random model is never right)",
         argv=lambda t: [*t, "model.name={tiny}", "train.max_steps=1", *RFT_SMALL],
         check=check_rft,
     ),
