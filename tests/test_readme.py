@@ -289,6 +289,19 @@ README_COMMANDS: dict[str, Cover] = {
     "python -m pytest tests/test_notebooks.py": Cover(
         "pytest", "tests/test_notebooks.py, collected by make test (testpaths = tests)"
     ),
+    **{
+        cmd: Cover("script", "tests/test_launch.py: bash -n and shellcheck on the script; "
+                   "local_multiprocess.sh also runs for real in tests/test_multihost.py")
+        for cmd in (
+            "launch/gpu_local.sh configs/sft_gsm8k_smollm2.yaml",
+            "launch/tpu_pod.sh create",
+            "launch/tpu_pod.sh setup",
+            "launch/tpu_pod.sh train configs/grpo_gsm8k_smollm2.yaml",
+            "sbatch --nodes=4 --gpus-per-node=8 launch/slurm.sbatch "
+            "configs/sft_gsm8k_smollm2.yaml",
+            "launch/local_multiprocess.sh -n 2 -d 4 configs/sft_gsm8k_smollm2_tiny.yaml",
+        )
+    },
 }
 
 
@@ -440,6 +453,12 @@ def test_readme_command_is_covered(command):
         nbs = sorted(p.name for p in (REPO / "notebooks").glob("*.ipynb"))
         src = (REPO / "tests" / "test_notebooks.py").read_text()
         assert nbs and all(n in src for n in nbs), (nbs, "not all executed by test_notebooks")
+    elif cover.kind == "script":
+        script = next(t for t in shlex.split(command) if t.startswith("launch/"))
+        assert (REPO / script).is_file(), script
+        assert Path(script).name in (REPO / "tests" / "test_launch.py").read_text()
+        config = next((t for t in shlex.split(command) if t.startswith("configs/")), None)
+        assert config is None or (REPO / config).is_file(), config
     else:
         raise AssertionError(f"unknown kind {cover.kind!r}")
 
@@ -541,7 +560,7 @@ def test_readme_data_examples_are_the_formats_it_names():
 
 
 # Files the architecture section names that another branch is adding.
-PENDING_FILES = {"jaxpt/plan_cli.py"}
+PENDING_FILES: set[str] = set()
 
 
 def architecture_paths(block: str) -> list[str]:
