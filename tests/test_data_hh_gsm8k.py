@@ -151,6 +151,30 @@ def test_arithmetic_difficulty_and_small_space():
         generate_arithmetic(40, split="test", config=ArithmeticConfig(2, 2, 1, "+"))
 
 
+def _evaluate_plain(text: str) -> int:
+    """The value of 'Calculate 3 + 4 x 2.' by the usual precedence ('x' = *, ':' = /),
+    evaluated independently of the generator's bookkeeping."""
+    body = text.removeprefix("Calculate ").removesuffix(".")
+    assert re.fullmatch(r"[\d ()+\-x:]+", body), body
+    return int(eval(body.replace("x", "*").replace(":", "//")))  # digits and operators only
+
+
+def test_arithmetic_plain_style_and_max_value():
+    cfg = ArithmeticConfig(2, 3, 2, "+-*/", max_value=20, style="plain")
+    rows = generate_arithmetic(100, seed=3, config=cfg)
+    for r in rows:
+        assert r["question"].startswith("Calculate ")
+        answer = int(extract_gsm8k_answer(r["answer"]))
+        assert answer == _evaluate_plain(r["question"]) == _evaluate(r["expression"])
+        first = int(re.findall(r"\d+", r["question"])[0])
+        assert 1 <= first <= 20
+    assert any("(" in r["question"] for r in rows)  # "(3 + 4) x 2" needs its parentheses
+    assert generate_arithmetic(5, seed=3, config=ArithmeticConfig(2, 2, 2, "+")) != \
+        generate_arithmetic(5, seed=3, config=ArithmeticConfig(2, 2, 2, "+", style="plain"))
+    with pytest.raises(ValueError, match="style"):
+        ArithmeticConfig(style="prose")
+
+
 def test_hh_rlhf_rows_tokenize_with_smollm2():
     from jaxpt.data.pipeline import prepare_preference
     from jaxpt.data.tokenizers import smollm2_gguf_path, smollm2_tokenizer

@@ -138,6 +138,10 @@ class ArithmeticConfig:
     max_digits: digits of the start amount and of added/removed amounts.
     ops: allowed steps among ``+ - * /`` (``*`` by 2..9, ``/`` by an exact divisor 2..9).
     test_fraction: share of the problem space hashed into the ``"test"`` split.
+    max_value: when set, the start amount and added/removed amounts are at most this
+        (instead of ``10**max_digits - 1``).
+    style: ``"word"`` (a story about someone's items) or ``"plain"`` (``Calculate 7 + 5 -
+        3.``, evaluated left to right).
     """
 
     min_operands: int = 2
@@ -145,6 +149,8 @@ class ArithmeticConfig:
     max_digits: int = 2
     ops: str = "+-"
     test_fraction: float = 0.1
+    max_value: int | None = None
+    style: Literal["word", "plain"] = "word"
 
     def __post_init__(self):
         if not 2 <= self.min_operands <= self.max_operands:
@@ -155,6 +161,10 @@ class ArithmeticConfig:
             raise ValueError(f"ops={self.ops!r} must be a non-empty subset of '+-*/'")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError("test_fraction must be in (0, 1)")
+        if self.max_value is not None and self.max_value < 1:
+            raise ValueError("max_value must be >= 1")
+        if self.style not in ("word", "plain"):
+            raise ValueError(f"style={self.style!r}; expected 'word' or 'plain'")
 
 
 def problem_split(expression: str, test_fraction: float) -> Literal["train", "test"]:
@@ -165,8 +175,9 @@ def problem_split(expression: str, test_fraction: float) -> Literal["train", "te
 
 def _one_problem(rng: random.Random, cfg: ArithmeticConfig) -> dict[str, str]:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    hi = 10**cfg.max_digits - 1
+    hi = cfg.max_value if cfg.max_value is not None else 10**cfg.max_digits - 1
     value = rng.randint(1, hi)
+    plain, plain_prec = str(value), 3  # the plain-style text and its loosest operator
     sentences = [f"{name} has {value} {item}."]
     steps = [f"{name} starts with {value} {item}."]
     expr = str(value)
@@ -194,10 +205,19 @@ def _one_problem(rng: random.Random, cfg: ArithmeticConfig) -> dict[str, str]:
                 f"Then {name} splits the {item} into {n} equal groups and keeps only one group."
             )
         sym = {"+": "+", "-": "-", "*": "*", "/": "/"}[op]
+        prec = 2 if op in "*/" else 1
+        if prec > plain_prec:  # "(3 + 4) x 2": precedence as written, no left-to-right rule
+            plain = f"({plain})"
+        plain = f"{plain} {dict(zip('+-*/', '+-x:', strict=True))[op]} {n}"
+        plain_prec = min(plain_prec, prec)
         steps.append(f"{value} {sym} {n} = {new}.")
         expr = f"({expr}{sym}{n})"
         value = new
-    question = " ".join(sentences) + f" How many {item} does {name} have now?"
+    if cfg.style == "plain":
+        question = f"Calculate {plain}."
+        steps = steps[1:]
+    else:
+        question = " ".join(sentences) + f" How many {item} does {name} have now?"
     answer = "\n".join(steps) + f"\n#### {value}"
     return {"question": question, "answer": answer, "expression": expr}
 

@@ -90,6 +90,8 @@ class GRPOSection:
     arithmetic_max_operands: int = 2
     arithmetic_max_digits: int = 2
     arithmetic_ops: str = "+-"
+    arithmetic_max_value: int | None = None  # cap on the numbers (else 10**digits - 1)
+    arithmetic_style: Literal["word", "plain"] = "word"  # story, or "Calculate 7 + 5."
     max_prompt_length: int = 256
     # Rollouts.
     num_generations: int = 4
@@ -189,6 +191,7 @@ def _prompt_rows(cfg: RunConfig, grpo: GRPOSection, which: str) -> list[dict]:
         arith = ArithmeticConfig(
             min_operands=grpo.arithmetic_min_operands, max_operands=grpo.arithmetic_max_operands,
             max_digits=grpo.arithmetic_max_digits, ops=grpo.arithmetic_ops,
+            max_value=grpo.arithmetic_max_value, style=grpo.arithmetic_style,
         )
         rows = generate_arithmetic(n, split="train" if which == "train" else "test",
                                    seed=cfg.train.seed, config=arith)
