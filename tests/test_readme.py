@@ -509,6 +509,24 @@ def test_cli_table_documents_every_subcommand():
     assert {"train", "generate", "eval", "export", "plan", "info"} <= documented
 
 
+def test_readme_yaml_blocks_are_valid_config(tmp_path):
+    """Every YAML block of the README is a valid section on top of the demo config (so no
+    documented key is misspelled or missing from the code)."""
+    from jaxpt.config import load_config
+
+    blocks = fenced_blocks(README.read_text(), ("yaml",))
+    assert len(blocks) >= 2
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"block{i}.yaml"
+        path.write_text(f"base: {REPO / 'configs' / 'grpo_arithmetic_tiny.yaml'}\n{block}\n")
+        cfg = load_config(path)
+        assert cfg.algorithm == "grpo"
+        if "prefix_rft_ratio" in block:
+            g = cfg.section("grpo")
+            assert (g.dynamic_sampling, g.sft_schedule, g.prefix_rft_ratio) == (
+                True, "adaptive", 0.25)
+
+
 def test_readme_reward_example_loads_and_scores(tmp_path, monkeypatch):
     """The YAML block is a valid `grpo:` section on the demo config, and the Python block
     is a reward function the registry imports by path and calls as the trainer does."""
@@ -516,7 +534,7 @@ def test_readme_reward_example_loads_and_scores(tmp_path, monkeypatch):
     from jaxpt.rewards.registry import compute_rewards, get_reward_function
 
     text = README.read_text()
-    (yaml_block,) = fenced_blocks(text, ("yaml",))
+    yaml_block = next(b for b in fenced_blocks(text, ("yaml",)) if "reward_funcs" in b)
     (py_block,) = fenced_blocks(text, ("python",))
     cfg_path = tmp_path / "reward.yaml"
     cfg_path.write_text(f"base: {REPO / 'configs' / 'grpo_arithmetic_tiny.yaml'}\n{yaml_block}\n")
