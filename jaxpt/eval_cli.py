@@ -1,10 +1,8 @@
 """`jaxpt eval MODEL_OR_CHECKPOINT data.jsonl ...` and `jaxpt rft CONFIG ...`.
 
-The lead wires these into ``jaxpt/cli.py``::
+`jaxpt/cli.py` wires them in::
 
     add_eval_parser(sub); add_rft_parser(sub)
-
-``python -m jaxpt.eval_cli eval|rft ...`` runs them standalone.
 
 `jaxpt eval` writes one JSON line per completion (``--output``, default
 ``eval_<data>.jsonl``)::
@@ -242,20 +240,3 @@ def run_rft(args, *, callbacks=(), stop=None) -> int:
         flush=True,
     )
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxpt")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_eval_parser(sub)
-    add_rft_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"jaxpt {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,10 +1,8 @@
 """`jaxpt train CONFIG key.sub=value ...` and `jaxpt export CHECKPOINT OUT_DIR`.
 
-The lead wires these into ``jaxpt/cli.py``::
+`jaxpt/cli.py` wires them in::
 
     add_train_parser(sub); add_export_parser(sub)
-
-``python -m jaxpt.train_cli train|export ...`` runs them standalone.
 """
 
 from __future__ import annotations
@@ -82,20 +80,3 @@ def run_export(args) -> int:
     out, step = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype)
     print(f"exported step {step} to {out}", flush=True)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxpt")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_train_parser(sub)
-    add_export_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"jaxpt {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from train_utils import make_tiny_model_dir, make_tiny_tokenizer
 
+from jaxpt.cli import main as cli_main
 from jaxpt.data.formats import records_from_rows
 from jaxpt.data.pipeline import prepare_prompts
 from jaxpt.eval_cli import add_eval_parser
-from jaxpt.eval_cli import main as cli_main
 from jaxpt.evaluate import (
     EvalError,
     EvalSample,

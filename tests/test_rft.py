@@ -178,7 +178,7 @@ def test_shipped_config_loads():
 
 @pytest.mark.e2e
 def test_rft_tiny_run_keeps_only_verified_samples(tmp_path, data_dir, capsys):
-    from jaxpt.eval_cli import main as cli_main
+    from jaxpt.cli import main as cli_main
 
     tok = make_tiny_tokenizer(tmp_path / "tok", data_dir)
     model_dir = make_tiny_model_dir(tmp_path / "model", tok, seed=2)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from train_utils import read_metrics
 
-from jaxpt.train_cli import main as cli_main
+from jaxpt.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,12 +13,12 @@ import torch
 from flax import nnx
 from train_utils import make_tiny_model_dir, make_tiny_tokenizer, read_metrics, tiny_run_config
 
+from jaxpt.cli import main as cli_main
 from jaxpt.config import load_config
 from jaxpt.train import lora as lora_lib
 from jaxpt.train.checkpoint import Checkpointer, abstract_like
 from jaxpt.train.loop import NonFiniteError, run
 from jaxpt.train.sft import build_sft_trainer
-from jaxpt.train_cli import main as cli_main
 
 
 @pytest.fixture(scope="module")

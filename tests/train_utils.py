@@ -134,7 +134,7 @@ def start_training(
     sleeps that long after each logged step, so a test can signal it mid-run."""
     code = textwrap.dedent(f"""
         import sys, time
-        from jaxpt.train_cli import main, run_train
+        from jaxpt.cli import main
         import jaxpt.train_cli as cli
         delay = {step_delay!r}
         def slow(step, row):
