@@ -12,11 +12,11 @@ batch, so no old/reference log-probs). Completions are exactly 64 tokens on both
 (jaxpt: no stop ids; TRL: ``min_new_tokens=64``) so both decode the same work; ``--eos``
 lets both stop at the end-of-turn token instead.
 
-jaxpt side (built from the spine, not from a trainer module): rollout =
-``jaxpt.train.rollout.sample_rollouts`` (jitted KV-cache decode with 4 samples per
-prefill, rewards, group advantages, sequence layout); train = one jitted
-``make_train_step`` whose loss is ``sequence_token_logprobs`` (fused log-prob kernel, with
-entropy as TRL computes it) -> ``grpo_loss``. TRL side: ``GRPOTrainer.training_step``
+jaxpt side: the GRPO trainer (``jaxpt.train.grpo.build_grpo_trainer``) driven step by
+step: rollout = its batch source (jitted KV-cache decode with 4 samples per prefill,
+rewards, group advantages); train = its jitted step (decoder over each group's prompt once
+and its 4 completions, the ``share_prompt`` layout, fused log-prob kernel on the completion
+positions only, entropy as TRL computes it, ``grpo_loss``). TRL side: ``GRPOTrainer.training_step``
 timed as a whole; its rollout part is ``_generate_and_score_completions`` (HF
 ``generate`` + rewards + advantages), its train part the rest.
 
@@ -67,115 +67,56 @@ def _log(msg: str) -> None:
 
 
 def bench_jaxpt(rows, warmup: int, steps: int, eos: bool) -> dict[str, list[float]]:
+    """The GRPO trainer itself (``build_grpo_trainer``), driven step by step: its batch
+    source rolls out (decode, rewards, advantages) and its jitted step trains."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
-    from jaxpt.config import ModelSection, OptimConfig, RunConfig, TrainConfig
-    from jaxpt.data.formats import records_from_rows
-    from jaxpt.data.pipeline import prepare_prompts, prompt_batch
-    from jaxpt.losses.grpo import GRPOLossConfig, grpo_loss
-    from jaxpt.rewards.math import math_reward
-    from jaxpt.sampling.text import default_stop_ids
-    from jaxpt.train.common import build_train_state, load_model_bundle, model_params
-    from jaxpt.train.logprobs import sequence_token_logprobs
-    from jaxpt.train.rollout import RolloutConfig, completion_logprobs, sample_rollouts
-    from jaxpt.train.state import (
-        batch_shardings,
-        compile_step,
-        make_optimizer,
-        make_train_step,
-        put_batch,
-    )
+    from jaxpt.config import build_config
+    from jaxpt.train.grpo import build_grpo_trainer
 
-    cfg = RunConfig(
-        model=ModelSection(
-            name="smollm2-135m-instruct", param_dtype="float32", compute_dtype="float32"
-        ),
-        optim=OptimConfig(lr=LR, schedule="linear", max_grad_norm=1.0),
-        train=TrainConfig(batch_size=NUM_PROMPTS * NUM_GENERATIONS, logprob_impl="auto"),
+    out_dir = tempfile.mkdtemp(prefix="bench_grpo_")
+    cfg = build_config(
+        {
+            "algorithm": "grpo",
+            "out_dir": out_dir,
+            "model": {"name": "smollm2-135m-instruct", "compute_dtype": "float32"},
+            "data": {"train": str(data_file()), "format": "gsm8k", "max_train_rows": NUM_PROMPTS},
+            "optim": {"lr": LR, "schedule": "linear", "max_grad_norm": 1.0, "warmup_steps": 0},
+            "train": {"max_steps": warmup + steps, "batch_size": NUM_PROMPTS * NUM_GENERATIONS,
+                      "with_entropy": True},
+            "grpo": {"num_generations": NUM_GENERATIONS, "max_completion_length": MAX_NEW_TOKENS,
+                     "temperature": 1.0, "reward_funcs": ["math"], "loss_type": "dapo",
+                     "beta": 0.0},
+            "logging": {"progress": False},
+        },
+        source="bench/grpo.py",
     )
-    bundle = load_model_bundle(cfg)
-    tok = bundle.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    eos_ids = default_stop_ids(tok, extra=bundle.resolved.generation_eos_ids()) if eos else ()
-    prompts, _ = prepare_prompts(
-        records_from_rows(rows, "gsm8k/train.jsonl"), tok, max_prompt_length=1024
-    )
-    # Pad prompts to a multiple of 16 (TRL pads to the longest prompt).
-    pbatch = prompt_batch(prompts, pad_id=pad_id, bucket=16)
-    tx, schedule = make_optimizer(cfg.optim, warmup + steps)
-    ts = build_train_state(bundle, cfg, tx)
-    graphdef = bundle.graphdef
-    loss_cfg = GRPOLossConfig(loss_type="dapo", beta=0.0)
-
-    def loss_fn(params, mb, rng, stats):
-        model = nnx.merge(graphdef, params)
-        lp_RS, ent_RS, _ = sequence_token_logprobs(model, mb, impl="auto", with_entropy=True)
-        C = mb["completion_mask"].shape[1]
-        return grpo_loss(
-            loss_cfg,
-            completion_logprobs(lp_RS, C),
-            None,
-            mb["advantages"],
-            mb["completion_mask"],
-            num_items_in_batch=stats["num_items"],
-            entropy_BT=completion_logprobs(ent_RS, C),
-        )
-
-    def batch_stats(state, batch):
-        return {"num_items": jnp.sum(batch["completion_mask"])}
-
-    step = make_train_step(
-        loss_fn, tx, schedule, batch_stats_fn=batch_stats, params_fn=ts.params_fn
-    )
-    ndims = {
-        "input_ids": 2,
-        "targets": 2,
-        "positions": 2,
-        "segment_ids": 2,
-        "completion_mask": 2,
-        "advantages": 1,
-    }
-    batch_sh = batch_shardings(ndims, bundle.mesh)
-    step_fn = compile_step(step, ts.shardings, batch_sh, bundle.mesh)
-    rcfg = RolloutConfig(
-        num_generations=NUM_GENERATIONS,
-        max_new_tokens=MAX_NEW_TOKENS,
-        temperature=1.0,
-        reward_funcs=("math",),
-    )
-    state = ts.state
+    trainer = build_grpo_trainer(cfg)
+    source = trainer.source
+    if not eos:  # every completion is exactly MAX_NEW_TOKENS long, as on the TRL side
+        source.eos_ids = ()
+    _log(f"jaxpt shared-prompt train layout: {trainer.extras['share_prompt']}")
+    state = trainer.state
     times: dict[str, list[float]] = {"rollout": [], "train": [], "step": [], "tokens": []}
     for s in range(warmup + steps):
         t0 = time.perf_counter()
-        ro = sample_rollouts(
-            graphdef,
-            model_params(ts, state),
-            pbatch,
-            tokenizer=tok,
-            cfg=rcfg,
-            eos_ids=eos_ids,
-            rng=jax.random.key(s),
-            pad_id=pad_id,
-            reward_funcs=[math_reward],
-        )
+        host = source.next(state)  # waits for nothing: the previous step is finished
         t1 = time.perf_counter()
-        batch = put_batch({k: ro.batch[k] for k in ndims}, batch_sh)
-        state, metrics = step_fn(state, batch)
+        state, metrics = trainer.step_fn(state, trainer.put_batch(host))
         loss = float(jax.device_get(metrics["loss"]))
         t2 = time.perf_counter()
         tag = "warm-up" if s < warmup else "timed"
+        m = source.metrics
         _log(
             f"jaxpt step {s} ({tag}): rollout {t1 - t0:.2f}s train {t2 - t1:.2f}s "
-            f"loss {loss:.4g} reward {float(ro.rewards_R.mean()):.3f} "
-            f"mean_length {ro.metrics['completions/mean_length']:.1f}"
+            f"loss {loss:.4g} reward {m['reward']:.3f} "
+            f"mean_length {m['completions/mean_length']:.1f}"
         )
         if s >= warmup:
             times["rollout"].append(t1 - t0)
             times["train"].append(t2 - t1)
             times["step"].append(t2 - t0)
-            times["tokens"].append(ro.metrics["completions/mean_length"])
+            times["tokens"].append(m["completions/mean_length"])
     return times
 
 

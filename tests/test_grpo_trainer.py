@@ -55,6 +55,99 @@ def test_completion_logprobs_match_full_logits():
             np.testing.assert_allclose(ours[r, j], logp[n_prompt + j - 1, tok], atol=1e-5)
 
 
+def _flat_rollout(G=3, B=2, P=6, C=5, seed=0, V=50):
+    """A flat rollout batch: B prompts of different lengths (left padded), G completions
+    each of different lengths (right padded)."""
+    rng = np.random.RandomState(seed)
+    prompt_BP = rng.randint(1, V, (B, P))
+    pmask_BP = np.ones((B, P), int)
+    pmask_BP[0, :2] = 0  # prompt 0 is 2 tokens shorter
+    cmask_RC = np.ones((B * G, C), int)
+    for r in range(B * G):
+        cmask_RC[r, rng.randint(1, C + 1):] = 0
+    flat = rollout_sequences(np.repeat(prompt_BP, G, 0), np.repeat(pmask_BP, G, 0),
+                             rng.randint(1, V, (B * G, C)), cmask_RC)
+    flat["advantages"] = rng.randn(B * G).astype(np.float32)
+    return flat
+
+
+def test_shared_prompt_rows_give_the_flat_rows_logprobs_and_grads():
+    """One row [prompt | G completions] with the prompt shared equals G separate rows:
+    log-probs, entropies and parameter gradients (fp32, <= 1e-5)."""
+    import jax
+    from flax import nnx
+
+    from jaxpt.train.rollout import (
+        completion_token_logprobs,
+        group_rollout_rows,
+        grouped_completion_logprobs,
+    )
+
+    cfg = ModelConfig(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=64,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    graphdef, params = nnx.split(init_model(cfg, seed=2))
+    flat = _flat_rollout()
+    grouped = group_rollout_rows(flat, 3)
+    assert grouped["group_input_ids"].shape == (2, 6 + 3 * 5)
+    np.testing.assert_array_equal(grouped["advantages"].reshape(-1), flat["advantages"])
+    weights_RC = jnp.asarray(np.random.RandomState(1).randn(6, 5), jnp.float32)
+
+    def objective(fn, batch):
+        def f(p):
+            lp, ent = fn(nnx.merge(graphdef, p), {k: jnp.asarray(v) for k, v in batch.items()},
+                         impl="chunked", with_entropy=True)
+            return jnp.sum(lp * weights_RC) + 0.1 * jnp.sum(ent), (lp, ent)
+        return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+
+    (_, (lp_f, ent_f)), g_f = objective(completion_token_logprobs, flat)
+    (_, (lp_g, ent_g)), g_g = objective(grouped_completion_logprobs, grouped)
+    mask = flat["completion_mask"] > 0
+    assert np.all(np.asarray(lp_f)[mask] < 0)
+    np.testing.assert_allclose(lp_g, lp_f, atol=1e-5)
+    np.testing.assert_allclose(ent_g, ent_f, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_g), jax.tree.leaves(g_f), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_group_rows_must_share_their_prompt():
+    from jaxpt.train.rollout import group_rollout_rows
+
+    flat = _flat_rollout()
+    flat["input_ids"][4, 3] += 1  # row 4 (group 1) gets a different prompt token
+    with pytest.raises(ValueError, match="rows 3..5 do not share one prompt"):
+        group_rollout_rows(flat, 3)
+
+
+def test_shared_prompt_layout_is_chosen_by_cost():
+    from jaxpt.models import hub
+    from jaxpt.train.rollout import shared_prompt_is_cheaper
+
+    cfg = hub.resolve("smollm2-135m-instruct").config()
+    assert shared_prompt_is_cheaper(cfg, 256, 64, 4)  # bench/grpo.py's shape
+    # 16 long completions in one dense-attention row cost more than 16 rows.
+    assert not shared_prompt_is_cheaper(cfg, 256, 2048, 16)
+
+
+def test_shared_prompt_step_equals_flat_step(tmp_path, tiny):
+    """The trainer with share_prompt=always and =never: same rollouts, same first-step
+    loss, gradient norm and entropy (the layout changes the work, not the math)."""
+    runs = {}
+    from jaxpt.train.grpo import build_grpo_trainer
+
+    for mode in ("always", "never"):
+        (tmp_path / mode).mkdir()
+        cfg = grpo_config(tmp_path / mode, tiny, train={"max_steps": 2},
+                          grpo={"share_prompt": mode, "beta": 0.05})
+        trainer = build_grpo_trainer(cfg)
+        batch = trainer.put_batch(trainer.source.next(trainer.state))
+        assert ("group_input_ids" in batch) == (mode == "always")
+        runs[mode] = [r for r in run_grpo(cfg) if "loss" in r]
+    for a, b in zip(runs["always"], runs["never"], strict=True):
+        assert a["reward"] == b["reward"]
+        for k in ("loss", "grad_norm", "entropy", "kl"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+
+
 def jax_log_softmax(x):
     import jax
 

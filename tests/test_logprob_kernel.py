@@ -149,6 +149,36 @@ class TestChunkedParity:
         np.testing.assert_allclose(dh[1], [0.0, 0.0], atol=1e-7)
 
 
+    def test_valid_mask_zeroes_outputs_and_their_gradients(self):
+        # 21 tokens; with block_n = 8 the third chunk (tokens 16-20) holds no valid token.
+        N, V, H = 21, 1000, 32
+        hidden, lm_head, targets = _inputs(N, V, H, jnp.float32, seed=3)
+        valid = np.zeros(N, bool)
+        valid[[0, 1, 2, 5, 8, 9, 15]] = True
+        kw = dict(temperature=0.8, with_entropy=True)
+
+        def run(fn):
+            f = _objective(lambda h, w: fn(h, w, targets, **kw), N, True)
+            return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(hidden, lm_head)
+
+        (_, got), (dh, dw) = run(lambda h, w, t, **k: self.call(h, w, t, valid_N=valid, **k))
+        # Oracle: the reference on the valid tokens only, written back in place.
+        idx = np.flatnonzero(valid)
+
+        def masked_reference(h, w, t, **k):
+            out = token_logprobs(h[idx], w, t[idx], impl="reference", **k)
+            put = lambda x: jnp.zeros((N,), jnp.float32).at[idx].set(x)  # noqa: E731
+            return TokenLogProbs(put(out.logprobs_N), put(out.lse_N), put(out.entropy_N))
+
+        (_, want), (dh_ref, dw_ref) = run(masked_reference)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+        assert np.all(np.asarray(got.logprobs_N)[~valid] == 0.0)
+        np.testing.assert_allclose(dh, dh_ref, atol=2e-5 * np.abs(dh_ref).max())
+        np.testing.assert_allclose(dw, dw_ref, atol=2e-5 * np.abs(dw_ref).max())
+        assert np.all(np.asarray(dh)[~valid] == 0.0)
+
+
 class TestPallasGPUInterpretParity(TestChunkedParity):
     """The Triton-layout kernels, run by the generic Pallas interpreter on CPU."""
 
@@ -163,6 +193,26 @@ class TestPallasTPUInterpretParity(TestChunkedParity):
     impl = "pallas"
     interpret = pltpu.InterpretParams()
     block_sizes = BlockSizes(block_n=8, block_v=128)
+
+
+def test_chunked_skips_token_chunks_without_valid_tokens():
+    # NaN hidden states in a chunk with no valid token: had the chunk been computed, the
+    # LM-head gradient would be NaN (0 * NaN); skipped, everything stays finite.
+    N, V, H = 24, 1000, 16
+    hidden, lm_head, targets = _inputs(N, V, H, jnp.float32, seed=1)
+    hidden = hidden.at[8:16].set(jnp.nan)
+    valid = jnp.arange(N) % 8 < 3
+    valid = valid.at[8:16].set(False)
+
+    def loss(h, w):
+        out = token_logprobs(
+            h, w, targets, impl="chunked", block_sizes=BlockSizes(8, 256), valid_N=valid
+        )
+        return jnp.sum(out.logprobs_N)
+
+    value, (dh, dw) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(hidden, lm_head)
+    assert np.isfinite(value) and np.all(np.isfinite(dw))
+    assert np.all(np.isfinite(np.asarray(dh)[np.asarray(valid)]))
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU-only behaviour")

@@ -324,15 +324,16 @@ from jaxpt.train.rollout import rollout_sequences
 cfg = load_config({path!r})
 ROLLOUT_MESHES = {rollout_meshes!r}
 
-# A fixed rollout batch: R rows of left-padded prompts + right-padded completions, random
+# A fixed rollout batch: 2 left-padded prompts x 4 right-padded completions each, random
 # advantages; old log-probs are the initial policy's (scored on one device) plus noise, so
-# some ratios leave the clip range.
+# some ratios leave the clip range. Meshes whose batch shards hold whole groups train in
+# the shared-prompt layout, the others in flat rows: both must match one device.
 rs = np.random.RandomState(0)
-R, P, C = 8, 12, 6
-pmask = np.arange(P)[None] >= rs.randint(0, P - 2, R)[:, None]
+R, P, C, G = 8, 12, 6, 4
+pmask = np.repeat(np.arange(P)[None] >= rs.randint(0, P - 2, R // G)[:, None], G, 0)
 cmask = np.arange(C)[None] < rs.randint(1, C + 1, R)[:, None]
-fixed = rollout_sequences(rs.randint(3, 1000, (R, P)), pmask, rs.randint(3, 1000, (R, C)),
-                          cmask)
+prompts = np.repeat(rs.randint(3, 1000, (R // G, P)), G, 0)
+fixed = rollout_sequences(prompts, pmask, rs.randint(3, 1000, (R, C)), cmask)
 fixed["advantages"] = rs.randn(R).astype(np.float32)
 
 ref = None

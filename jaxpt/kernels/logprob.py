@@ -116,11 +116,29 @@ def _vocab_padded(cfg: _Config, w_VH):
     return w, _cols(V, Vp)
 
 
-def _forward(cfg: _Config, h_NH, w_VH, tgt_N):
+def _masked(out, valid_N):
+    """Zero every output at invalid tokens (all layouts agree, whether or not they skip)."""
+    if valid_N is None:
+        return out
+    return tuple(None if x is None else jnp.where(valid_N, x, 0.0) for x in out)
+
+
+def _skip_kwargs(cfg: _Config, valid_N) -> dict:
+    """Only `chunked` on a single device skips token chunks that hold no valid token: the
+    skip is a `lax.cond` per chunk, and under SPMD partitioning over several devices its
+    branches may hold collectives that devices with different predicates would not all
+    join (a hang)."""
+    if cfg.layout != "chunked" or valid_N is None or jax.device_count() > 1:
+        return {}
+    return {"valid_N": valid_N}
+
+
+def _forward(cfg: _Config, h_NH, w_VH, tgt_N, valid_N):
     stats_fn = functools.partial(_STATS[cfg.layout], **cfg.kernel_kwargs())
     w, cols = _vocab_padded(cfg, w_VH)
     if cfg.mesh is None:
-        return finalize(*stats_fn(h_NH, w, cols, tgt_N), cfg.with_entropy)
+        stats = stats_fn(h_NH, w, cols, tgt_N, **_skip_kwargs(cfg, valid_N))
+        return _masked(finalize(*stats, cfg.with_entropy), valid_N)
 
     def local(h, w, cols, tgt):
         return finalize(*stats_fn(h, w, cols, tgt), cfg.with_entropy, cfg.vocab_axis)
@@ -128,15 +146,16 @@ def _forward(cfg: _Config, h_NH, w_VH, tgt_N):
     ax, tok = cfg.vocab_axis, _token_axes(cfg, h_NH.shape[0])
     out_specs = (P(tok), P(tok), P(tok) if cfg.with_entropy else None)
     in_specs = (P(tok, None), P(ax, None), P(None, ax), P(tok))
-    return _sharded(cfg, local, in_specs, out_specs)(h_NH, w, cols, tgt_N)
+    out = _sharded(cfg, local, in_specs, out_specs)(h_NH, w, cols, tgt_N)
+    return _masked(out, valid_N)
 
 
-def _grads(cfg: _Config, h_NH, w_VH, tgt_N, coeffs):
+def _grads(cfg: _Config, h_NH, w_VH, tgt_N, coeffs, valid_N):
     grads_fn = functools.partial(_GRADS[cfg.layout], **cfg.kernel_kwargs())
     V = w_VH.shape[0]
     w, cols = _vocab_padded(cfg, w_VH)
     if cfg.mesh is None:
-        return grads_fn(h_NH, w, cols, tgt_N, *coeffs)
+        return grads_fn(h_NH, w, cols, tgt_N, *coeffs, **_skip_kwargs(cfg, valid_N))
     ax, tok = cfg.vocab_axis, _token_axes(cfg, h_NH.shape[0])
 
     def local(h, w, cols, tgt, *coeffs):
@@ -157,17 +176,18 @@ def _outputs(out, with_entropy):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(cfg: _Config, h_NH, w_VH, tgt_N):
-    return _outputs(_forward(cfg, h_NH, w_VH, tgt_N), cfg.with_entropy)
+def _core(cfg: _Config, h_NH, w_VH, tgt_N, valid_N):
+    return _outputs(_forward(cfg, h_NH, w_VH, tgt_N, valid_N), cfg.with_entropy)
 
 
-def _core_fwd(cfg: _Config, h_NH, w_VH, tgt_N):
-    logp, lse, ent = _forward(cfg, h_NH, w_VH, tgt_N)
-    return _outputs((logp, lse, ent), cfg.with_entropy), (h_NH, w_VH, tgt_N, lse, ent)
+def _core_fwd(cfg: _Config, h_NH, w_VH, tgt_N, valid_N):
+    logp, lse, ent = _forward(cfg, h_NH, w_VH, tgt_N, valid_N)
+    out = _outputs((logp, lse, ent), cfg.with_entropy)
+    return out, (h_NH, w_VH, tgt_N, valid_N, lse, ent)
 
 
 def _core_bwd(cfg: _Config, res, g):
-    h_NH, w_VH, tgt_N, lse, ent = res
+    h_NH, w_VH, tgt_N, valid_N, lse, ent = res
     g_lp, g_lse = g[0], g[1]
     a = g_lse - g_lp
     if cfg.with_entropy:
@@ -176,8 +196,10 @@ def _core_bwd(cfg: _Config, res, g):
     else:
         g_ent = jnp.zeros_like(g_lp)
     coeffs = (lse, g_lp * cfg.inv_temp, a * cfg.inv_temp, g_ent * cfg.inv_temp)
-    dh, dw = _grads(cfg, h_NH, w_VH, tgt_N, coeffs)
-    return dh.astype(h_NH.dtype), dw.astype(w_VH.dtype), None
+    if valid_N is not None:  # the outputs are constant 0 there: no gradient flows back
+        coeffs = (coeffs[0], *(jnp.where(valid_N, c, 0.0) for c in coeffs[1:]))
+    dh, dw = _grads(cfg, h_NH, w_VH, tgt_N, coeffs, valid_N)
+    return dh.astype(h_NH.dtype), dw.astype(w_VH.dtype), None, None
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -244,6 +266,7 @@ def token_logprobs(
     interpret: Any = False,
     mesh: Mesh | None = None,
     vocab_axis: str | None = None,
+    valid_N: jax.Array | None = None,
 ) -> TokenLogProbs:
     """Per-token log p(target), logsumexp and (optionally) entropy of softmax(logits / T).
 
@@ -260,7 +283,10 @@ def token_logprobs(
     `pltpu.InterpretParams`: TPU kernel in TPU interpret mode). mesh / vocab_axis: shard
     lm_head's V over that mesh axis (V is zero-padded to a multiple of the shard count);
     hidden and targets are replicated over vocab_axis and split over the other mesh axes
-    when N divides their size (else replicated). Call it inside or outside jit.
+    when N divides their size (else replicated). valid_N: optional bool (N,); outputs
+    are 0 at invalid tokens and no gradient flows from them, and `chunked` (on a single
+    device) skips every block_n chunk of tokens that holds no valid one, so putting the valid
+    tokens first saves their share of the work. Call it inside or outside jit.
     """
     _check_inputs(hidden_NH, lm_head_VH, targets_N, temperature)
     layout = _layout(impl, interpret, mesh)
@@ -279,9 +305,10 @@ def token_logprobs(
             raise ValueError(
                 f"{_WHERE}: impl='reference' is the unsharded oracle; it takes no mesh / vocab_axis"
             )
-        return reference_token_logprobs(
+        out = reference_token_logprobs(
             hidden_NH, lm_head_VH, targets_N, temperature=temperature, with_entropy=with_entropy
         )
+        return TokenLogProbs(*_masked(tuple(out), valid_N))
     if block_sizes is None:
         block_sizes = default_block_sizes(
             layout, hidden_NH.shape[0], lm_head_VH.shape[0], hidden_NH.shape[1]
@@ -299,5 +326,12 @@ def token_logprobs(
         mesh,
         vocab_axis,
     )
-    out = _core_jit(cfg, hidden_NH.astype(dtype), lm_head_VH.astype(dtype), targets_N)
+    if valid_N is not None:
+        if valid_N.shape != targets_N.shape:
+            raise ValueError(
+                f"{_WHERE}: valid_N has shape {tuple(valid_N.shape)}, expected "
+                f"{tuple(targets_N.shape)} (one flag per token)"
+            )
+        valid_N = valid_N.astype(bool)
+    out = _core_jit(cfg, hidden_NH.astype(dtype), lm_head_VH.astype(dtype), targets_N, valid_N)
     return TokenLogProbs(out[0], out[1], out[2] if with_entropy else None)

@@ -9,7 +9,9 @@ Attention is masked by segment ids and explicit positions: a query attends to a 
 both carry the same segment id and the key's position is not after the query's. That one
 rule covers causal training, packed rows (segments never see each other, RoPE restarts
 at 0), left-padded prompts (padding is segment 0) and a KV cache (empty slots are
-segment 0), so there is no special case for any of them.
+segment 0), so there is no special case for any of them. One extension: keys flagged in
+`shared_BT` are seen by every non-padding query of their row (position rule still
+applies), which lets G completions packed after one copy of their prompt share it.
 
 Layers are stacked on a leading L axis and run with `lax.scan`, so compile time does not
 grow with depth; remat applies per layer.
@@ -180,12 +182,15 @@ class Decoder(nnx.Module):
         cache: KVCache | None = None,
         cache_index: jax.Array | int | None = None,
         input_embeddings_BTE: jax.Array | None = None,
+        shared_BT: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Returns (hidden_BTE after the final norm, updated cache or None).
 
         With a cache, the T new tokens are written to slots [cache_index, cache_index + T)
         of every row and attend to every filled slot of the same segment.
         `input_embeddings_BTE` replaces the embedding lookup (NEFTune adds noise there).
+        `shared_BT` (bool, no cache): keys any non-padding query of the row may attend to
+        when not after it, whatever its segment (a shared prompt; module doc).
         """
         cfg = self.cfg
         B, T = tokens_BT.shape
@@ -206,10 +211,12 @@ class Decoder(nnx.Module):
             key_seg_BS = jax.lax.dynamic_update_slice(
                 cache.segment_ids_BS, segment_ids_BT.astype(jnp.int32), (0, cache_index)
             )
-        mask_B1TS = (
-            (segment_ids_BT[:, :, None] == key_seg_BS[:, None, :])
-            & (key_pos_BS[:, None, :] <= positions_BT[:, :, None])
-        )[:, None]
+        same_BTS = segment_ids_BT[:, :, None] == key_seg_BS[:, None, :]
+        if shared_BT is not None:
+            if cache is not None:
+                raise ValueError("Decoder: shared_BT is for training rows, not the KV cache")
+            same_BTS = same_BTS | (shared_BT[:, None, :] & (segment_ids_BT[:, :, None] > 0))
+        mask_B1TS = (same_BTS & (key_pos_BS[:, None, :] <= positions_BT[:, :, None]))[:, None]
 
         graphdef, layer_params = nnx.split(self.layers)
         layer_fn = _layer_fn(cfg, graphdef, cos_BTD, sin_BTD, mask_B1TS)

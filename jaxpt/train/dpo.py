@@ -173,10 +173,15 @@ def pair_logps(
     sides) and ``chosen_correct`` (argmax hits over the chosen completion tokens), scalars.
     """
     both = interleave_pairs(batch)
-    lp_2bT, ent_2bT, correct_2bT = sequence_token_logprobs(
-        model, both, impl=impl, with_entropy=with_entropy, with_accuracy=with_accuracy
-    )
     mask_2bT = both["loss_mask"] > 0
+    lp_2bT, ent_2bT, correct_2bT = sequence_token_logprobs(
+        model,
+        both,
+        impl=impl,
+        with_entropy=with_entropy,
+        with_accuracy=with_accuracy,
+        valid_BT=mask_2bT,  # the LM head runs on completion tokens only
+    )
     logps_b2 = jnp.sum(jnp.where(mask_2bT, lp_2bT, 0.0), axis=-1).reshape(-1, 2)
     lengths_b2 = jnp.sum(mask_2bT, axis=-1, dtype=jnp.float32).reshape(-1, 2)
     out = {

@@ -54,7 +54,7 @@ from jaxpt.losses.grpo import (
 from jaxpt.rewards.advantages import DynamicSampler, compute_advantages
 from jaxpt.rewards.registry import get_reward_function
 from jaxpt.sampling import Sampler
-from jaxpt.sharding import decode_sharding, replicated
+from jaxpt.sharding import batch_divisor, decode_sharding, replicated
 from jaxpt.train.checkpoint import StopFlag
 from jaxpt.train.common import (
     build_mesh,
@@ -63,10 +63,18 @@ from jaxpt.train.common import (
     load_model_bundle,
     read_data_records,
 )
-from jaxpt.train.logprobs import sequence_token_logprobs
 from jaxpt.train.loop import LoopResult, Trainer, run
 from jaxpt.train.registry import register_trainer
-from jaxpt.train.rollout import RolloutConfig, completion_logprobs, sample_rollouts
+from jaxpt.train.rollout import (
+    FLAT_SEQUENCE_KEYS,
+    RolloutConfig,
+    completion_token_logprobs,
+    group_rollout_rows,
+    grouped_completion_logprobs,
+    sample_rollouts,
+    shared_prompt_is_cheaper,
+    ungroup_rows,
+)
 from jaxpt.train.state import (
     batch_shardings,
     compile_step,
@@ -74,6 +82,8 @@ from jaxpt.train.state import (
     make_train_step,
     put_batch,
 )
+
+GROUP_KEYS = ("group_input_ids", "group_positions", "group_segment_ids", "group_shared")
 
 
 @register_section("grpo")
@@ -120,6 +130,10 @@ class GRPOSection:
     importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence = GSPO
     beta: float = 0.0  # KL to the reference (k3); 0: no reference is kept
     cispo_epsilon_max: float = 5.0
+    # Train-step layout: "auto" packs each group as one row [prompt | G completions] with
+    # the prompt shared (it goes through the decoder once, not G times) when that costs
+    # fewer FLOPs at max_prompt_length / max_completion_length; "always" / "never" force it.
+    share_prompt: Literal["auto", "always", "never"] = "auto"
     # SFT+RL hybrids.
     sft_weight: float = 0.0  # weight of the demonstration NLL (0: pure RL)
     sft_schedule: Literal["constant", "linear", "warmup_then_rl", "adaptive"] = "constant"
@@ -306,6 +320,9 @@ class GRPOSource:
                  shardings=None):
         self.prompts = prompts
         self.shardings = shardings  # the decode preset (`jaxpt.sharding.DecodeSharding`)
+        # Mini-batches hold whole groups when they can (the shared-prompt layout needs it;
+        # the flat layout uses the same split, so the layout never changes the math).
+        self.whole_groups = rows_per_step % grpo.num_generations == 0
         self.grpo = grpo
         self.rollout_cfg = grpo.rollout()
         self.rows_per_step = rows_per_step
@@ -392,7 +409,12 @@ class GRPOSource:
         if reuse or grpo.beta > 0:
             scores = self.score_fn(state, batch, old=reuse, ref=grpo.beta > 0)
             batch.update(scores)
-        order = np.random.RandomState([self.seed, self.rollouts, 1]).permutation(R)
+        rs = np.random.RandomState([self.seed, self.rollouts, 1])
+        if self.whole_groups:  # shuffle groups, keep each group's rows together
+            G = grpo.num_generations
+            order = (rs.permutation(R // G)[:, None] * G + np.arange(G)).reshape(-1)
+        else:
+            order = rs.permutation(R)
         b = self.rows_per_step
         minis = []
         for s in range(grpo.steps_per_generation):
@@ -521,11 +543,13 @@ def make_grpo_loss_fn(graphdef, grpo: GRPOSection, *, impl: str, with_entropy: b
 
     def loss_fn(params, mb, rng, stats):
         model = nnx.merge(graphdef, params)
-        C = mb["completion_mask"].shape[1]
-        lp_RS, ent_RS, _ = sequence_token_logprobs(
-            model, mb, impl=impl, with_entropy=with_entropy, temperature=T)
-        lp_RC = completion_logprobs(lp_RS, C)
-        ent_RC = None if ent_RS is None else completion_logprobs(ent_RS, C)
+        if "group_input_ids" in mb:  # shared-prompt layout
+            lp_RC, ent_RC = grouped_completion_logprobs(
+                model, mb, impl=impl, with_entropy=with_entropy, temperature=T)
+            mb = ungroup_rows(mb)
+        else:
+            lp_RC, ent_RC = completion_token_logprobs(
+                model, mb, impl=impl, with_entropy=with_entropy, temperature=T)
         share = mb["advantages"].shape[0] / stats["rows"]
         rl_weight = stats.get("rl_weight", 1.0)
         rl_mask_RC = mb["completion_mask"]
@@ -548,9 +572,7 @@ def make_grpo_loss_fn(graphdef, grpo: GRPOSection, *, impl: str, with_entropy: b
             metrics["prefix_sft_loss"] = prefix_nll
         if "demo_input_ids" in mb:
             demo = {k[5:]: v for k, v in mb.items() if k.startswith("demo_")}
-            Td = demo["completion_mask"].shape[1]
-            lp_demo, _, _ = sequence_token_logprobs(model, demo, impl=impl)
-            lp_demo = completion_logprobs(lp_demo, Td)
+            lp_demo, _ = completion_token_logprobs(model, demo, impl=impl)
             nll = -jnp.sum(lp_demo * demo["completion_mask"]) / jnp.maximum(
                 stats["demo_tokens"], 1e-6)
             loss = loss + stats["sft_weight"] * nll
@@ -563,6 +585,8 @@ def make_grpo_loss_fn(graphdef, grpo: GRPOSection, *, impl: str, with_entropy: b
 
 def make_batch_stats(grpo: GRPOSection):
     def stats(state, batch):
+        if "group_input_ids" in batch:
+            batch = ungroup_rows(batch)
         mask = batch["completion_mask"]
         out = {"rows": batch["advantages"].shape[0]}
         if "prefix_lengths" in batch:
@@ -590,16 +614,19 @@ def make_batch_stats(grpo: GRPOSection):
 
 
 def make_score_fn(graphdef, params_fn, *, impl: str, temperature: float, batch_sh, mesh,
-                  shardings, rows_per_call: int):
-    """(state, host batch, old, ref) -> {"old_logprobs", "ref_logprobs"} [R, C] numpy."""
+                  shardings, rows_per_call: int, group_size: int | None = None):
+    """(state, host batch, old, ref) -> {"old_logprobs", "ref_logprobs"} [R, C] numpy. With
+    ``group_size`` the rows are scored in the shared-prompt layout (``batch_sh`` its keys)."""
 
     def score(params, batch):
         model = nnx.merge(graphdef, params)
-        C = batch["completion_mask"].shape[1]
-        lp, _, _ = sequence_token_logprobs(model, batch, impl=impl, temperature=temperature)
-        return completion_logprobs(lp, C)
+        if "group_input_ids" in batch:
+            return grouped_completion_logprobs(model, batch, impl=impl,
+                                               temperature=temperature)[0]
+        return completion_token_logprobs(model, batch, impl=impl, temperature=temperature)[0]
 
-    keys = ("input_ids", "targets", "positions", "segment_ids", "completion_mask")
+    flat_keys = ("input_ids", "targets", "positions", "segment_ids", "completion_mask")
+    keys = (GROUP_KEYS + ("completion_ids", "completion_mask")) if group_size else flat_keys
     jitted = jax.jit(score, out_shardings=replicated(mesh))
     current = jax.jit(lambda s: params_fn(s.params, s.frozen, None))
 
@@ -611,9 +638,11 @@ def make_score_fn(graphdef, params_fn, *, impl: str, temperature: float, batch_s
         for name, params in targets:
             parts = []
             for s in range(0, R, rows_per_call):
-                sub = {k: batch[k][s:s + rows_per_call] for k in keys}
-                parts.append(np.asarray(jitted(params, put_batch(sub, {k: batch_sh[k]
-                                                                     for k in keys}))))
+                sub = {k: batch[k][s:s + rows_per_call] for k in flat_keys}
+                if group_size:
+                    sub = group_rollout_rows(sub, group_size)
+                sub = put_batch({k: sub[k] for k in keys}, {k: batch_sh[k] for k in keys})
+                parts.append(np.asarray(jitted(params, sub)))
             out[name] = np.concatenate(parts).astype(np.float32)
         return out
 
@@ -713,6 +742,10 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     if grpo.sft_weight > 0:
         keys.update({f"demo_{k}": 2 for k in ("input_ids", "targets", "positions",
                                                 "segment_ids", "completion_mask")})
+    share = _use_shared_prompt(cfg, grpo, bundle.model_cfg, mesh)
+    if share:  # per-row keys gain a group axis; the flat sequence keys become group rows
+        keys = {**{k: 2 for k in GROUP_KEYS}, "completion_ids": 3,
+                **{k: n + 1 for k, n in keys.items() if k not in FLAT_SEQUENCE_KEYS}}
     batch_sh = batch_shardings(keys, mesh)
     step_fn = compile_step(step, ts.shardings, batch_sh, mesh)
     # Rollouts decode under the decode preset: the policy is resharded to tensor-only
@@ -723,7 +756,7 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     score_fn = make_score_fn(bundle.graphdef, ts.params_fn, impl=t.logprob_impl,
                              temperature=grpo.temperature if grpo.temperature > 0 else 1.0,
                              batch_sh=batch_sh, mesh=mesh, shardings=ts.shardings,
-                             rows_per_call=t.batch_size)
+                             rows_per_call=t.batch_size, group_size=G if share else None)
     source = GRPOSource(
         prompts=train_prompts, grpo=grpo, rows_per_step=t.batch_size, tokenizer=tok,
         eos_ids=sorted(eos_ids), pad_id=pad_id, reward_funcs=reward_funcs,
@@ -736,14 +769,40 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
                                tokenizer=tok, eos_ids=sorted(eos_ids), pad_id=pad_id)
 
     def host_batch(b):
+        if share:
+            b = group_rollout_rows({k: v for k, v in b.items() if not k.startswith("_")}, G)
         return put_batch({k: v for k, v in b.items() if k in keys}, batch_sh)
 
     return Trainer(
         cfg=cfg, mesh=mesh, state=ts.state, step_fn=step_fn, source=source,
         put_batch=host_batch, total_steps=total, eval_fn=eval_fn,
         tokens_fn=lambda b: int(np.sum(b["segment_ids"] > 0)), num_params=bundle.num_params,
-        extras={"bundle": bundle, "trainable": ts, "tx": tx},
+        extras={"bundle": bundle, "trainable": ts, "tx": tx, "share_prompt": share},
     )
+
+
+def _use_shared_prompt(cfg: RunConfig, grpo: GRPOSection, model_cfg, mesh) -> bool:
+    """Whether the train step packs each group as one shared-prompt row (``share_prompt``):
+    it needs whole groups per micro-batch and per batch shard."""
+    if grpo.share_prompt == "never":
+        return False
+    G, t = grpo.num_generations, cfg.train
+    groups, problem = t.batch_size // G, None
+    if t.batch_size % G:
+        problem = f"train.batch_size={t.batch_size} is not a multiple of num_generations={G}"
+    elif groups % t.grad_accum:
+        problem = f"its {groups} groups do not split into train.grad_accum={t.grad_accum}"
+    elif groups % batch_divisor(mesh):
+        problem = f"its {groups} groups do not split over the {batch_divisor(mesh)} batch shards"
+    if problem is not None:
+        if grpo.share_prompt == "always":
+            raise ValueError(f"{cfg.source}: grpo.share_prompt=always packs each group of {G} "
+                             f"completions into one row, but {problem}")
+        return False
+    if grpo.share_prompt == "always":
+        return True
+    return shared_prompt_is_cheaper(model_cfg, grpo.max_prompt_length,
+                                    grpo.max_completion_length, G)
 
 
 @register_trainer("grpo")

@@ -18,6 +18,13 @@ Implementations (``impl``), chosen by name:
 
 The argmax for accuracy is computed in token chunks of ``accuracy_chunk`` under
 ``stop_gradient`` (C x V logits at a time), so training never holds N x V logits for it.
+
+``valid_BT`` (the positions whose log-prob the caller will use: loss targets, completion
+tokens) lets the LM head skip the others. Each row's valid positions are moved to its
+front (a stable per-row sort, so rows stay on their data shard), the kernel skips token
+chunks with no valid position, and the results are put back in place; outputs at invalid
+positions are 0. SFT on chat data scores about a third of its positions, GRPO only the
+completion, DPO only the two responses.
 """
 
 from __future__ import annotations
@@ -44,7 +51,8 @@ def _kernel():
 def reference_token_logprobs(
     hidden_NE, lm_head_VE, targets_N, *, temperature=1.0, with_entropy=False
 ):
-    """(logprobs_N, entropy_N | None, argmax_N) from full fp32 logits (the oracle)."""
+    """(logprobs_N, entropy_N | None, argmax_N) from full fp32 logits (the oracle; callers
+    mask invalid positions themselves)."""
     logits_NV = (
         jnp.einsum(
             "ne,ve->nv",
@@ -60,20 +68,34 @@ def reference_token_logprobs(
     return logprobs_N, entropy_N, jnp.argmax(jax.lax.stop_gradient(logits_NV), axis=-1)
 
 
-def chunked_argmax(hidden_NE, lm_head_VE, *, chunk: int = 1024) -> jax.Array:
-    """argmax_v (hidden @ lm_head.T) per token, C tokens at a time, no gradient."""
+def chunked_argmax(
+    hidden_NE, lm_head_VE, *, chunk: int = 1024, valid_N: jax.Array | None = None
+) -> jax.Array:
+    """argmax_v (hidden @ lm_head.T) per token, C tokens at a time, no gradient. With
+    ``valid_N`` invalid tokens get -1, and on a single device chunks holding no valid
+    token are skipped (a per-chunk ``lax.cond``; see ``jaxpt.kernels.logprob``)."""
     hidden_NE = jax.lax.stop_gradient(hidden_NE)
     w_VE = jax.lax.stop_gradient(lm_head_VE).astype(hidden_NE.dtype)
     N, E = hidden_NE.shape
     C = min(chunk, N)
     n_chunks = -(-N // C)
     padded = jnp.pad(hidden_NE, ((0, n_chunks * C - N), (0, 0)))
+    live_N = jnp.ones((N,), bool) if valid_N is None else valid_N.astype(bool)
+    live = jnp.pad(live_N, (0, n_chunks * C - N)).reshape(n_chunks, C)
 
-    def one(h_CE):
-        logits_CV = jnp.einsum("ce,ve->cv", h_CE, w_VE, preferred_element_type=jnp.float32)
-        return jnp.argmax(logits_CV, axis=-1)
+    def one(args):
+        h_CE, live_C = args
 
-    return jax.lax.map(one, padded.reshape(n_chunks, C, E)).reshape(-1)[:N]
+        def compute():
+            logits_CV = jnp.einsum("ce,ve->cv", h_CE, w_VE, preferred_element_type=jnp.float32)
+            return jnp.argmax(logits_CV, axis=-1).astype(jnp.int32)
+
+        if valid_N is None or jax.device_count() > 1:
+            return compute()
+        return jax.lax.cond(jnp.any(live_C), compute, lambda: jnp.full((C,), -1, jnp.int32))
+
+    out = jax.lax.map(one, (padded.reshape(n_chunks, C, E), live)).reshape(-1)[:N]
+    return out if valid_N is None else jnp.where(live_N, out, -1)
 
 
 def token_logprobs_of_hidden(
@@ -86,9 +108,12 @@ def token_logprobs_of_hidden(
     with_entropy: bool = False,
     with_accuracy: bool = False,
     accuracy_chunk: int = 1024,
+    valid_N: jax.Array | None = None,
 ):
     """(logprobs_N, entropy_N | None, correct_N | None) from hidden states and the LM head.
-    The LM head is cast to the hidden states' dtype (bf16 compute stays bf16); outputs fp32."""
+    The LM head is cast to the hidden states' dtype (bf16 compute stays bf16); outputs fp32.
+    With ``valid_N`` outputs are 0 (False) at invalid tokens, and chunks holding none are
+    skipped where the implementation can (see the module doc)."""
     global _warned
     if impl not in IMPLS:
         raise ValueError(f"logprob impl={impl!r}; expected one of {IMPLS}")
@@ -112,6 +137,10 @@ def token_logprobs_of_hidden(
             hidden_NE, lm_head_VE, targets_N, temperature=temperature, with_entropy=with_entropy
         )
         correct_N = (argmax_N == targets_N) if with_accuracy else None
+        if valid_N is not None:
+            keep = lambda x, zero: None if x is None else jnp.where(valid_N, x, zero)  # noqa: E731
+            logprobs_N, entropy_N = keep(logprobs_N, 0.0), keep(entropy_N, 0.0)
+            correct_N = keep(correct_N, False)
         return logprobs_N, entropy_N, correct_N
     out = kernel(
         hidden_NE,
@@ -120,11 +149,59 @@ def token_logprobs_of_hidden(
         temperature=temperature,
         with_entropy=with_entropy,
         impl=impl,
+        valid_N=valid_N,
     )
     correct_N = None
     if with_accuracy:
-        correct_N = chunked_argmax(hidden_NE, lm_head_VE, chunk=accuracy_chunk) == targets_N
+        argmax_N = chunked_argmax(hidden_NE, lm_head_VE, chunk=accuracy_chunk, valid_N=valid_N)
+        correct_N = argmax_N == targets_N
     return out.logprobs_N, out.entropy_N, correct_N
+
+
+def hidden_token_logprobs(
+    hidden_BTE: jax.Array,
+    lm_head_VE: jax.Array,
+    targets_BT: jax.Array,
+    *,
+    impl: str = "auto",
+    with_entropy: bool = False,
+    with_accuracy: bool = False,
+    temperature: float = 1.0,
+    accuracy_chunk: int = 1024,
+    valid_BT: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """(logprobs_BT, entropy_BT | None, correct_BT | None) of ``targets_BT`` given the
+    final hidden states: the LM-head half of ``sequence_token_logprobs`` (module doc for
+    ``valid_BT``)."""
+    B, T, E = hidden_BTE.shape
+    order_BT = None
+    if valid_BT is not None:
+        valid_BT = valid_BT.astype(bool)
+        # Valid positions first in every row (stable), so whole token chunks are skipped.
+        order_BT = jnp.argsort(~valid_BT, axis=1, stable=True)
+        take = lambda x: jnp.take_along_axis(x, order_BT, axis=1)  # noqa: E731
+        hidden_BTE = jnp.take_along_axis(hidden_BTE, order_BT[..., None], axis=1)
+        targets_BT, valid_BT = take(targets_BT), take(valid_BT)
+    logprobs_N, entropy_N, correct_N = token_logprobs_of_hidden(
+        hidden_BTE.reshape(B * T, E),
+        lm_head_VE,
+        targets_BT.reshape(B * T),
+        impl=impl,
+        temperature=temperature,
+        with_entropy=with_entropy,
+        with_accuracy=with_accuracy,
+        accuracy_chunk=accuracy_chunk if valid_BT is None else min(accuracy_chunk, 128),
+        valid_N=None if valid_BT is None else valid_BT.reshape(B * T),
+    )
+    inverse_BT = None if order_BT is None else jnp.argsort(order_BT, axis=1)
+
+    def shape(x):
+        if x is None:
+            return None
+        x = x.reshape(B, T)
+        return x if inverse_BT is None else jnp.take_along_axis(x, inverse_BT, axis=1)
+
+    return shape(logprobs_N), shape(entropy_N), shape(correct_N)
 
 
 def sequence_token_logprobs(
@@ -137,32 +214,32 @@ def sequence_token_logprobs(
     temperature: float = 1.0,
     input_embeddings_BTE: jax.Array | None = None,
     accuracy_chunk: int = 1024,
+    valid_BT: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """(logprobs_BT, entropy_BT | None, correct_BT | None) of ``batch["targets"]``.
+
+    ``valid_BT``: the positions the caller uses (e.g. its loss mask); the others are 0
+    (False) and cost (almost) nothing in the LM head (module doc).
 
     ``batch`` holds ``input_ids``, ``targets``, ``positions``, ``segment_ids`` [B, T] (the
     SFT batch contract of ``jaxpt.data.packing``; DPO passes each side's keys without
     their ``chosen_`` / ``rejected_`` prefix). ``input_embeddings_BTE`` replaces the
     embedding lookup (NEFTune). All outputs are fp32 [B, T] (bool for ``correct_BT``).
     """
-    ids_BT = batch["input_ids"]
-    B, T = ids_BT.shape
     hidden_BTE, _ = model(
-        ids_BT,
+        batch["input_ids"],
         batch["positions"],
         batch["segment_ids"],
         input_embeddings_BTE=input_embeddings_BTE,
     )
-    E = hidden_BTE.shape[-1]
-    logprobs_N, entropy_N, correct_N = token_logprobs_of_hidden(
-        hidden_BTE.reshape(B * T, E),
+    return hidden_token_logprobs(
+        hidden_BTE,
         model.lm_head,
-        batch["targets"].reshape(B * T),
+        batch["targets"],
         impl=impl,
-        temperature=temperature,
         with_entropy=with_entropy,
         with_accuracy=with_accuracy,
+        temperature=temperature,
         accuracy_chunk=accuracy_chunk,
+        valid_BT=valid_BT,
     )
-    shape = lambda x: None if x is None else x.reshape(B, T)  # noqa: E731
-    return shape(logprobs_N), shape(entropy_N), shape(correct_N)

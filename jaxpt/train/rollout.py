@@ -7,6 +7,14 @@ A rollout row is laid out as `[pad.. prompt | completion ..pad]`. Because prompt
 padded, the last prompt token always sits at P-1, so the log-prob of completion token j
 is read from sequence position P-1+j for every row: `completion_logprobs` slices
 `[:, P-1 : P-1+C]` and no per-row gather is needed.
+
+Shared-prompt layout (`group_rollout_rows`, for the train step): the G rows of a group
+repeat one prompt, so they are packed as ONE row `[prompt | completion 0 | ... |
+completion G-1]` (length P + G*C) in which completion i is segment i+2 and the prompt's
+keys are flagged shared (`Decoder(shared_BT=...)`): each completion sees the prompt and
+itself, as in its own row, while the prompt goes through the decoder once instead of G
+times. `grouped_completion_logprobs` reads completion token j of completion i from the
+hidden state at P-1 (j = 0: the shared last prompt token) or P + i*C + j-1.
 """
 
 from __future__ import annotations
@@ -97,6 +105,129 @@ def completion_logprobs(logprobs_RS, completion_len: int):
     """Log-probs of the completion tokens, [R, C], from next-token log-probs [R, S]."""
     P = logprobs_RS.shape[1] - completion_len
     return logprobs_RS[:, P - 1 : P - 1 + completion_len]
+
+
+def completion_token_logprobs(
+    model: Any, batch, *, impl: str = "auto", temperature: float = 1.0,
+    with_entropy: bool = False,
+):
+    """(logprobs_RC, entropy_RC | None) of the real completion tokens of rollout rows (0 at
+    padding). The decoder runs over prompt + completion; the LM head only over the C
+    positions that predict a real completion token (TRL's ``logits_to_keep``, plus the
+    padding of short completions)."""
+    import jax.numpy as jnp
+
+    from jaxpt.train.logprobs import sequence_token_logprobs
+
+    mask_RC = batch["completion_mask"] > 0
+    C = mask_RC.shape[1]
+    S = batch["input_ids"].shape[1]
+    # Position P-1+j (P = S-C) predicts completion token j.
+    valid_RS = jnp.pad(mask_RC, ((0, 0), (S - C - 1, 1)))
+    lp_RS, ent_RS, _ = sequence_token_logprobs(
+        model, batch, impl=impl, temperature=temperature, with_entropy=with_entropy,
+        valid_BT=valid_RS,
+    )
+    ent_RC = None if ent_RS is None else completion_logprobs(ent_RS, C)
+    return completion_logprobs(lp_RS, C), ent_RC
+
+
+# Flat-row keys that the shared-prompt layout replaces by its `group_*` keys.
+FLAT_SEQUENCE_KEYS = ("input_ids", "targets", "positions", "segment_ids")
+
+
+def group_rollout_rows(batch: dict[str, np.ndarray], G: int) -> dict[str, np.ndarray]:
+    """A flat rollout batch (rows r*G .. r*G+G-1 share prompt r) in the shared-prompt
+    layout (module doc): ``group_input_ids``, ``group_positions``, ``group_segment_ids``,
+    ``group_shared`` [B, P + G*C]; ``completion_ids`` [B, G, C]; every other key of
+    ``batch`` (per-row values, [R, ...]) reshaped to [B, G, ...]."""
+    ids_RS = np.asarray(batch["input_ids"])
+    R, S = ids_RS.shape
+    C = batch["completion_mask"].shape[1]
+    P = S - C
+    if R % G:
+        raise ValueError(f"group_rollout_rows: {R} rows do not form groups of {G}")
+    B = R // G
+    seg_RS, pos_RS = np.asarray(batch["segment_ids"]), np.asarray(batch["positions"])
+    prompt_BGP, prompt_seg_BGP = ids_RS[:, :P].reshape(B, G, P), seg_RS[:, :P].reshape(B, G, P)
+    same = (prompt_BGP == prompt_BGP[:, :1]) | (prompt_seg_BGP == 0)
+    bad = np.flatnonzero(~(same.all(axis=(1, 2)) & (prompt_seg_BGP == prompt_seg_BGP[:, :1])
+                           .all(axis=(1, 2))))
+    if bad.size:
+        g = int(bad[0])
+        raise ValueError(f"group_rollout_rows: rows {g * G}..{g * G + G - 1} do not share one "
+                         "prompt (rollout rows must come in groups of num_generations)")
+    mask_BGC = np.asarray(batch["completion_mask"]).reshape(B, G, C) > 0
+    completion_BGC = ids_RS[:, P:].reshape(B, G, C)
+    seg_BGC = np.where(mask_BGC, np.arange(2, G + 2, dtype=np.int32)[None, :, None], 0)
+    prompt_real_BP = prompt_seg_BGP[:, 0] > 0
+    out = {
+        "group_input_ids": np.concatenate(
+            [prompt_BGP[:, 0], completion_BGC.reshape(B, G * C)], axis=1).astype(np.int32),
+        "group_positions": np.concatenate(
+            [pos_RS[:, :P].reshape(B, G, P)[:, 0], pos_RS[:, P:].reshape(B, G * C)], axis=1
+        ).astype(np.int32),
+        "group_segment_ids": np.concatenate(
+            [prompt_real_BP.astype(np.int32), seg_BGC.reshape(B, G * C)], axis=1
+        ).astype(np.int32),
+        "group_shared": np.concatenate(
+            [prompt_real_BP, np.zeros((B, G * C), bool)], axis=1).astype(np.int32),
+        "completion_ids": completion_BGC.astype(np.int32),
+    }
+    for k, v in batch.items():
+        if k not in FLAT_SEQUENCE_KEYS and not k.startswith("_"):
+            v = np.asarray(v)
+            out[k] = v.reshape(B, G, *v.shape[1:])
+    return out
+
+
+def ungroup_rows(batch):
+    """The per-row keys of a shared-prompt batch back in flat [R, ...] form (no group_*)."""
+    B, G = batch["completion_ids"].shape[:2]
+    return {k: v.reshape(B * G, *v.shape[2:]) for k, v in batch.items()
+            if not k.startswith("group_")}
+
+
+def grouped_completion_logprobs(
+    model: Any, batch, *, impl: str = "auto", temperature: float = 1.0,
+    with_entropy: bool = False,
+):
+    """``completion_token_logprobs`` for a shared-prompt batch: (logprobs_RC, entropy_RC or
+    None), rows in the flat order (row g*G + i = completion i of group g)."""
+    import jax.numpy as jnp
+
+    from jaxpt.train.logprobs import hidden_token_logprobs
+
+    B, G, C = batch["completion_ids"].shape
+    hidden_BTE, _ = model(
+        batch["group_input_ids"], batch["group_positions"], batch["group_segment_ids"],
+        shared_BT=batch["group_shared"] > 0,
+    )
+    P = hidden_BTE.shape[1] - G * C
+    i_G1, j_1C = jnp.arange(G)[:, None], jnp.arange(C)[None, :]
+    source_GC = jnp.where(j_1C == 0, P - 1, P + i_G1 * C + j_1C - 1)
+    hidden_RCE = hidden_BTE[:, source_GC.reshape(-1)].reshape(B * G, C, -1)
+    lp_RC, ent_RC, _ = hidden_token_logprobs(
+        hidden_RCE, model.lm_head, batch["completion_ids"].reshape(B * G, C),
+        impl=impl, temperature=temperature, with_entropy=with_entropy,
+        valid_BT=batch["completion_mask"].reshape(B * G, C) > 0,
+    )
+    return lp_RC, ent_RC
+
+
+def shared_prompt_is_cheaper(cfg, prompt_len: int, completion_len: int, G: int) -> bool:
+    """Whether one row of P + G*C tokens costs fewer FLOPs than G rows of P + C (dense
+    attention grows with the row length; the matmuls shrink with the shared prompt)."""
+    E, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    qkvo = E * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    per_token = 2 * L * (qkvo + 3 * E * F)
+    per_key = 4 * L * cfg.num_heads * cfg.head_dim  # QK^T and PV, per query and key
+
+    def cost(rows, length):
+        return rows * length * (per_token + per_key * length)
+
+    P, C = prompt_len, completion_len
+    return cost(1, P + G * C) < cost(G, P + C)
 
 
 def _decode(tokenizer, tokens_RC, lengths_R) -> list[str]:

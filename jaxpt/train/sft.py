@@ -103,6 +103,7 @@ def make_sft_loss_fn(
             with_entropy=with_entropy,
             with_accuracy=with_accuracy,
             input_embeddings_BTE=emb_BTE,
+            valid_BT=mb["loss_mask"] > 0,  # the LM head runs on target tokens only
         )
         total = stats["num_target_tokens"]
         loss, m = sft_loss(
@@ -129,10 +130,15 @@ def make_sft_eval_step(graphdef, params_fn, *, impl, with_entropy, with_accuracy
 
     def eval_step(state, batch):
         model = nnx.merge(graphdef, params_fn(state.params, state.frozen, None))
-        lp_BT, ent_BT, correct_BT = sequence_token_logprobs(
-            model, batch, impl=impl, with_entropy=with_entropy, with_accuracy=with_accuracy
-        )
         mask = batch["loss_mask"] > 0
+        lp_BT, ent_BT, correct_BT = sequence_token_logprobs(
+            model,
+            batch,
+            impl=impl,
+            with_entropy=with_entropy,
+            with_accuracy=with_accuracy,
+            valid_BT=mask,
+        )
         out = {
             "nll": jnp.sum(jnp.where(mask, -lp_BT, 0.0)),
             "n": jnp.sum(mask, dtype=jnp.float32),
