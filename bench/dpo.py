@@ -12,7 +12,9 @@ max_length 256. The pairs are those whose prompt + chosen and prompt + rejected 
 256 tokens, so neither side truncates; every row is padded to 256 on both sides (jaxpt pads
 to ``max_length``; TRL gets ``pad_to_multiple_of=256``), so both do the same work. Both log
 entropy and chosen-token accuracy (TRL always does; jaxpt's defaults). Cases: gradient
-checkpointing off (``gc_off``) and on (``gc_on``: jaxpt ``model.remat=full``, TRL
+checkpointing off (``gc_off``: jaxpt's default ``model.remat=attention``, no layer is
+recomputed, only the attention probabilities as in a flash-attention kernel; TRL
+``gradient_checkpointing=False``) and on (``gc_on``: jaxpt ``model.remat=full``, TRL
 ``gradient_checkpointing=True``, which is TRL's DPOConfig default).
 
 Each side runs in its own subprocess (``--side jaxpt|trl``), one after the other:
@@ -31,6 +33,7 @@ bytes of params + reference + optimizer state. Each comparison prints one JSON l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import json
@@ -115,7 +118,7 @@ def run_jaxpt(args) -> dict:
                     "name": "smollm2-135m-instruct",
                     "param_dtype": "float32",
                     "compute_dtype": "float32",
-                    "remat": "full" if args.gc else "none",
+                    "remat": "full" if args.gc else "attention",
                 },
                 "data": {"train": args.pairs, "max_length": args.max_length},
                 "optim": {
@@ -233,7 +236,8 @@ def run_trl(args) -> dict:
         processing_class=tok,
         callbacks=[Timer()],
     )
-    trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its log dicts: keep
+        trainer.train()  # stdout for the JSON lines
     return {"times": times, "info": {"peak_rss_self": _self_peak_rss()}}
 
 

@@ -74,7 +74,9 @@ class ModelSection:
     tokenizer: str | None = None  # default: the model's own tokenizer
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: Literal["none", "full", "dots"] = "none"  # gradient checkpointing per layer
+    # Recomputed in the backward instead of stored: "attention" (the T x T probabilities,
+    # like a flash-attention kernel: no extra matmuls), "full" / "dots" (per layer).
+    remat: Literal["none", "attention", "full", "dots"] = "attention"
 
 
 @dataclasses.dataclass(frozen=True)

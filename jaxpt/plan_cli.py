@@ -298,6 +298,10 @@ def plan_memory(cfg, model_cfg, n_devices: int) -> MemoryPlan:
     acts: dict[str, int] = {}
     if m.remat == "none":
         acts[f"layers: {L} x saved residuals"] = L * full_layer
+    elif m.remat == "attention":  # probabilities recomputed, one layer's at a time
+        acts[f"layers: {L} x saved residuals (attention probs recomputed)"] = L * (
+            full_layer - probs)
+        acts["one layer's attention probs in the backward"] = probs
     else:
         per = n * c * E if m.remat == "full" else n * c * (3 * E + Nt * D + 2 * Kt * D + 2 * Ft)
         acts[f"layers: {L} x saved ({m.remat} remat)"] = L * per

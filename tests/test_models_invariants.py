@@ -104,7 +104,7 @@ def test_cached_decode_equals_full_forward(model):
     np.testing.assert_allclose(cached, full[:, P - 1 : P - 1 + new], atol=1e-4)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.parametrize("policy", ["attention", "full", "dots"])
 def test_remat_keeps_values_and_gradients(model, policy):
     ids = jnp.asarray(np.random.RandomState(5).randint(0, 97, (2, 6)))
     graphdef, params = nnx.split(model)

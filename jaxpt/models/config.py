@@ -14,7 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
-REMAT_POLICIES = ("none", "full", "dots")
+REMAT_POLICIES = ("none", "attention", "full", "dots")
 _DTYPES = {
     "float32": jnp.float32,
     "fp32": jnp.float32,

@@ -220,7 +220,7 @@ class Decoder(nnx.Module):
 
         graphdef, layer_params = nnx.split(self.layers)
         layer_fn = _layer_fn(cfg, graphdef, cos_BTD, sin_BTD, mask_B1TS)
-        if cfg.remat != "none":
+        if cfg.remat not in ("none", "attention"):
             policy = {
                 "full": jax.checkpoint_policies.nothing_saveable,
                 "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -263,6 +263,19 @@ class Decoder(nnx.Module):
         )
 
 
+def _attention(cfg: ModelConfig):
+    """Masked GQA attention. With remat="attention" the B x N x T x S probabilities are
+    recomputed in the backward instead of stored (what flash attention does): that memory
+    grows with T^2 while the recompute is a small share of a layer's FLOPs."""
+
+    def attend(q_BTND, k_BTKD, v_BTKD, mask_B1TS):
+        return jax.nn.dot_product_attention(
+            q_BTND, k_BTKD, v_BTKD, mask=mask_B1TS, scale=cfg.head_dim**-0.5
+        )
+
+    return jax.checkpoint(attend) if cfg.remat == "attention" else attend
+
+
 def _layer_fn(cfg: ModelConfig, graphdef, cos_BTD, sin_BTD, mask_B1TS):
     """One layer as a pure function of (x, layer params, cache slice) for lax.scan."""
     cdt = cfg.dtype
@@ -297,9 +310,7 @@ def _layer_fn(cfg: ModelConfig, graphdef, cos_BTD, sin_BTD, mask_B1TS):
             v_BTKD = jax.lax.dynamic_index_in_dim(v_all, l, 0, keepdims=False).astype(cdt)
             new_kv = (k_all, v_all)
 
-        attn_BTND = jax.nn.dot_product_attention(
-            q_BTND, k_BTKD, v_BTKD, mask=mask_B1TS, scale=cfg.head_dim**-0.5
-        )
+        attn_BTND = _attention(cfg)(q_BTND, k_BTKD, v_BTKD, mask_B1TS)
         x_BTE = x_BTE + jnp.einsum("btnd,nde->bte", attn_BTND, w(layer.wo_NDE))
 
         h_BTE = rms_norm(x_BTE, layer.mlp_norm_E[...], eps)

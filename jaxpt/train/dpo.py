@@ -216,6 +216,20 @@ def _refs(batch, loss_cfg: DPOLossConfig):
     return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
 
 
+def _pair_loss(loss_cfg: DPOLossConfig, out: Mapping[str, jax.Array], batch):
+    """``dpo_loss`` of ``pair_logps`` output against the batch's reference log-probs."""
+    ref_c, ref_r = _refs(batch, loss_cfg)
+    return dpo_loss(
+        loss_cfg,
+        out["chosen_logps"],
+        out["rejected_logps"],
+        ref_c,
+        ref_r,
+        out["chosen_lengths"],
+        out["rejected_lengths"],
+    )
+
+
 def make_dpo_loss_fn(
     graphdef,
     loss_cfg: DPOLossConfig,
@@ -234,16 +248,7 @@ def make_dpo_loss_fn(
         out = pair_logps(
             model, mb, impl=impl, with_entropy=with_entropy, with_accuracy=with_accuracy
         )
-        ref_c, ref_r = _refs(mb, loss_cfg)
-        loss, m = dpo_loss(
-            loss_cfg,
-            out["chosen_logps"],
-            out["rejected_logps"],
-            ref_c,
-            ref_r,
-            out["chosen_lengths"],
-            out["rejected_lengths"],
-        )
+        loss, m = _pair_loss(loss_cfg, out, mb)
         share = out["chosen_logps"].shape[0] / stats["num_pairs"]
         metrics = {k: v * share for k, v in m.items() if k != "loss"}
         if "entropy_sum" in out:
@@ -289,18 +294,7 @@ def make_dpo_eval_step(graphdef, params_fn, loss_cfg: DPOLossConfig, *, impl: st
 
     def eval_step(state, batch):
         model = nnx.merge(graphdef, params_fn(state.params, state.frozen, None))
-        out = pair_logps(model, batch, impl=impl)
-        ref_c, ref_r = _refs(batch, loss_cfg)
-        _, m = dpo_loss(
-            loss_cfg,
-            out["chosen_logps"],
-            out["rejected_logps"],
-            ref_c,
-            ref_r,
-            out["chosen_lengths"],
-            out["rejected_lengths"],
-        )
-        return m
+        return _pair_loss(loss_cfg, pair_logps(model, batch, impl=impl), batch)[1]
 
     return eval_step
 
