@@ -24,11 +24,13 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from jaxpt.rewards.advantages import compute_advantages
 from jaxpt.rewards.registry import compute_rewards
 from jaxpt.sampling import FINISH_LENGTH, Sampler, generate
+from jaxpt.train.logprobs import hidden_token_logprobs, sequence_token_logprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,10 +117,6 @@ def completion_token_logprobs(
     padding). The decoder runs over prompt + completion; the LM head only over the C
     positions that predict a real completion token (TRL's ``logits_to_keep``, plus the
     padding of short completions)."""
-    import jax.numpy as jnp
-
-    from jaxpt.train.logprobs import sequence_token_logprobs
-
     mask_RC = batch["completion_mask"] > 0
     C = mask_RC.shape[1]
     S = batch["input_ids"].shape[1]
@@ -150,9 +148,10 @@ def group_rollout_rows(batch: dict[str, np.ndarray], G: int) -> dict[str, np.nda
     B = R // G
     seg_RS, pos_RS = np.asarray(batch["segment_ids"]), np.asarray(batch["positions"])
     prompt_BGP, prompt_seg_BGP = ids_RS[:, :P].reshape(B, G, P), seg_RS[:, :P].reshape(B, G, P)
-    same = (prompt_BGP == prompt_BGP[:, :1]) | (prompt_seg_BGP == 0)
-    bad = np.flatnonzero(~(same.all(axis=(1, 2)) & (prompt_seg_BGP == prompt_seg_BGP[:, :1])
-                           .all(axis=(1, 2))))
+    # Same padding, and the same token wherever the prompt is real.
+    same_BGP = (prompt_seg_BGP == prompt_seg_BGP[:, :1]) & (
+        (prompt_BGP == prompt_BGP[:, :1]) | (prompt_seg_BGP == 0))
+    bad = np.flatnonzero(~same_BGP.all(axis=(1, 2)))
     if bad.size:
         g = int(bad[0])
         raise ValueError(f"group_rollout_rows: rows {g * G}..{g * G + G - 1} do not share one "
@@ -194,10 +193,6 @@ def grouped_completion_logprobs(
 ):
     """``completion_token_logprobs`` for a shared-prompt batch: (logprobs_RC, entropy_RC or
     None), rows in the flat order (row g*G + i = completion i of group g)."""
-    import jax.numpy as jnp
-
-    from jaxpt.train.logprobs import hidden_token_logprobs
-
     B, G, C = batch["completion_ids"].shape
     hidden_BTE, _ = model(
         batch["group_input_ids"], batch["group_positions"], batch["group_segment_ids"],
