@@ -66,7 +66,7 @@ def _log(msg: str) -> None:
 # ----------------------------------------------------------------------------- jaxpt
 
 
-def bench_jaxpt(rows, warmup: int, steps: int, eos: bool) -> dict[str, list[float]]:
+def bench_jaxpt(warmup: int, steps: int, eos: bool) -> dict[str, list[float]]:
     """The GRPO trainer itself (``build_grpo_trainer``), driven step by step: its batch
     source rolls out (decode, rewards, advantages) and its jitted step trains."""
     import jax
@@ -245,7 +245,7 @@ def main() -> None:
         f"jaxpt: {NUM_PROMPTS} prompts x {NUM_GENERATIONS} generations, {MAX_NEW_TOKENS} new "
         f"tokens, {warmup} warm-up + {steps} timed steps"
     )
-    j = bench_jaxpt(rows, warmup, steps, args.eos)
+    j = bench_jaxpt(warmup, steps, args.eos)
     _log(f"trl {trl.__version__} (torch {torch.__version__}, {torch.get_num_threads()} threads)")
     t = bench_trl(rows, warmup, steps, args.eos)
     for name, d in (("jaxpt", j), ("trl", t)):

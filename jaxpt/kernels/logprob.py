@@ -28,7 +28,13 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxpt.kernels import logprob_chunked, logprob_pallas_gpu, logprob_pallas_tpu
-from jaxpt.kernels.logprob_common import BlockSizes, TokenLogProbs, finalize, round_up
+from jaxpt.kernels.logprob_common import (
+    BlockSizes,
+    TokenLogProbs,
+    chunk_skipping_is_safe,
+    finalize,
+    round_up,
+)
 from jaxpt.kernels.logprob_reference import reference_token_logprobs
 
 __all__ = ["BlockSizes", "TokenLogProbs", "token_logprobs"]
@@ -124,11 +130,8 @@ def _masked(out, valid_N):
 
 
 def _skip_kwargs(cfg: _Config, valid_N) -> dict:
-    """Only `chunked` on a single device skips token chunks that hold no valid token: the
-    skip is a `lax.cond` per chunk, and under SPMD partitioning over several devices its
-    branches may hold collectives that devices with different predicates would not all
-    join (a hang)."""
-    if cfg.layout != "chunked" or valid_N is None or jax.device_count() > 1:
+    """Only `chunked` skips token chunks that hold no valid token, where that is safe."""
+    if cfg.layout != "chunked" or valid_N is None or not chunk_skipping_is_safe():
         return {}
     return {"valid_N": valid_N}
 

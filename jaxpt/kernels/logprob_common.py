@@ -97,6 +97,13 @@ class BlockSizes:
         return self
 
 
+def chunk_skipping_is_safe() -> bool:
+    """Whether token chunks may be skipped with a per-chunk `lax.cond`: only on a single
+    device. Under SPMD partitioning over several devices the branches may hold collectives
+    that devices with different predicates would not all join (a hang)."""
+    return jax.device_count() == 1
+
+
 def round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 

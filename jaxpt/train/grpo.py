@@ -625,7 +625,7 @@ def make_score_fn(graphdef, params_fn, *, impl: str, temperature: float, batch_s
                                                temperature=temperature)[0]
         return completion_token_logprobs(model, batch, impl=impl, temperature=temperature)[0]
 
-    flat_keys = ("input_ids", "targets", "positions", "segment_ids", "completion_mask")
+    flat_keys = (*FLAT_SEQUENCE_KEYS, "completion_mask")
     keys = (GROUP_KEYS + ("completion_ids", "completion_mask")) if group_size else flat_keys
     jitted = jax.jit(score, out_shardings=replicated(mesh))
     current = jax.jit(lambda s: params_fn(s.params, s.frozen, None))

@@ -72,8 +72,10 @@ def chunked_argmax(
     hidden_NE, lm_head_VE, *, chunk: int = 1024, valid_N: jax.Array | None = None
 ) -> jax.Array:
     """argmax_v (hidden @ lm_head.T) per token, C tokens at a time, no gradient. With
-    ``valid_N`` invalid tokens get -1, and on a single device chunks holding no valid
-    token are skipped (a per-chunk ``lax.cond``; see ``jaxpt.kernels.logprob``)."""
+    ``valid_N`` invalid tokens get -1, and chunks holding no valid token are skipped where
+    ``chunk_skipping_is_safe``."""
+    from jaxpt.kernels.logprob_common import chunk_skipping_is_safe
+
     hidden_NE = jax.lax.stop_gradient(hidden_NE)
     w_VE = jax.lax.stop_gradient(lm_head_VE).astype(hidden_NE.dtype)
     N, E = hidden_NE.shape
@@ -90,7 +92,7 @@ def chunked_argmax(
             logits_CV = jnp.einsum("ce,ve->cv", h_CE, w_VE, preferred_element_type=jnp.float32)
             return jnp.argmax(logits_CV, axis=-1).astype(jnp.int32)
 
-        if valid_N is None or jax.device_count() > 1:
+        if valid_N is None or not chunk_skipping_is_safe():
             return compute()
         return jax.lax.cond(jnp.any(live_C), compute, lambda: jnp.full((C,), -1, jnp.int32))
 
