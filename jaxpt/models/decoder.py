@@ -276,6 +276,13 @@ def _attention(cfg: ModelConfig):
     return jax.checkpoint(attend) if cfg.remat == "attention" else attend
 
 
+def _matmul(x_MX: jax.Array, w_XY: jax.Array) -> jax.Array:
+    """x (M, X) times a weight whose leading axes multiply to X, as one 2-D matmul.
+    Every projection runs on rows flattened to M = B*T: einsums contracting both b and t
+    made XLA:CPU emit transposing copies in the backward."""
+    return x_MX @ w_XY.reshape(x_MX.shape[-1], -1)
+
+
 def _layer_fn(cfg: ModelConfig, graphdef, cos_BTD, sin_BTD, mask_B1TS):
     """One layer as a pure function of (x, layer params, cache slice) for lax.scan."""
     cdt = cfg.dtype
@@ -285,10 +292,12 @@ def _layer_fn(cfg: ModelConfig, graphdef, cos_BTD, sin_BTD, mask_B1TS):
         layer = nnx.merge(graphdef, params_l)
         w = lambda p: p[...].astype(cdt)  # noqa: E731
 
-        h_BTE = rms_norm(x_BTE, layer.attn_norm_E[...], eps)
-        q_BTND = jnp.einsum("bte,end->btnd", h_BTE, w(layer.wq_END))
-        k_BTKD = jnp.einsum("bte,ekd->btkd", h_BTE, w(layer.wk_EKD))
-        v_BTKD = jnp.einsum("bte,ekd->btkd", h_BTE, w(layer.wv_EKD))
+        B, T, E = x_BTE.shape
+        N, K, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        h_ME = rms_norm(x_BTE, layer.attn_norm_E[...], eps).reshape(B * T, E)
+        q_BTND = _matmul(h_ME, w(layer.wq_END)).reshape(B, T, N, D)
+        k_BTKD = _matmul(h_ME, w(layer.wk_EKD)).reshape(B, T, K, D)
+        v_BTKD = _matmul(h_ME, w(layer.wv_EKD)).reshape(B, T, K, D)
         if cfg.attention_bias:
             q_BTND = q_BTND + w(layer.bq_ND)
             k_BTKD = k_BTKD + w(layer.bk_KD)
@@ -311,14 +320,13 @@ def _layer_fn(cfg: ModelConfig, graphdef, cos_BTD, sin_BTD, mask_B1TS):
             new_kv = (k_all, v_all)
 
         attn_BTND = _attention(cfg)(q_BTND, k_BTKD, v_BTKD, mask_B1TS)
-        x_BTE = x_BTE + jnp.einsum("btnd,nde->bte", attn_BTND, w(layer.wo_NDE))
+        x_ME = x_BTE.reshape(B * T, E) + _matmul(attn_BTND.reshape(B * T, N * D), w(layer.wo_NDE))
 
-        h_BTE = rms_norm(x_BTE, layer.mlp_norm_E[...], eps)
-        gate_BTF = jnp.einsum("bte,ef->btf", h_BTE, w(layer.w_gate_EF))
-        up_BTF = jnp.einsum("bte,ef->btf", h_BTE, w(layer.w_up_EF))
-        x_BTE = x_BTE + jnp.einsum(
-            "btf,fe->bte", jax.nn.silu(gate_BTF) * up_BTF, w(layer.w_down_FE)
-        )
+        h_ME = rms_norm(x_ME, layer.mlp_norm_E[...], eps)
+        gate_MF = _matmul(h_ME, w(layer.w_gate_EF))
+        up_MF = _matmul(h_ME, w(layer.w_up_EF))
+        x_ME = x_ME + _matmul(jax.nn.silu(gate_MF) * up_MF, w(layer.w_down_FE))
+        x_BTE = x_ME.reshape(B, T, E)
         return x_BTE, new_kv
 
     return fn
