@@ -119,3 +119,38 @@ def test_remat_keeps_values_and_gradients(model, policy):
     np.testing.assert_allclose(v0, v1, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 3e-2)])
+def test_recomputing_attention_matches_autodiff(dtype, tol):
+    """The written-out attention backward (remat != none) against autodiff of
+    jax.nn.dot_product_attention, on a mask with packed segments, padding, GQA and keys
+    shared with later segments (the GRPO shared-prompt layout)."""
+    from jaxpt.models.decoder import recomputing_attention
+
+    B, T, N, K, D = 2, 10, 6, 2, 8
+    rng = np.random.RandomState(0)
+    q, k, v, do = (jnp.asarray(rng.randn(B, T, n, D), dtype) for n in (N, K, K, N))
+    seg = np.array([[1, 1, 1, 2, 2, 2, 2, 3, 3, 0], [1, 1, 1, 1, 2, 2, 3, 3, 0, 0]])
+    pos = np.array([[0, 1, 2, 0, 1, 2, 3, 0, 1, 0], [0, 1, 2, 3, 4, 5, 4, 5, 0, 0]])
+    shared = np.zeros((B, T), bool)
+    shared[1, :4] = True  # row 1: a 4-token prompt shared by segments 2 and 3
+    same = (seg[:, :, None] == seg[:, None, :]) | (shared[:, None, :] & (seg[:, :, None] > 0))
+    mask = jnp.asarray((same & (pos[:, None, :] <= pos[:, :, None]))[:, None])
+
+    def ref(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=D**-0.5)
+
+    def ours(q, k, v):
+        return recomputing_attention(q, k, v, mask, D**-0.5)
+
+    def f32(x):
+        return np.asarray(x, np.float32)
+
+    out_ref, vjp_ref = jax.vjp(ref, q, k, v)
+    out, vjp = jax.vjp(ours, q, k, v)
+    assert out.dtype == dtype
+    np.testing.assert_allclose(f32(out), f32(out_ref), atol=tol)
+    for a, b in zip(vjp(do), vjp_ref(do), strict=True):
+        assert a.dtype == dtype
+        np.testing.assert_allclose(f32(a), f32(b), atol=tol * 4)

@@ -448,3 +448,33 @@ def test_checkpoint_reshards_across_meshes(tiny, tmp_path):
     for step in (3, 4):
         assert abs(la[step] - lb[step]) <= TOL, (step, la, lb)
     assert abs(la[4] - la[3]) > 1e-3  # the steps after the resume did change the model
+
+
+@pytest.mark.parametrize(
+    "flags, added",
+    [
+        ("--xla_force_host_platform_device_count=8", True),
+        ("--xla_force_host_platform_device_count=1", False),
+        ("", False),
+        (
+            "--xla_force_host_platform_device_count=8 "
+            "--xla_cpu_enable_concurrency_optimized_scheduler=true",
+            False,
+        ),
+    ],
+)
+def test_importing_jaxpt_serializes_collectives_of_several_cpu_devices(flags, added):
+    """Several CPU devices in one process get XLA:CPU's memory-optimized schedule (one
+    order of collectives on every device; the concurrency-optimized one deadlocked an
+    8-device FSDP step); one device, or a flag the user set, is left alone."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": flags}
+    code = "import os, jaxpt; print(os.environ.get('XLA_FLAGS', ''))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    expected = f"{flags} --xla_cpu_enable_concurrency_optimized_scheduler=false"
+    assert out == (expected if added else flags)

