@@ -322,12 +322,13 @@ def _attention_fwd(q_BTND, k_BSKD, v_BSKD, mask_B1TS, scale):
         / sum_BKM1
     )
     lse_BKM1 = max_BKM1 + jnp.log(sum_BKM1)
-    o_BKMD = o_BKMD.astype(q_BTND.dtype)
-    return _ungrouped_heads(o_BKMD, T), (q_BTND, k_BSKD, v_BSKD, mask_B1TS, o_BKMD, lse_BKM1)
+    # The output is saved in the layout the output projection saves it in: one copy.
+    o_BTND = _ungrouped_heads(o_BKMD.astype(q_BTND.dtype), T)
+    return o_BTND, (q_BTND, k_BSKD, v_BSKD, mask_B1TS, o_BTND, lse_BKM1)
 
 
 def _attention_bwd(scale, res, do_BTND):
-    q_BTND, k_BSKD, v_BSKD, mask_B1TS, o_BKMD, lse_BKM1 = res
+    q_BTND, k_BSKD, v_BSKD, mask_B1TS, o_BTND, lse_BKM1 = res
     T, K = q_BTND.shape[1], k_BSKD.shape[2]
     q, k, v = _grouped_heads(q_BTND, K), k_BSKD.transpose(0, 2, 1, 3), v_BSKD.transpose(0, 2, 1, 3)
     do_BKMD = _grouped_heads(do_BTND, K)
@@ -338,7 +339,8 @@ def _attention_bwd(scale, res, do_BTND):
     )
     dp_BKMS = jnp.einsum("bkmd,bksd->bkms", do_BKMD, v, preferred_element_type=f32)
     # d softmax: p * (dp - sum_s p dp), and sum_s p dp = sum_d do * o.
-    delta_BKM1 = jnp.sum(do_BKMD.astype(f32) * o_BKMD.astype(f32), axis=-1, keepdims=True)
+    delta_BTN1 = jnp.sum(do_BTND.astype(f32) * o_BTND.astype(f32), axis=-1, keepdims=True)
+    delta_BKM1 = _grouped_heads(delta_BTN1, K)
     ds_BKMS = (p_BKMS * (dp_BKMS - delta_BKM1) * scale).astype(q.dtype)
     dq_BKMD = jnp.einsum("bkms,bksd->bkmd", ds_BKMS, k, preferred_element_type=f32)
     dk_BKSD = jnp.einsum("bkms,bkmd->bksd", ds_BKMS, q, preferred_element_type=f32)
