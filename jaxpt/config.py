@@ -75,7 +75,8 @@ class ModelSection:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     # Recomputed in the backward instead of stored: "attention" (the T x T probabilities,
-    # like a flash-attention kernel: no extra matmuls), "full" / "dots" (per layer).
+    # from q and k, as a flash-attention kernel does), "full" / "dots" (per layer). Every
+    # policy but "none" uses the decoder's written-out attention backward.
     remat: Literal["none", "attention", "full", "dots"] = "attention"
 
 
