@@ -229,10 +229,11 @@ def decode(
 
     layer_loop: "scan" runs `lax.scan` over the stacked layers each step, and XLA (on
     CPU and GPU) then slices, i.e. copies, every layer's weights out of the stack on
-    every step. "unroll" slices the weights once, before the loop, and runs the layers as
-    straight-line code on separate per-layer weight and cache buffers, so a step copies
-    nothing (faster on CPU), at the cost of one transient copy of the layer weights
-    while decoding and a compile time that grows with depth.
+    every step. "unroll" slices the weights once, before the loop, into the [out, in]
+    layout that multiplies a few rows fastest (`step.unstack_layers`), and runs the
+    layers as straight-line code on separate per-layer weight and cache buffers, so a
+    step copies nothing (faster on CPU), at the cost of one transient copy of the layer
+    weights while decoding and a compile time that grows with depth.
     """
     if layer_loop not in LAYER_LOOPS:
         raise GenerationError(f"layer_loop={layer_loop!r}: use one of {LAYER_LOOPS}")
