@@ -9,8 +9,12 @@ with DPO (sigmoid, beta 0.1), full fine-tuning with an online reference model (a
 of the initial weights, forward under no gradient every step), AdamW, max_grad_norm 1,
 fp32 everywhere, 4 pairs per step from hh-rlhf harmless-base (``data.format: hh_rlhf``),
 max_length 256. The pairs are those whose prompt + chosen and prompt + rejected both fit in
-256 tokens, so neither side truncates; every row is padded to 256 on both sides (jaxpt pads
-to ``max_length``; TRL gets ``pad_to_multiple_of=256``), so both do the same work. Both log
+256 tokens, so neither side truncates. TRL runs each pair as two rows padded to 256
+(``pad_to_multiple_of=256``). jaxpt runs its default layout, ``dpo.share_prompt: auto``:
+each pair as ONE row [prompt | chosen | rejected] (the prompt goes through the model once),
+all rows padded to the bucketed longest pair, when that costs fewer FLOPs (here 4 rows of
+320 tokens instead of 8 of 256); case names end in ``_shared``. ``--share-prompt never``
+gives jaxpt TRL's two padded rows, so both do the same work. Both log
 entropy and chosen-token accuracy (TRL always does; jaxpt's defaults). Cases: gradient
 checkpointing off (``gc_off``: jaxpt's default ``model.remat=attention``, no layer is
 recomputed, only the attention probabilities as in a flash-attention kernel; TRL
@@ -132,7 +136,7 @@ def run_jaxpt(args) -> dict:
                     "batch_size": args.batch_size,
                     "seed": 0,
                 },
-                "dpo": {"loss_type": "sigmoid", "beta": BETA},
+                "dpo": {"loss_type": "sigmoid", "beta": BETA, "share_prompt": args.share_prompt},
                 "logging": {"progress": False},
             }
         )
@@ -152,6 +156,9 @@ def run_jaxpt(args) -> dict:
             flush=True,
         )
     info = {"peak_rss_self": _self_peak_rss()}  # before the extra compile below
+    info["shared_prompt"] = "shared_input_ids" in trainer.extras["sequence_keys"]
+    if info["shared_prompt"]:
+        info["shared_row_shape"] = list(host["shared_input_ids"].shape)
     try:
         keys = trainer.extras["step_keys"]
         batch = trainer.put_batch(source.next(state))
@@ -251,6 +258,7 @@ def run_side(side: str, gc: bool, args, pairs: Path, workdir: Path) -> tuple[dic
     cmd += ["--workdir", str(workdir), "--result", str(out), "--warmup", str(args.warmup)]
     cmd += ["--steps", str(args.steps), "--batch-size", str(args.batch_size)]
     cmd += ["--max-length", str(args.max_length), *(["--gc"] if gc else [])]
+    cmd += ["--share-prompt", args.share_prompt]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(cmd, env=env, cwd=REPO)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -273,6 +281,12 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument(
+        "--share-prompt",
+        choices=["auto", "never"],
+        default="auto",
+        help="jaxpt's dpo.share_prompt (never: two padded rows per pair, as TRL)",
+    )
     ap.add_argument("--side", choices=["jaxpt", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--gc", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--pairs", help=argparse.SUPPRESS)
@@ -318,6 +332,7 @@ def main(argv=None) -> int:
             # same way (the jaxpt child compiles once more afterwards for memory_analysis).
             jx_rss, tr_rss = jx["info"]["peak_rss_self"], tr["info"]["peak_rss_self"]
             name = f"bs{args.batch_size}_len{args.max_length}_fp32_{case}"
+            name += "_shared" if jx["info"]["shared_prompt"] else ""
             lines = [
                 {"metric": "step_time", "unit": "s", "jaxpt": med(jx), "peer": med(tr),
                  "target": 0.5},

@@ -8,12 +8,15 @@ from hypothesis import strategies as st
 from jaxpt.data.formats import DataStats
 from jaxpt.data.packing import (
     BATCH_KEYS,
+    SHARED_PAIR_KEYS,
     best_fit_decreasing,
     bucket_length,
     collate_packed,
     collate_padded,
     collate_preference,
+    collate_preference_shared,
     collate_prompts,
+    shared_pair_shape,
     truncate_example,
     truncate_preference,
     truncate_prompt,
@@ -155,6 +158,30 @@ def test_collate_preference_hand_computed():
     np.testing.assert_array_equal(b["rejected_loss_mask"], [[0, 1, 0, 0, 0]])
     np.testing.assert_array_equal(b["rejected_positions"], [[0, 1, 2, 0, 0]])
     np.testing.assert_array_equal(b["rejected_segment_ids"], [[1, 1, 1, 0, 0]])
+
+
+def test_collate_preference_shared_hand_computed():
+    # Prompt [1, 2]; both completions start with 3, so the shared prefix is [1, 2, 3].
+    pair = TokenizedPreference([1, 2], [3, 4], [3, 5, 6])
+    b = collate_preference_shared([pair], length=8, width=3)
+    assert set(b) == set(SHARED_PAIR_KEYS)
+    np.testing.assert_array_equal(b["shared_input_ids"], [[1, 2, 3, 4, 5, 6, 0, 0]])
+    np.testing.assert_array_equal(b["shared_positions"], [[0, 1, 2, 3, 3, 4, 0, 0]])
+    np.testing.assert_array_equal(b["shared_segment_ids"], [[1, 1, 1, 2, 3, 3, 0, 0]])
+    np.testing.assert_array_equal(b["shared_prefix"], [[1, 1, 1, 0, 0, 0, 0, 0]])
+    # Chosen trains on 3 (read at row 1) and 4 (row 2); rejected on 3 (row 1), 5 (row 2,
+    # the shared 3) and 6 (row 4, its own 5).
+    np.testing.assert_array_equal(b["chosen_source"], [[1, 2, 0]])
+    np.testing.assert_array_equal(b["chosen_targets"], [[3, 4, 0]])
+    np.testing.assert_array_equal(b["chosen_valid"], [[1, 1, 0]])
+    np.testing.assert_array_equal(b["rejected_source"], [[1, 2, 4]])
+    np.testing.assert_array_equal(b["rejected_targets"], [[3, 5, 6]])
+    np.testing.assert_array_equal(b["rejected_valid"], [[1, 1, 1]])
+    assert shared_pair_shape(pair) == (6, 3)
+    with pytest.raises(ValueError, match="pair 0: shared row of 6 tokens > length 5"):
+        collate_preference_shared([pair], length=5, width=3)
+    with pytest.raises(ValueError, match="pair 0: 3 trained rejected tokens > width 2"):
+        collate_preference_shared([pair], length=8, width=2)
 
 
 def test_bucket_length_table():

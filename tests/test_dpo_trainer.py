@@ -19,7 +19,12 @@ from flax import nnx
 from train_utils import make_tiny_model_dir, make_tiny_tokenizer, read_metrics
 
 from jaxpt.config import ConfigError, load_config
-from jaxpt.data.packing import collate_preference
+from jaxpt.data.packing import (
+    SHARED_PAIR_KEYS,
+    collate_preference,
+    collate_preference_shared,
+    shared_pair_shape,
+)
 from jaxpt.data.tokenize import TokenizedPreference
 from jaxpt.losses.dpo import DPOLossConfig
 from jaxpt.models.decoder import init_model
@@ -28,6 +33,7 @@ from jaxpt.train.dpo import (
     build_dpo_trainer,
     dpo_batch_stats,
     make_dpo_loss_fn,
+    pair_layout,
     pair_logps,
 )
 from jaxpt.train.logprobs import sequence_token_logprobs
@@ -123,6 +129,51 @@ def test_concatenated_forward_equals_two_separate_forwards():
             assert out[f"{side}_lengths"][i] == C
 
 
+def test_shared_prefix_rows_give_the_padded_rows_logps_and_gradients():
+    """One [prefix | chosen | rejected] row per pair == the two padded rows: summed
+    log-probs, lengths, entropy, accuracy and parameter gradients (fp32)."""
+    from train_utils import tiny_model_config
+
+    cfg = tiny_model_config(83)
+    graphdef, params = nnx.split(init_model(cfg, seed=4))
+    params = params.to_pure_dict()
+    rng = np.random.RandomState(3)
+    pairs = random_pairs(rng, 83, 3) + [
+        TokenizedPreference([5, 6, 7], [8, 9, 10], [8, 9, 11, 12]),  # prefix past the prompt
+        TokenizedPreference([5], [13, 14], [13, 14]),  # identical completions
+        TokenizedPreference([5, 6], [15], [15, 16, 17]),  # chosen is a prefix of rejected
+    ]
+    flat = collate_preference(pairs, 20, pad_id=0)
+    shapes = np.asarray([shared_pair_shape(p) for p in pairs])
+    length, width = int(shapes[:, 0].max()) + 2, int(shapes[:, 1].max()) + 1
+    shared = collate_preference_shared(pairs, length, width, pad_id=0)
+    assert shared["shared_input_ids"].shape[1] < 2 * 20
+
+    def logps(params, batch):
+        out = pair_logps(
+            nnx.merge(graphdef, params),
+            batch,
+            impl="reference",
+            with_entropy=True,
+            with_accuracy=True,
+        )
+        weights = jnp.arange(1.0, 1.0 + out["chosen_logps"].shape[0])
+        loss = jnp.sum(weights * (out["chosen_logps"] - 0.5 * out["rejected_logps"]))
+        return loss, out
+
+    grad_fn = jax.jit(jax.value_and_grad(logps, has_aux=True))
+    (_, want), want_g = grad_fn(params, flat)
+    (_, got), got_g = grad_fn(params, shared)
+    assert set(got) == set(want)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-5, err_msg=k)
+    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    stats_flat, stats_shared = dpo_batch_stats(None, flat), dpo_batch_stats(None, shared)
+    for k in stats_flat:
+        np.testing.assert_allclose(stats_shared[k], stats_flat[k], err_msg=k)
+
+
 def test_accumulated_micro_batches_equal_full_batch_with_mixed_losses():
     """The b/B scaling: 2 micro-batches sum to the full batch (loss, metrics, gradients)."""
     from train_utils import tiny_model_config
@@ -195,6 +246,47 @@ def test_precomputed_reference_gives_the_online_losses(tiny, tmp_path):
     ep = rows_with(pre_cfg.out_dir, "eval_loss")[-1]
     assert eo["eval_num_pairs"] == ep["eval_num_pairs"] > 0
     assert abs(eo["eval_loss"] - ep["eval_loss"]) <= 1e-6
+
+
+def test_shared_prompt_rows_train_like_padded_rows(tiny, tmp_path):
+    """dpo.share_prompt: always (one row per pair) and never (two padded rows) log the same
+    train and eval metrics."""
+    train = {"eval_batch_size": 4, "max_steps": 3, "grad_accum": 2, "with_entropy": True}
+    logged = {}
+    for mode in ("never", "always"):
+        cfg = config(
+            tiny, tmp_path, mode, dpo={"eval_holdout": 8, "share_prompt": mode}, train=train
+        )
+        trainer = build_dpo_trainer(cfg)
+        assert ("shared_input_ids" in trainer.extras["sequence_keys"]) == (mode == "always")
+        run(trainer)
+        logged[mode] = (
+            rows_with(cfg.out_dir, "rewards/chosen"),
+            rows_with(cfg.out_dir, "eval_loss")[-1],
+        )
+    (flat, flat_eval), (shared, shared_eval) = logged["never"], logged["always"]
+    assert [r["step"] for r in flat] == [r["step"] for r in shared] == [1, 2, 3]
+    keys = ("loss", "rewards/margins", "logps/chosen", "logps/rejected", "grad_norm", "entropy")
+    for a, b in zip(flat, shared, strict=True):
+        for k in keys:
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (k, a["step"])
+    assert shared_eval["eval_loss"] == pytest.approx(flat_eval["eval_loss"], rel=1e-4, abs=1e-5)
+    # The shared rows go through the decoder with fewer tokens.
+    assert shared[0]["num_tokens"] < flat[0]["num_tokens"]
+
+
+def test_auto_shares_the_prompt_when_the_row_costs_less():
+    from train_utils import tiny_model_config
+
+    cfg = tiny_model_config(50)
+    ids = lambda n, start=1: list(range(start, start + n))  # noqa: E731
+    long_prompt = [TokenizedPreference(ids(100), ids(10, 200), ids(12, 300))]
+    long_answers = [TokenizedPreference(ids(4), ids(120, 200), ids(124, 400))]
+    layout = lambda mode, pairs: pair_layout(mode, cfg, pairs, max_length=128, pad_id=0)[0]  # noqa: E731
+    assert layout("auto", long_prompt) == SHARED_PAIR_KEYS  # 128 tokens instead of 2 x 128
+    assert layout("auto", long_answers) == PAIR_KEYS  # a 256-token row costs more
+    assert layout("always", long_answers) == SHARED_PAIR_KEYS
+    assert layout("never", long_prompt) == PAIR_KEYS
 
 
 def _nbytes(tree):

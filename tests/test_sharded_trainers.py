@@ -293,7 +293,8 @@ for shape in MESHES:
 """
 
 
-def test_dpo_step_matches_single_device(tiny, tmp_path, data_dir):
+@pytest.mark.parametrize("share_prompt", ["never", "always"])
+def test_dpo_step_matches_single_device(tiny, tmp_path, data_dir, share_prompt):
     path = write_config(
         tmp_path / "dpo.yaml",
         tiny,
@@ -307,7 +308,11 @@ def test_dpo_step_matches_single_device(tiny, tmp_path, data_dir):
         },
         # RPO (DPO + NLL of the chosen): step 1's DPO term is log 2 (policy == reference),
         # the NLL term makes the loss itself depend on the model.
-        dpo={"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]},
+        dpo={
+            "loss_type": ["sigmoid", "sft"],
+            "loss_weights": [1.0, 0.5],
+            "share_prompt": share_prompt,  # two padded rows per pair, or one shared row
+        },
     )
     out = run_with_devices(PRELUDE.format(meshes=MESHES) + DPO_CODE.format(path=str(path)))
     rows = parse_rows(out)

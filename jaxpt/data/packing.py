@@ -19,6 +19,19 @@ SFT / LM batch (``collate_packed``, ``collate_padded``)::
 Preference batch (``collate_preference``): the same five keys prefixed ``chosen_`` and
 ``rejected_``; row b holds prompt+chosen and prompt+rejected of pair b, right-padded to T.
 
+Shared-prefix preference batch (``collate_preference_shared``): pair b as ONE row
+[common prefix | rest of chosen | rest of rejected], the prefix (the prompt, and any
+tokens the two sides start with alike) computed once::
+
+    {"shared_input_ids", "shared_positions", "shared_segment_ids", "shared_prefix": [B,T],
+     "<side>_source", "<side>_targets": int32[B,C], "<side>_valid": float32[B,C]}
+
+* segments: prefix 1 (``shared_prefix`` = 1: seen by both continuations), chosen 2,
+  rejected 3; positions continue from the prefix in both continuations, so every token
+  has the position and the visible keys it has in its own padded row.
+* ``<side>_source[b,j]``: the row index whose hidden state predicts ``<side>_targets[b,j]``,
+  the j-th trained token of that side (``_valid`` = 1; 0 pads the C columns).
+
 Prompt batch (``collate_prompts``): ``prompt_ids`` int32[B,P] *left*-padded so every prompt
 ends at column P-1 (decoding starts at the same slot), ``prompt_mask`` bool[B,P]; P is
 bucketed (:func:`bucket_length`) so new prompt lengths reuse a few compiled shapes.
@@ -217,6 +230,75 @@ def collate_preference(
     for side in ("chosen", "rejected"):
         batch = collate_padded([p.sequence(side) for p in pairs], max_length, pad_id=pad_id)
         out.update({f"{side}_{k}": v for k, v in batch.items()})
+    return out
+
+
+SHARED_PAIR_KEYS = (
+    "shared_input_ids",
+    "shared_positions",
+    "shared_segment_ids",
+    "shared_prefix",
+    *(f"{side}_{k}" for side in ("chosen", "rejected") for k in ("source", "targets", "valid")),
+)
+
+
+def _shared_pair(pair: TokenizedPreference):
+    """(row ids, positions, segment ids, prefix length, {side: (source, targets)}) of one
+    pair in the shared-prefix layout (module doc)."""
+    c, r = pair.sequence("chosen"), pair.sequence("rejected")
+    n = min(len(c), len(r))
+    differ = np.flatnonzero(c.input_ids[:n] != r.input_ids[:n])
+    L = int(differ[0]) if differ.size else n  # longest common prefix
+    ids = np.concatenate([c.input_ids, r.input_ids[L:]])
+    positions = np.concatenate([np.arange(len(c)), np.arange(L, len(r))])
+    segments = np.repeat([1, 2, 3], [L, len(c) - L, len(r) - L])
+    # Flat index t of a side's own row -> its row index here; flat t predicts token t+1.
+    t_c, t_r = np.arange(len(c)), np.arange(len(r))
+    row_of = {"chosen": t_c, "rejected": np.where(t_r < L, t_r, len(c) + t_r - L)}
+    sides = {}
+    for side, ex in (("chosen", c), ("rejected", r)):
+        t = np.flatnonzero(ex.loss_mask[1:])
+        sides[side] = (row_of[side][t], ex.input_ids[t + 1])
+    return ids, positions, segments, L, sides
+
+
+def shared_pair_shape(pair: TokenizedPreference) -> tuple[int, int]:
+    """(row length, trained tokens of the longer side) of a pair's shared-prefix row."""
+    ids, _, _, _, sides = _shared_pair(pair)
+    return len(ids), max(len(src) for src, _ in sides.values())
+
+
+def collate_preference_shared(
+    pairs: Sequence[TokenizedPreference], length: int, width: int, *, pad_id: int = 0
+) -> dict[str, np.ndarray]:
+    """Shared-prefix preference batch (module doc): rows of ``length`` tokens, ``width``
+    trained-token columns per side. Log-probs read through ``<side>_source`` equal those
+    of ``collate_preference``'s two padded rows (same positions, same visible keys)."""
+    B = len(pairs)
+    out = {
+        "shared_input_ids": np.full((B, length), pad_id, np.int32),
+        **{k: np.zeros((B, length), np.int32) for k in SHARED_PAIR_KEYS[1:4]},
+    }
+    for side in ("chosen", "rejected"):
+        out[f"{side}_source"] = np.zeros((B, width), np.int32)
+        out[f"{side}_targets"] = np.zeros((B, width), np.int32)
+        out[f"{side}_valid"] = np.zeros((B, width), np.float32)
+    for b, pair in enumerate(pairs):
+        ids, positions, segments, L, sides = _shared_pair(pair)
+        if len(ids) > length:
+            raise ValueError(f"pair {b}: shared row of {len(ids)} tokens > length {length}")
+        n = len(ids)
+        out["shared_input_ids"][b, :n] = ids
+        out["shared_positions"][b, :n] = positions
+        out["shared_segment_ids"][b, :n] = segments
+        out["shared_prefix"][b, :L] = 1
+        for side, (source, targets) in sides.items():
+            k = len(source)
+            if k > width:
+                raise ValueError(f"pair {b}: {k} trained {side} tokens > width {width}")
+            out[f"{side}_source"][b, :k] = source
+            out[f"{side}_targets"][b, :k] = targets
+            out[f"{side}_valid"][b, :k] = 1.0
     return out
 
 

@@ -219,3 +219,13 @@ class ModelConfig:
         layer = attn + 3 * E * F + 2 * E
         embed = V * E * (1 if self.tie_word_embeddings else 2)
         return L * layer + embed + E
+
+
+def decoder_forward_flops(cfg: ModelConfig, rows: int, length: int) -> int:
+    """Forward FLOPs of the decoder layers (no LM head) over ``rows`` rows of ``length``
+    tokens with dense attention: what a batch layout costs, to choose between layouts."""
+    E, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    qkvo = E * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    per_token = 2 * L * (qkvo + 3 * E * F)
+    per_key = 4 * L * cfg.num_heads * cfg.head_dim  # QK^T and PV, per query and key
+    return rows * length * (per_token + per_key * length)

@@ -20,6 +20,13 @@ Per train step (``make_train_step`` with the loss below):
    over each row's completion (``loss_mask``) into a summed log-prob and a length, and split
    back into chosen / rejected for ``jaxpt.losses.dpo.dpo_loss``.
 
+   ``dpo.share_prompt`` (``auto``: when it costs fewer FLOPs) instead puts each pair in
+   ONE row, [prompt | chosen | rejected] (``collate_preference_shared``): the prompt, and
+   any tokens both sides start with, goes through the decoder once, and each side's
+   trained tokens are read from the hidden states that predict them. Same log-probs as
+   the two padded rows (tested); the row length and trained-token width are fixed for the
+   run from the longest pair, so one program serves every batch.
+
 Reduction: ``dpo_loss`` returns the mean over the micro-batch's b pairs; it is scaled by
 b / B, so summing the k micro-batches gives the mean over the whole batch's B pairs (loss and
 every metric). ``entropy`` (all completion tokens) and ``mean_token_accuracy`` (chosen
@@ -55,11 +62,20 @@ import numpy as np
 from flax import nnx
 
 from jaxpt.config import RunConfig, register_section
-from jaxpt.data import BATCH_KEYS, DataStats, prepare_preference
+from jaxpt.data import (
+    BATCH_KEYS,
+    SHARED_PAIR_KEYS,
+    DataStats,
+    bucket_length,
+    collate_preference_shared,
+    prepare_preference,
+    shared_pair_shape,
+)
 from jaxpt.data.packing import collate_preference
 from jaxpt.data.pipeline import Loader, _make_loader
 from jaxpt.data.tokenize import TokenizedPreference
 from jaxpt.losses.dpo import LOSS_TYPES, DPOLossConfig, dpo_loss, needs_reference
+from jaxpt.models.config import decoder_forward_flops
 from jaxpt.sharding import check_batch_size, replicated
 from jaxpt.train.checkpoint import StopFlag
 from jaxpt.train.common import (
@@ -69,7 +85,7 @@ from jaxpt.train.common import (
     load_model_bundle,
     read_data_records,
 )
-from jaxpt.train.logprobs import sequence_token_logprobs
+from jaxpt.train.logprobs import hidden_token_logprobs, sequence_token_logprobs
 from jaxpt.train.loop import LoopResult, Trainer, count_tokens, run
 from jaxpt.train.registry import register_trainer
 from jaxpt.train.state import (
@@ -114,6 +130,7 @@ class DPOSection:
     orpo_lambda: float = 0.1
     precompute_ref_logps: bool = False
     eval_holdout: int = 0
+    share_prompt: str = "auto"  # auto | always | never: one row per pair (module doc)
 
     def __post_init__(self):
         types = (self.loss_type,) if isinstance(self.loss_type, str) else tuple(self.loss_type)
@@ -125,6 +142,10 @@ class DPOSection:
                 raise ValueError(
                     f"loss_type: unknown loss type {t!r}{hint}; valid types are {list(LOSS_TYPES)}"
                 )
+        if self.share_prompt not in ("auto", "always", "never"):
+            raise ValueError(
+                f"share_prompt: {self.share_prompt!r}; use 'auto', 'always' or 'never'"
+            )
         if self.eval_holdout < 0:
             raise ValueError(f"eval_holdout: must be >= 0, got {self.eval_holdout}")
         try:
@@ -157,6 +178,38 @@ def interleave_pairs(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     return out
 
 
+def _shared_pair_token_logprobs(model, batch, *, impl, with_entropy, with_accuracy):
+    """(logprobs, entropy | None, correct | None, valid) [2b, C] of a shared-prefix batch
+    (``collate_preference_shared``): one decoder pass per pair row, then the LM head on the
+    hidden states that predict each side's trained tokens; row 2i = chosen i, 2i+1 =
+    rejected i, as ``interleave_pairs``."""
+    hidden_bTE, _ = model(
+        batch["shared_input_ids"],
+        batch["shared_positions"],
+        batch["shared_segment_ids"],
+        shared_BT=batch["shared_prefix"] > 0,
+    )
+    two = lambda k: jnp.stack(  # noqa: E731
+        [batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=1
+    )  # [b, 2, C]
+    source_b2C = two("source")
+    b, _, C = source_b2C.shape
+    hidden_b2CE = jnp.take_along_axis(
+        hidden_bTE[:, None], source_b2C[..., None], axis=2, mode="clip"
+    )
+    valid_2bC = two("valid").reshape(2 * b, C) > 0
+    lp, ent, correct = hidden_token_logprobs(
+        hidden_b2CE.reshape(2 * b, C, -1),
+        model.lm_head,
+        two("targets").reshape(2 * b, C),
+        impl=impl,
+        with_entropy=with_entropy,
+        with_accuracy=with_accuracy,
+        valid_BT=valid_2bC,
+    )
+    return lp, ent, correct, valid_2bC
+
+
 def pair_logps(
     model: Any,
     batch: Mapping[str, jax.Array],
@@ -172,16 +225,21 @@ def pair_logps(
     and when asked ``entropy_sum`` (entropy summed over every completion token of both
     sides) and ``chosen_correct`` (argmax hits over the chosen completion tokens), scalars.
     """
-    both = interleave_pairs(batch)
-    mask_2bT = both["loss_mask"] > 0
-    lp_2bT, ent_2bT, correct_2bT = sequence_token_logprobs(
-        model,
-        both,
-        impl=impl,
-        with_entropy=with_entropy,
-        with_accuracy=with_accuracy,
-        valid_BT=mask_2bT,  # the LM head runs on completion tokens only
-    )
+    if "shared_input_ids" in batch:
+        lp_2bT, ent_2bT, correct_2bT, mask_2bT = _shared_pair_token_logprobs(
+            model, batch, impl=impl, with_entropy=with_entropy, with_accuracy=with_accuracy
+        )
+    else:
+        both = interleave_pairs(batch)
+        mask_2bT = both["loss_mask"] > 0
+        lp_2bT, ent_2bT, correct_2bT = sequence_token_logprobs(
+            model,
+            both,
+            impl=impl,
+            with_entropy=with_entropy,
+            with_accuracy=with_accuracy,
+            valid_BT=mask_2bT,  # the LM head runs on completion tokens only
+        )
     logps_b2 = jnp.sum(jnp.where(mask_2bT, lp_2bT, 0.0), axis=-1).reshape(-1, 2)
     lengths_b2 = jnp.sum(mask_2bT, axis=-1, dtype=jnp.float32).reshape(-1, 2)
     out = {
@@ -201,10 +259,11 @@ def pair_logps(
 
 def dpo_batch_stats(state, batch) -> dict[str, jax.Array]:
     """Whole-batch counts every micro-batch normalizes by."""
-    c = batch["chosen_loss_mask"] > 0
-    r = batch["rejected_loss_mask"] > 0
+    mask = "valid" if "shared_input_ids" in batch else "loss_mask"
+    c = batch[f"chosen_{mask}"] > 0
+    r = batch[f"rejected_{mask}"] > 0
     return {
-        "num_pairs": jnp.float32(batch["chosen_input_ids"].shape[0]),
+        "num_pairs": jnp.float32(c.shape[0]),
         "num_completion_tokens": jnp.sum(c, dtype=jnp.float32) + jnp.sum(r, dtype=jnp.float32),
         "num_chosen_tokens": jnp.sum(c, dtype=jnp.float32),
     }
@@ -276,7 +335,7 @@ def make_ref_logps_fn(graphdef, *, impl: str = "auto", grad_accum: int = 1):
 
     def ref_logps(ref_params, batch):
         ref_params = jax.lax.stop_gradient(ref_params)
-        data = {k: batch[k] for k in PAIR_KEYS}
+        data = {k: v for k, v in batch.items() if k in PAIR_KEYS or k in SHARED_PAIR_KEYS}
         if grad_accum == 1:
             c, r = one(ref_params, data)
         else:
@@ -307,6 +366,7 @@ def indexed_preference_loader(
     *,
     batch_size: int,
     max_length: int,
+    collate: Callable[[list[TokenizedPreference]], dict[str, np.ndarray]] | None = None,
     seed: int = 0,
     shuffle: bool = True,
     num_epochs: int | None = None,
@@ -315,12 +375,13 @@ def indexed_preference_loader(
 ) -> Loader:
     """``preference_loader`` batches plus ``example_index`` int32 [B]: each pair's position
     in ``pairs`` (stable across epochs, shuffles and resumes), the key of precomputed
-    reference log-probs."""
+    reference log-probs. ``collate`` replaces ``collate_preference`` (the shared layout)."""
     stats = stats if stats is not None else DataStats(examples=len(pairs))
     stats.rows = len(pairs)
+    collate = collate or (lambda ps: collate_preference(ps, max_length, pad_id=pad_id))
 
     def batch_fn(rows):
-        batch = collate_preference([p for _, p in rows], max_length, pad_id=pad_id)
+        batch = collate([p for _, p in rows])
         batch[INDEX_KEY] = np.asarray([i for i, _ in rows], np.int32)
         return batch
 
@@ -345,9 +406,8 @@ def precompute_ref_table(
     pairs: Sequence[TokenizedPreference],
     *,
     batch_size: int,
-    max_length: int,
+    collate: Callable[[list[TokenizedPreference]], dict[str, np.ndarray]],
     batch_sh: Mapping[str, Any],
-    pad_id: int = 0,
 ) -> np.ndarray:
     """Reference log-probs of every pair: float32 [N, 2] (chosen, rejected), row i for
     ``pairs[i]``. ``ref_fn(ref_params, device batch)`` must return replicated
@@ -360,7 +420,7 @@ def precompute_ref_table(
     for start in range(0, n, per_call):
         idx = np.minimum(np.arange(start, start + per_call), n - 1)
         local = idx[pid * batch_size : (pid + 1) * batch_size]
-        host = collate_preference([pairs[i] for i in local], max_length, pad_id=pad_id)
+        host = collate([pairs[i] for i in local])
         host[INDEX_KEY] = local.astype(np.int32)
         out = jax.device_get(ref_fn(ref_params, put_batch(host, batch_sh)))
         table[out[INDEX_KEY], 0] = out["ref_chosen_logps"]
@@ -379,7 +439,8 @@ class DPOSource:
     loop's token count.
     """
 
-    def __init__(self, iterator, batch_sh, *, ref_fn=None, table=None):
+    def __init__(self, iterator, batch_sh, *, ref_fn=None, table=None, keys=PAIR_KEYS):
+        self.keys = keys  # the batch layout's sequence keys (PAIR_KEYS or SHARED_PAIR_KEYS)
         self.iterator = iterator
         self.batch_sh = batch_sh
         self.ref_fn = ref_fn
@@ -393,7 +454,7 @@ class DPOSource:
             host["ref_chosen_logps"], host["ref_rejected_logps"] = refs[:, 0], refs[:, 1]
         batch = put_batch(host, {k: v for k, v in self.batch_sh.items() if k in host})
         if self.ref_fn is not None:
-            batch.update(self.ref_fn(state.frozen, {k: batch[k] for k in PAIR_KEYS}))
+            batch.update(self.ref_fn(state.frozen, {k: batch[k] for k in self.keys}))
         batch["_num_tokens"] = ntok
         return batch
 
@@ -402,6 +463,33 @@ class DPOSource:
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.iterator.set_state(state)
+
+
+def pair_layout(
+    share_prompt: str,
+    model_cfg,
+    pairs: Sequence[TokenizedPreference],
+    *,
+    max_length: int,
+    pad_id: int,
+) -> tuple[tuple[str, ...], Callable[[list[TokenizedPreference]], dict[str, np.ndarray]]]:
+    """(sequence keys, collate) of the batch layout ``dpo.share_prompt`` picks for
+    ``pairs`` (every pair the run will see: train and eval). The shared layout's row
+    length and width are bucketed from the longest pair, fixed for the run; ``auto``
+    takes it when one row of that length costs fewer decoder FLOPs than two of
+    ``max_length``."""
+    if share_prompt != "never":
+        shapes = np.asarray([shared_pair_shape(p) for p in pairs])
+        length = bucket_length(int(shapes[:, 0].max()))
+        width = bucket_length(int(shapes[:, 1].max()))
+        shared_cost = decoder_forward_flops(model_cfg, 1, length)
+        if share_prompt == "always" or shared_cost < decoder_forward_flops(
+            model_cfg, 2, max_length
+        ):
+            return SHARED_PAIR_KEYS, lambda ps: collate_preference_shared(
+                ps, length, width, pad_id=pad_id
+            )
+    return PAIR_KEYS, lambda ps: collate_preference(ps, max_length, pad_id=pad_id)
 
 
 def _device_batch(batch: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
@@ -470,10 +558,18 @@ def build_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     local_bs = t.batch_size // n_proc
     train_pairs, train_stats, eval_pairs = read_pairs(cfg, tok, dpo)
+    seq_keys, collate = pair_layout(
+        dpo.share_prompt,
+        bundle.model_cfg,
+        [*train_pairs, *(eval_pairs or ())],
+        max_length=cfg.data.max_length,
+        pad_id=pad_id,
+    )
     loader = indexed_preference_loader(
         train_pairs,
         batch_size=local_bs,
         max_length=cfg.data.max_length,
+        collate=collate,
         seed=t.seed,
         shuffle=cfg.data.shuffle,
         pad_id=pad_id,
@@ -484,8 +580,8 @@ def build_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
 
     use_ref = needs_reference(loss_cfg)
     precompute = use_ref and dpo.precompute_ref_logps
-    data_sh = batch_shardings({**{k: 2 for k in PAIR_KEYS}, INDEX_KEY: 1}, mesh)
-    pair_sh = {k: data_sh[k] for k in PAIR_KEYS}
+    data_sh = batch_shardings({**{k: 2 for k in seq_keys}, INDEX_KEY: 1}, mesh)
+    pair_sh = {k: data_sh[k] for k in seq_keys}
     ref_sh = batch_shardings({k: 1 for k in REF_KEYS}, mesh) if use_ref else {}
     ref_logps = make_ref_logps_fn(bundle.graphdef, impl=t.logprob_impl, grad_accum=t.grad_accum)
     eval_bs = t.eval_batch_size or t.batch_size // t.grad_accum
@@ -512,9 +608,8 @@ def build_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
             bundle.params,
             train_pairs,
             batch_size=local_bs,
-            max_length=cfg.data.max_length,
+            collate=collate,
             batch_sh=data_sh,
-            pad_id=pad_id,
         )
         if eval_pairs is not None:
             tables["eval"] = precompute_ref_table(
@@ -522,9 +617,8 @@ def build_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
                 bundle.params,
                 eval_pairs,
                 batch_size=local_bs,
-                max_length=cfg.data.max_length,
+                collate=collate,
                 batch_sh=data_sh,
-                pad_id=pad_id,
             )
         n_pre = len(train_pairs) + (len(eval_pairs) if eval_pairs is not None else 0)
         print(
@@ -540,7 +634,7 @@ def build_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
             ref_logps, in_shardings=(ts.shardings.frozen, pair_sh), out_shardings=ref_sh
         )
 
-    step_keys = (*PAIR_KEYS, *(REF_KEYS if use_ref else ()))
+    step_keys = (*seq_keys, *(REF_KEYS if use_ref else ()))
     step_sh = {k: (data_sh | ref_sh)[k] for k in step_keys}
     loss_fn = make_dpo_loss_fn(
         bundle.graphdef,
@@ -559,7 +653,11 @@ def build_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     )
     step_fn = compile_step(step, ts.shardings, step_sh, mesh)
     source = DPOSource(
-        iter(loader), {**data_sh, **ref_sh}, ref_fn=online_ref, table=tables.get("train")
+        iter(loader),
+        {**data_sh, **ref_sh},
+        ref_fn=online_ref,
+        table=tables.get("train"),
+        keys=seq_keys,
     )
 
     eval_fn = None
@@ -568,6 +666,7 @@ def build_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
             eval_pairs,
             batch_size=eval_bs // n_proc,
             max_length=cfg.data.max_length,
+            collate=collate,
             shuffle=False,
             num_epochs=1,
             pad_id=pad_id,
@@ -592,6 +691,7 @@ def build_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
             t.eval_batches,
             ref_fn=eval_ref,
             table=tables.get("eval"),
+            keys=seq_keys,
         )
 
     return Trainer(
@@ -617,19 +717,28 @@ def build_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
             "train_pairs": train_pairs,
             "eval_pairs": eval_pairs,
             "step_keys": step_keys,
+            "sequence_keys": seq_keys,
         },
     )
 
 
 def make_eval_fn(
-    eval_step, loader, batch_sh, step_keys, max_batches: int | None, *, ref_fn=None, table=None
+    eval_step,
+    loader,
+    batch_sh,
+    step_keys,
+    max_batches: int | None,
+    *,
+    ref_fn=None,
+    table=None,
+    keys=PAIR_KEYS,
 ):
     """Evaluate on the held-out pairs: every ``dpo_loss`` metric averaged over pairs (all
     eval batches have the same size), prefixed ``eval_`` (``eval_loss``,
     ``eval_rewards/accuracies``, ``eval_rewards/margins``, ...)."""
 
     def eval_fn(state) -> dict[str, float]:
-        source = DPOSource(iter(loader), batch_sh, ref_fn=ref_fn, table=table)
+        source = DPOSource(iter(loader), batch_sh, ref_fn=ref_fn, table=table, keys=keys)
         outs = []
         for _ in range(max_batches if max_batches is not None else loader.batches_per_epoch):
             try:

@@ -27,6 +27,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxpt.models.config import decoder_forward_flops
 from jaxpt.rewards.advantages import compute_advantages
 from jaxpt.rewards.registry import compute_rewards
 from jaxpt.sampling import FINISH_LENGTH, Sampler, generate
@@ -213,16 +214,8 @@ def grouped_completion_logprobs(
 def shared_prompt_is_cheaper(cfg, prompt_len: int, completion_len: int, G: int) -> bool:
     """Whether one row of P + G*C tokens costs fewer FLOPs than G rows of P + C (dense
     attention grows with the row length; the matmuls shrink with the shared prompt)."""
-    E, F, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    qkvo = E * cfg.head_dim * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
-    per_token = 2 * L * (qkvo + 3 * E * F)
-    per_key = 4 * L * cfg.num_heads * cfg.head_dim  # QK^T and PV, per query and key
-
-    def cost(rows, length):
-        return rows * length * (per_token + per_key * length)
-
     P, C = prompt_len, completion_len
-    return cost(1, P + G * C) < cost(G, P + C)
+    return decoder_forward_flops(cfg, 1, P + G * C) < decoder_forward_flops(cfg, G, P + C)
 
 
 def _decode(tokenizer, tokens_RC, lengths_R) -> list[str]:
