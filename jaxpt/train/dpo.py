@@ -218,7 +218,8 @@ def pair_logps(
     with_entropy: bool = False,
     with_accuracy: bool = False,
 ) -> dict[str, jax.Array]:
-    """Summed completion log-probs of both sides of every pair in ONE forward of 2b rows.
+    """Summed completion log-probs of both sides of every pair in ONE forward: of 2b rows,
+    or of b shared-prefix rows (``collate_preference_shared`` keys).
 
     Returns fp32 ``chosen_logps``, ``rejected_logps`` (sum of log p over each completion's
     target tokens, [b]), ``chosen_lengths``, ``rejected_lengths`` (target token counts, [b]),
