@@ -111,7 +111,8 @@ def _gen(tiny, prompts=PROMPTS, **kw):
 
 
 @pytest.mark.parametrize(
-    "temperature,num_samples,layer_loop", [(1.0, 2, "unroll"), (0.7, 1, "scan")]
+    "temperature,num_samples,layer_loop",
+    [(1.0, 2, "unroll"), (1.0, 2, "unroll_out_in"), (0.7, 1, "scan")],
 )
 def test_cached_decode_logprobs_match_full_forward(tiny, temperature, num_samples, layer_loop):
     graphdef, params = tiny
@@ -170,9 +171,10 @@ def test_decode_step_matches_full_forward_for_other_architectures(extra):
 def test_scan_and_unrolled_layer_loops_agree(tiny):
     kw = dict(sampler=Sampler(temperature=1.0), num_samples=2, rng=11)
     scan = _gen(tiny, layer_loop="scan", **kw)
-    unroll = _gen(tiny, layer_loop="unroll", **kw)
-    np.testing.assert_array_equal(scan.tokens, unroll.tokens)
-    np.testing.assert_allclose(scan.logprobs, unroll.logprobs, atol=1e-5)
+    for loop in ("unroll", "unroll_out_in"):
+        unroll = _gen(tiny, layer_loop=loop, **kw)
+        np.testing.assert_array_equal(scan.tokens, unroll.tokens, err_msg=loop)
+        np.testing.assert_allclose(scan.logprobs, unroll.logprobs, atol=1e-5, err_msg=loop)
     with pytest.raises(GenerationError, match="layer_loop"):
         _gen(tiny, layer_loop="while")
 

@@ -229,20 +229,21 @@ def decode(
 
     layer_loop: "scan" runs `lax.scan` over the stacked layers each step, and XLA (on
     CPU and GPU) then slices, i.e. copies, every layer's weights out of the stack on
-    every step. "unroll" slices the weights once, before the loop, into the [out, in]
-    layout that multiplies a few rows fastest (`step.unstack_layers`), and runs the
-    layers as straight-line code on separate per-layer weight and cache buffers, so a
-    step copies nothing (faster on CPU), at the cost of one transient copy of the layer
-    weights while decoding and a compile time that grows with depth.
+    every step. "unroll" slices the weights once, before the loop, and runs the layers as
+    straight-line code on separate per-layer weight and cache buffers, so a step copies
+    nothing (faster on CPU), at the cost of one transient copy of the layer weights
+    while decoding and a compile time that grows with depth. "unroll_out_in" also
+    stores that copy's projections [out, in], the layout XLA:CPU multiplies by a few
+    rows fastest (`step._rows_times_out_in`).
     """
     if layer_loop not in LAYER_LOOPS:
         raise GenerationError(f"layer_loop={layer_loop!r}: use one of {LAYER_LOOPS}")
     cfg = nnx.merge(graphdef, params).cfg
     stacked = layer_weights(params, cfg)
-    if layer_loop == "unroll":
+    if layer_loop in ("unroll", "unroll_out_in"):
         # Slice every layer's weights and cache out of their stacks once, here, outside
         # the loop; the loop then works on separate per-layer buffers in place.
-        layers = unstack_layers(stacked, cfg.num_layers)
+        layers = unstack_layers(stacked, cfg.num_layers, out_in=layer_loop == "unroll_out_in")
         state = dataclasses.replace(state, cache=split_cache(state.cache))
     else:
         layers = stacked
@@ -341,8 +342,10 @@ def generate(
     shardings: an optional `jaxpt.sharding.DecodeSharding` (the decode preset of the
         sharding table); params and prompts should already be placed with it
         (`place_params`, `place_rows`). B * num_samples must divide its batch axes.
-    layer_loop: "unroll" | "scan" | "auto" (scan on TPU: no transient copy of the
-        weights, compile time independent of depth; unroll elsewhere); see `decode`.
+    layer_loop: "unroll" | "unroll_out_in" | "scan" | "auto" (scan on TPU: no transient
+        copy of the weights, compile time independent of depth; unroll_out_in on CPU;
+        unroll on GPU, where the [out, in] layout is not measured and its transposes
+        would be extra small kernels per step); see `decode`.
     Returns a `GenerationResult` with R = B * num_samples rows, row r = prompt
     r // num_samples.
     """
@@ -380,7 +383,7 @@ def generate(
         if vocab is not None and not 0 <= e < vocab:
             raise GenerationError(f"token id {e} (eos_ids / pad_id) is outside vocab [0, {vocab})")
     if layer_loop == "auto":
-        layer_loop = "scan" if jax.default_backend() == "tpu" else "unroll"
+        layer_loop = {"tpu": "scan", "cpu": "unroll_out_in"}.get(jax.default_backend(), "unroll")
     if layer_loop not in LAYER_LOOPS:
         raise GenerationError(f"layer_loop={layer_loop!r}: use one of {('auto', *LAYER_LOOPS)}")
     if shardings is not None:

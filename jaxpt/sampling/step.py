@@ -27,7 +27,8 @@ from flax import nnx
 from jaxpt.models.config import ModelConfig
 from jaxpt.models.decoder import KVCache, apply_rope, rms_norm, rope_inv_freq, rope_tables
 
-LAYER_LOOPS = ("unroll", "scan")
+# "unroll_out_in": "unroll" with the projections stored [out, in] (`_rows_times_out_in`).
+LAYER_LOOPS = ("unroll", "unroll_out_in", "scan")
 
 
 @jax.tree_util.register_dataclass
@@ -146,15 +147,17 @@ def _project(x_RI: jax.Array, w: dict, name: str, cdt) -> jax.Array:
     return _rows_times_out_in(x_RI, w[_OUT_IN[name]].astype(cdt))
 
 
-def unstack_layers(stacked: dict, num_layers: int) -> list[dict]:
+def unstack_layers(stacked: dict, num_layers: int, *, out_in: bool = False) -> list[dict]:
     """Per-layer weights for the unrolled loop, made once, outside the while loop: sliced
-    out of the stack, with the projections stored [out, in] for `_rows_times_out_in`
-    (slicing copies anyway, so transposing in the same copy costs nothing more)."""
+    out of the stack and, with ``out_in``, the projections stored [out, in] for
+    `_rows_times_out_in` (slicing copies anyway, so transposing in the same copy costs
+    nothing more)."""
     layers = []
     for l in range(num_layers):
         w = {k: v[l] for k, v in stacked.items()}
-        for name, out_in in _OUT_IN.items():
-            w[out_in] = w.pop(name).T
+        if out_in:
+            for name, transposed in _OUT_IN.items():
+                w[transposed] = w.pop(name).T
         layers.append(w)
     return layers
 
@@ -193,7 +196,8 @@ def decode_step(
     """Feed one token per row (at `positions_R`, into cache slot `index`); returns fp32
     logits_RV for the next token and the updated cache.
 
-    layers / cache: for layer_loop="unroll", per-layer weight dicts (`unstack_layers`)
+    layers / cache: for layer_loop="unroll" / "unroll_out_in", per-layer weight dicts
+    (`unstack_layers`, with ``out_in`` for the second)
     and a `split_cache`; for "scan", the stacked `layer_weights` and a stacked cache.
     """
     embed_VE = params["embed_VE"][...]
@@ -208,7 +212,7 @@ def decode_step(
     mask_R11S = mask_RS[:, None, None, :]
 
     zero = jnp.zeros((), jnp.int32)
-    if layer_loop == "unroll":
+    if layer_loop in ("unroll", "unroll_out_in"):
         if not isinstance(cache.k_LRKSD, tuple):
             raise ValueError("layer_loop='unroll' takes a split_cache(...) cache")
         ks, vs = list(cache.k_LRKSD), list(cache.v_LRKSD)
@@ -241,7 +245,7 @@ def decode_step(
 
     h_RE = rms_norm(x_RE, params["final_norm_E"][...], cfg.rms_norm_eps)
     lm_head_VE = params["embed_VE" if cfg.tie_word_embeddings else "lm_head_VE"][...]
-    if layer_loop == "unroll":  # the same skinny-rows form as the layers
+    if layer_loop == "unroll_out_in":  # the same skinny-rows form as the layers
         logits_RV = _rows_times_out_in(h_RE, lm_head_VE.astype(h_RE.dtype), jnp.float32)
     else:
         logits_RV = jnp.einsum(
