@@ -387,6 +387,8 @@ def test_bad_loss_type_fails_at_config_load_naming_the_key(tiny, tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="dpo: eval_holdout: must be >= 0"):
         load_config(path, ["dpo.loss_weights=null", "dpo.eval_holdout=-1"])
+    with pytest.raises(ConfigError, match="dpo: share_prompt: 'sometimes'; use 'auto'"):
+        load_config(path, ["dpo.loss_weights=null", "dpo.share_prompt=sometimes"])
 
 
 # ----------------------------------------------------------------------------- e2e
