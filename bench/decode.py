@@ -11,6 +11,7 @@ which would flatter the ratio.
 
     python bench/decode.py            # batch 1, 8, 32 x 128 new tokens, 3 reps
     python bench/decode.py --quick    # batch 1, 8 x 32 new tokens, 1 rep (a few minutes)
+    python bench/decode.py --no-pack  # prefill the padded prompt rows (generate(pack=False))
 
 Prints one JSON object per batch size (metric: new tokens per second, ratio = jaxpt /
 transformers, target 3.0 at batch 8).
@@ -66,6 +67,12 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=None, help="default 3 (--quick: 1)")
     ap.add_argument("--quick", action="store_true", help="a run of a couple of minutes")
     ap.add_argument("--skip-peer", action="store_true", help="time jaxpt only")
+    ap.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="prefill the left-padded prompt rows as they are (generate(pack=False)) "
+        "instead of packing prompts several to a row",
+    )
     ap.add_argument(
         "--torch-threads",
         default=None,
@@ -129,6 +136,7 @@ def main(argv=None) -> int:
                 eos_ids=(),
                 rng=0,
                 pad_id=pad,
+                pack=not args.no_pack,
             )
             return np.asarray(jax.block_until_ready(res.tokens))
 
@@ -188,7 +196,7 @@ def main(argv=None) -> int:
         lines.append(
             {
                 "bench": "decode",
-                "case": f"bs{B}_new{M}_greedy_fp32",
+                "case": f"bs{B}_new{M}_greedy_fp32" + ("_nopack" if args.no_pack else ""),
                 "metric": "new_tokens_per_s",
                 "unit": "tok/s",
                 "jaxpt": round(jaxpt_tps, 2),

@@ -25,6 +25,7 @@ from jaxpt.sampling import (
     finish_reason_names,
     generate,
     left_pad,
+    pack_prompts,
     prefill,
 )
 
@@ -179,6 +180,55 @@ def test_scan_and_unrolled_layer_loops_agree(tiny):
         _gen(tiny, layer_loop="while")
 
 
+def test_pack_prompts_layout():
+    # Lengths 3, 5, 2, 4 (padding left, right and inside) into rows of 8 slots, best fit
+    # longest first: 5 -> row 0, 4 -> row 1, 3 -> row 0 (fills it), 2 -> row 1. Within a
+    # row, prompts keep their batch order.
+    ids = np.array(
+        [
+            [0, 0, 0, 1, 2, 3],
+            [4, 5, 6, 7, 8, 0],
+            [9, 0, 10, 0, 0, 0],
+            [0, 11, 12, 13, 14, 0],
+        ]
+    )
+    mask = ids > 0
+    packed = pack_prompts(ids, mask, width=8, pad_id=99)
+    np.testing.assert_array_equal(
+        packed.ids_QW, [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 99, 99]]
+    )
+    np.testing.assert_array_equal(
+        packed.segment_ids_QW, [[1, 1, 1, 2, 2, 2, 2, 2], [1, 1, 2, 2, 2, 2, 0, 0]]
+    )
+    np.testing.assert_array_equal(
+        packed.positions_QW, [[0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 0, 1, 2, 3, 0, 0]]
+    )
+    np.testing.assert_array_equal(packed.row_B, [0, 0, 1, 1])
+    np.testing.assert_array_equal(packed.start_B, [0, 3, 0, 2])
+    np.testing.assert_array_equal(packed.length_B, [3, 5, 2, 4])
+    # No fewer rows than prompts: nothing to gain, None.
+    assert pack_prompts(ids[[1, 3]], mask[[1, 3]], width=8) is None  # 5 + 4 > 8
+    assert pack_prompts(ids[:1], mask[:1], width=8) is None
+
+
+def test_packed_prefill_matches_padded_prefill(tiny):
+    # Six prompts of 1-12 tokens pack into 3 rows of 16 slots.
+    prompts = [*PROMPTS, [4] * 12, [9, 8, 7, 6, 5, 4, 3, 2, 1, 10, 11]]
+    ids, mask = _batch(prompts)
+    assert pack_prompts(ids, mask, bucket_length(12)).ids_QW.shape == (3, 16)
+    kw = dict(sampler=Sampler(temperature=1.0), num_samples=2, rng=7, max_new_tokens=8)
+    padded = _gen(tiny, prompts, pack=False, **kw)
+    packed = _gen(tiny, prompts, pack=True, **kw)
+    np.testing.assert_array_equal(packed.tokens, padded.tokens)
+    np.testing.assert_allclose(packed.logprobs, padded.logprobs, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(packed.lengths, padded.lengths)
+    # And both are the model's own log-probs of what they sampled.
+    graphdef, params = tiny
+    rows = [prompts[r // 2] for r in range(len(prompts) * 2)]
+    ref_logp, _ = _full_forward(graphdef, params, rows, packed.tokens)
+    np.testing.assert_allclose(packed.logprobs, ref_logp, atol=1e-4, rtol=0)
+
+
 def test_greedy_is_argmax_of_full_forward(tiny):
     graphdef, params = tiny
     res = _gen(tiny)
@@ -307,10 +357,11 @@ def test_temperature_to_zero_equals_greedy(tiny):
     np.testing.assert_array_equal(cold.tokens, greedy.tokens)
 
 
-def test_num_samples_share_one_prefill(tiny, monkeypatch):
+@pytest.mark.parametrize("pack", [False, True])
+def test_num_samples_share_one_prefill(tiny, monkeypatch, pack):
     import jaxpt.sampling.loop as decode_mod
 
-    greedy1 = _gen(tiny)
+    greedy1 = _gen(tiny, pack=pack)
     prompt_passes, decode_rows = [], []
     model_call, step = Decoder.__call__, decode_mod.decode_step
 
@@ -325,10 +376,11 @@ def test_num_samples_share_one_prefill(tiny, monkeypatch):
     monkeypatch.setattr(Decoder, "__call__", spy_model)
     monkeypatch.setattr(decode_mod, "decode_step", spy_step)
     jax.clear_caches()  # make the jitted prefill / decode trace again
-    greedy3 = _gen(tiny, num_samples=3)
+    greedy3 = _gen(tiny, num_samples=3, pack=pack)
     B, P = len(PROMPTS), bucket_length(max(map(len, PROMPTS)))
-    # One prompt pass over the B prompts (not 3B); the traced decode step has 3B rows.
-    assert prompt_passes == [(B, P)]
+    # One prompt pass over the B prompts (not 3B; packed, all 16 tokens fit one row of
+    # P = 16 slots); the traced decode step has 3B rows.
+    assert prompt_passes == [(1, P) if pack else (B, P)]
     assert decode_rows == [3 * B]
     np.testing.assert_array_equal(greedy3.tokens, np.repeat(greedy1.tokens, 3, axis=0))
     np.testing.assert_allclose(greedy3.logprobs, np.repeat(greedy1.logprobs, 3, axis=0), atol=1e-6)

@@ -12,11 +12,14 @@ from jaxpt.sampling.loop import (
     DecodeState,
     GenerationError,
     GenerationResult,
+    PackedPrompts,
     bucket_length,
     decode,
     finish_reason_names,
     generate,
+    pack_prompts,
     prefill,
+    prefill_packed,
     result_from_state,
 )
 from jaxpt.sampling.samplers import Sampler, SamplerError
@@ -39,6 +42,7 @@ __all__ = [
     "DecodeState",
     "GenerationError",
     "GenerationResult",
+    "PackedPrompts",
     "PromptError",
     "Sampler",
     "SamplerError",
@@ -52,6 +56,8 @@ __all__ = [
     "generate",
     "generate_text",
     "left_pad",
+    "pack_prompts",
     "prefill",
+    "prefill_packed",
     "result_from_state",
 ]
