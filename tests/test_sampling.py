@@ -229,6 +229,28 @@ def test_packed_prefill_matches_padded_prefill(tiny):
     np.testing.assert_allclose(packed.logprobs, ref_logp, atol=1e-4, rtol=0)
 
 
+def test_packed_rows_are_a_bucket_or_the_callers_width(tiny, monkeypatch):
+    # The packed width is also each prompt's cache width, which the decode loop compiles
+    # for: bucketed, or (bucket=False) the width the caller padded to, never the longest
+    # prompt of the batch.
+    import jaxpt.sampling.loop as loop
+
+    widths, prefill_packed = [], loop.prefill_packed
+
+    def spy(**kw):
+        widths.append(kw["ids_QW"].shape)
+        return prefill_packed(**kw)
+
+    monkeypatch.setattr(loop, "prefill_packed", spy)
+    graphdef, params = tiny
+    ids, mask = _batch()  # 16 tokens, the longest prompt 7
+    ids, mask = np.pad(ids, ((0, 0), (13, 0))), np.pad(mask, ((0, 0), (13, 0)))  # P = 20
+    kw = dict(sampler=Sampler.greedy(), max_new_tokens=2, eos_ids=(), rng=0, pad_id=PAD)
+    generate(graphdef, params, ids, mask, bucket=False, **kw)
+    generate(graphdef, params, ids, mask, bucket=True, **kw)
+    assert widths == [(1, 20), (1, bucket_length(7))]
+
+
 def test_greedy_is_argmax_of_full_forward(tiny):
     graphdef, params = tiny
     res = _gen(tiny)

@@ -534,8 +534,11 @@ def generate(
     packed = None
     concrete = not isinstance(ids, jax.core.Tracer) and not isinstance(mask, jax.core.Tracer)
     if pack and shardings is None and concrete:
+        # The packed rows and each prompt's cache row get W slots: a bucket, or the width
+        # the caller padded to (its own bucketing), so new lengths do not compile a new
+        # decode loop.
         longest = int(np.asarray(mask).astype(bool).sum(axis=1).max())
-        width = bucket_length(longest) if bucket else longest
+        width = bucket_length(longest) if bucket else P
         packed = pack_prompts(ids, mask, width, int(pad_id))
     if packed is not None:
         state = prefill_packed(
