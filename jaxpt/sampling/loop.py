@@ -511,6 +511,7 @@ def generate(
     B, P = ids.shape
     if B == 0 or P == 0:
         raise GenerationError(f"prompt_ids_BP: empty batch or length (shape {ids.shape})")
+    lens = None  # prompt lengths, when the mask is on the host (not traced)
     if not isinstance(mask, jax.core.Tracer):
         lens = np.asarray(mask).astype(bool).sum(axis=1)
         empty = np.flatnonzero(lens == 0)
@@ -532,13 +533,11 @@ def generate(
     static = dict(graphdef=graphdef, sampler=sampler, eos_ids=eos, pad_id=int(pad_id))
     M, key = int(max_new_tokens), _as_key(rng)
     packed = None
-    concrete = not isinstance(ids, jax.core.Tracer) and not isinstance(mask, jax.core.Tracer)
-    if pack and shardings is None and concrete:
+    if pack and shardings is None and lens is not None and not isinstance(ids, jax.core.Tracer):
         # The packed rows and each prompt's cache row get W slots: a bucket, or the width
         # the caller padded to (its own bucketing), so new lengths do not compile a new
         # decode loop.
-        longest = int(np.asarray(mask).astype(bool).sum(axis=1).max())
-        width = bucket_length(longest) if bucket else P
+        width = bucket_length(int(lens.max())) if bucket else P
         packed = pack_prompts(ids, mask, width, int(pad_id))
     if packed is not None:
         state = prefill_packed(
