@@ -78,6 +78,7 @@ from jaxpt.train.rollout import (
 from jaxpt.train.state import (
     batch_shardings,
     compile_step,
+    identity_params,
     make_optimizer,
     make_train_step,
     put_batch,
@@ -751,8 +752,15 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     # Rollouts decode under the decode preset: the policy is resharded to tensor-only
     # weights once per rollout, and the decoded rows are split over data x fsdp.
     decode_sh = decode_sharding(mesh)
-    params_of_state = jax.jit(lambda s: ts.params_fn(s.params, s.frozen, None),
-                              out_shardings=decode_sh.params(bundle.params))
+    decode_params_sh = decode_sh.params(bundle.params)
+    if ts.params_fn is identity_params:
+        # The policy is the trained params themselves: device_put hands the same buffers
+        # over where the decode layout is the train layout (one device), with no copy of
+        # the weights per rollout (~0.3 s for SmolLM2-135M on CPU), and reshards otherwise.
+        params_of_state = lambda s: jax.device_put(s.params, decode_params_sh)  # noqa: E731
+    else:
+        params_of_state = jax.jit(lambda s: ts.params_fn(s.params, s.frozen, None),
+                                  out_shardings=decode_params_sh)
     score_fn = make_score_fn(bundle.graphdef, ts.params_fn, impl=t.logprob_impl,
                              temperature=grpo.temperature if grpo.temperature > 0 else 1.0,
                              batch_sh=batch_sh, mesh=mesh, shardings=ts.shardings,

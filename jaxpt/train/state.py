@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxpt.config import OptimConfig
 from jaxpt.sharding import batch_sharding, check_batch_size, replicated
+from jaxpt.train.adamw import FusedAdamW
 from jaxpt.tree import path_names
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array, Mapping[str, Any]], tuple]
@@ -103,10 +104,11 @@ def make_schedule(optim: OptimConfig, total_steps: int) -> Callable[[jax.Array],
     return schedule
 
 
-def make_optimizer(
-    optim: OptimConfig, total_steps: int
-) -> tuple[optax.GradientTransformation, Callable]:
-    """(AdamW with global-norm clipping and the warmup/decay schedule, the schedule)."""
+def make_optimizer(optim: OptimConfig, total_steps: int) -> tuple[FusedAdamW, Callable]:
+    """(AdamW with global-norm clipping and the warmup/decay schedule, the schedule).
+
+    The optimizer is the optax chain wrapped in ``FusedAdamW``: optax's ``init`` /
+    ``update`` and state, plus the fused ``apply`` the train step uses."""
     schedule = make_schedule(optim, total_steps)
     parts = []
     if optim.max_grad_norm is not None:
@@ -121,7 +123,19 @@ def make_optimizer(
             mask=decay_mask,
         )
     )
-    return optax.chain(*parts), schedule
+    return (
+        FusedAdamW(
+            tx=optax.chain(*parts),
+            schedule=schedule,
+            b1=optim.b1,
+            b2=optim.b2,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            max_grad_norm=optim.max_grad_norm,
+            decay_mask=decay_mask,
+        ),
+        schedule,
+    )
 
 
 def update_count(opt_state) -> jax.Array | None:
@@ -305,9 +319,15 @@ def make_train_step(
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         count = update_count(state.opt_state)
         lr = schedule(state.step if count is None else count)
-        updates, new_opt = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        if isinstance(tx, FusedAdamW):
+            new_params, new_opt = tx.apply(
+                grads, state.opt_state, state.params, grad_norm=grad_norm, finite=finite
+            )
+        else:
+            updates, new_opt = tx.update(grads, state.opt_state, state.params)
+            new_params = optax.apply_updates(state.params, updates)
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            new_params, new_opt = keep(new_params, state.params), keep(new_opt, state.opt_state)
         metrics = {
             **metrics,
             "loss": loss,
@@ -316,8 +336,8 @@ def make_train_step(
             "skipped": 1.0 - finite.astype(jnp.float32),
         }
         new_state = TrainState(
-            params=keep(new_params, state.params),
-            opt_state=keep(new_opt, state.opt_state),
+            params=new_params,
+            opt_state=new_opt,
             step=state.step + 1,
             rng=rng,
             frozen=state.frozen,

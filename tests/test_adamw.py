@@ -1,0 +1,79 @@
+"""FusedAdamW.apply against optax: the same params and state as ``tx.update`` +
+``optax.apply_updates``, and nothing applied on a non-finite step."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxpt.config import OptimConfig
+from jaxpt.train.state import make_optimizer
+
+
+def _params(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    return {
+        "embed_VE": jax.random.normal(k1, (16, 8)),
+        "layers": {"wq_END": jax.random.normal(k2, (2, 8, 4)), "attn_norm_E": jnp.ones((2, 8))},
+        "final_norm_E": jax.random.normal(k3, (8,)),
+    }
+
+
+def _optax_apply(tx, grads, opt_state, params):
+    updates, new_opt = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_opt
+
+
+@pytest.mark.parametrize(
+    "optim",
+    [
+        # grads of norm ~ 10-40: clipping active at 1.0, inactive at 100
+        OptimConfig(lr=0.05, weight_decay=0.1, warmup_steps=2, schedule="cosine"),
+        OptimConfig(lr=0.05, weight_decay=0.0, max_grad_norm=100.0, b1=0.8, b2=0.95, eps=1e-6),
+        OptimConfig(lr=0.02, weight_decay=0.3, max_grad_norm=None, schedule="constant"),
+    ],
+    ids=["clip-active-decay-warmup", "clip-inactive", "no-clip"],
+)
+def test_fused_apply_matches_optax_chain(optim):
+    tx, _ = make_optimizer(optim, total_steps=6)
+    params = _params(jax.random.key(0))
+    ref_p, ref_s = params, tx.init(params)
+    got_p, got_s = params, tx.init(params)
+    apply = jax.jit(lambda g, s, p: tx.apply(g, s, p, grad_norm=optax.global_norm(g),
+                                             finite=jnp.bool_(True)))
+    for i in range(5):
+        grads = jax.tree.map(lambda x, i=i: 3.0 * jax.random.normal(jax.random.key(i + 1), x.shape),
+                             params)
+        ref_p, ref_s = _optax_apply(tx.tx, grads, ref_s, ref_p)
+        got_p, got_s = apply(grads, got_s, got_p)
+        assert jax.tree.structure(got_s) == jax.tree.structure(ref_s)
+        for a, b in zip(jax.tree.leaves((got_p, got_s)), jax.tree.leaves((ref_p, ref_s)),
+                        strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=1e-7)
+    # the params moved (the test is not comparing two no-ops)
+    assert not np.allclose(np.asarray(got_p["embed_VE"]), np.asarray(params["embed_VE"]))
+
+
+def test_fused_apply_keeps_everything_on_a_nonfinite_step():
+    tx, _ = make_optimizer(OptimConfig(lr=0.05, weight_decay=0.1), total_steps=6)
+    params = _params(jax.random.key(0))
+    grads = jax.tree.map(jnp.ones_like, params)
+    _, state = tx.apply(grads, tx.init(params), params, grad_norm=optax.global_norm(grads),
+                        finite=jnp.bool_(True))
+    nan_grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
+    new_p, new_s = tx.apply(nan_grads, state, params, grad_norm=optax.global_norm(nan_grads),
+                            finite=jnp.bool_(False))
+    for a, b in zip(jax.tree.leaves((new_p, new_s)), jax.tree.leaves((params, state)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_fused_apply_rejects_a_foreign_state():
+    tx, _ = make_optimizer(OptimConfig(), total_steps=2)
+    params = _params(jax.random.key(0))
+    with pytest.raises(TypeError, match="clip -> adamw chain"):
+        tx.apply(params, optax.sgd(0.1).init(params), params,
+                 grad_norm=jnp.float32(1.0), finite=jnp.bool_(True))
