@@ -118,14 +118,44 @@ def test_group_rows_must_share_their_prompt():
         group_rollout_rows(flat, 3)
 
 
-def test_shared_prompt_layout_is_chosen_by_cost():
-    from jaxpt.models import hub
-    from jaxpt.train.rollout import shared_prompt_is_cheaper
+@pytest.mark.parametrize("remat", ["attention", "none"])
+def test_prefix_block_attention_equals_dense_attention_on_the_shared_layout(remat):
+    """Decoder(prefix_blocks=(P, C)) on shared-prompt rows: the same hidden states at every
+    real position and the same parameter gradients as dense masked attention over the row
+    (fp32, <= 1e-5), with both attention backwards (written-out and autodiff's)."""
+    import dataclasses
 
-    cfg = hub.resolve("smollm2-135m-instruct").config()
-    assert shared_prompt_is_cheaper(cfg, 256, 64, 4)  # bench/grpo.py's shape
-    # 16 long completions in one dense-attention row cost more than 16 rows.
-    assert not shared_prompt_is_cheaper(cfg, 256, 2048, 16)
+    import jax
+    from flax import nnx
+
+    from jaxpt.train.rollout import group_rollout_rows
+
+    cfg = ModelConfig(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=64,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    cfg = dataclasses.replace(cfg, remat=remat)
+    graphdef, params = nnx.split(init_model(cfg, seed=3))
+    g = {k: jnp.asarray(v) for k, v in group_rollout_rows(_flat_rollout(), 3).items()}
+    P, C = 6, 5
+    real_BT = g["group_segment_ids"] > 0
+    w_BTE = jnp.asarray(np.random.RandomState(0).randn(2, P + 3 * C, 32), jnp.float32)
+
+    def run(blocks):
+        def f(p):
+            h, _ = nnx.merge(graphdef, p)(
+                g["group_input_ids"], g["group_positions"], g["group_segment_ids"],
+                shared_BT=g["group_shared"] > 0, prefix_blocks=blocks)
+            return jnp.sum(jnp.where(real_BT[..., None], h * w_BTE, 0.0)), h
+        return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
+
+    (_, h_dense), g_dense = run(None)
+    (_, h_block), g_block = run((P, C))
+    real = np.asarray(real_BT)
+    assert real[:, P:].sum() < real[:, P:].size  # completions with padding are covered
+    np.testing.assert_allclose(np.asarray(h_block)[real], np.asarray(h_dense)[real], atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_block), jax.tree.leaves(g_dense), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # fp32 sums of terms ~10
+    with pytest.raises(ValueError, match="does not split a row of 21 tokens"):
+        nnx.merge(graphdef, params)(g["group_input_ids"], prefix_blocks=(6, 4))
 
 
 def test_shared_prompt_step_equals_flat_step(tmp_path, tiny):

@@ -12,6 +12,8 @@ at 0), left-padded prompts (padding is segment 0) and a KV cache (empty slots ar
 segment 0), so there is no special case for any of them. One extension: keys flagged in
 `shared_BT` are seen by every non-padding query of their row (position rule still
 applies), which lets G completions packed after one copy of their prompt share it.
+With `prefix_blocks=(P, C)` such a row (a prefix of P tokens, then blocks of C tokens that
+each see only the prefix and themselves) computes attention over those key ranges only.
 
 Layers are stacked on a leading L axis and run with `lax.scan`, so compile time does not
 grow with depth; remat applies per layer.
@@ -184,6 +186,7 @@ class Decoder(nnx.Module):
         cache_index: jax.Array | int | None = None,
         input_embeddings_BTE: jax.Array | None = None,
         shared_BT: jax.Array | None = None,
+        prefix_blocks: tuple[int, int] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Returns (hidden_BTE after the final norm, updated cache or None).
 
@@ -192,6 +195,10 @@ class Decoder(nnx.Module):
         `input_embeddings_BTE` replaces the embedding lookup (NEFTune adds noise there).
         `shared_BT` (bool, no cache): keys any non-padding query of the row may attend to
         when not after it, whatever its segment (a shared prompt; module doc).
+        `prefix_blocks=(P, C)` (static, no cache): the row is a prefix of P tokens then
+        blocks of C tokens, and the mask lets a block's queries see only prefix keys and
+        keys of their own block (the shared-prompt layout); attention then runs over those
+        key ranges only (`prefix_block_attention`), not over the whole row.
         """
         cfg = self.cfg
         B, T = tokens_BT.shape
@@ -219,8 +226,21 @@ class Decoder(nnx.Module):
             same_BTS = same_BTS | (shared_BT[:, None, :] & (segment_ids_BT[:, :, None] > 0))
         mask_B1TS = (same_BTS & (key_pos_BS[:, None, :] <= positions_BT[:, :, None]))[:, None]
 
+        attend = _attention(cfg)
+        if prefix_blocks is not None:
+            if cache is not None:
+                raise ValueError("Decoder: prefix_blocks is for training rows, not the KV cache")
+            P, C = prefix_blocks
+            if P < 1 or C < 1 or (T - P) % C:
+                raise ValueError(
+                    f"Decoder: prefix_blocks=(P={P}, C={C}) does not split a row of {T} "
+                    "tokens into a prefix and whole blocks"
+                )
+            attend = prefix_block_attention(attend, mask_B1TS, P, C)
+        else:
+            attend = functools.partial(_with_mask, attend, mask_B1TS)
         graphdef, layer_params = nnx.split(self.layers)
-        layer_fn = _layer_fn(cfg, graphdef, cos_BTD, sin_BTD, mask_B1TS)
+        layer_fn = _layer_fn(cfg, graphdef, cos_BTD, sin_BTD, attend)
         if cfg.remat not in ("none", "attention"):
             policy = {
                 "full": jax.checkpoint_policies.nothing_saveable,
@@ -275,6 +295,51 @@ def _attention(cfg: ModelConfig):
     if cfg.remat == "none":
         return lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
     return lambda q, k, v, mask: recomputing_attention(q, k, v, mask, scale)
+
+
+def _with_mask(attend, mask_B1TS, q_BTND, k_BSKD, v_BSKD):
+    return attend(q_BTND, k_BSKD, v_BSKD, mask_B1TS)
+
+
+def prefix_block_attention(attend, mask_B1TS, P: int, C: int):
+    """``attend(q, k, v, mask)`` over rows of a P-token prefix and G blocks of C tokens,
+    as (q, k, v) -> out, computing only the scores the layout can use.
+
+    In the shared-prompt layout block i's queries see the prefix and block i, never
+    another block, so the dense T x T scores are mostly masked (2 prompts of 96 and 4
+    completions of 64: 40% used; G=16, C=256: 9%). Here the prefix attends to itself
+    ([P, P]) and each block to prefix ++ itself ([C, P + C], the prefix keys broadcast
+    to every block; autodiff sums their gradients back). Masked entries come from
+    ``mask_B1TS`` itself, so the result equals ``attend`` on the whole row whenever the
+    mask has nothing outside those ranges, which the layout guarantees."""
+    B, _, T, _ = mask_B1TS.shape
+    G = (T - P) // C
+    m_BGCT = mask_B1TS[:, 0, P:].reshape(B, G, C, T)
+    own_BGCC = jnp.moveaxis(  # block g's queries against block g's keys: the diagonal
+        jnp.diagonal(m_BGCT[..., P:].reshape(B, G, C, G, C), axis1=1, axis2=3), -1, 1
+    )
+    mask_prefix = mask_B1TS[:, :, :P, :P]
+    mask_blocks = jnp.concatenate([m_BGCT[..., :P], own_BGCC], axis=-1).reshape(
+        B * G, 1, C, P + C
+    )
+
+    def blocks(x_BTX):  # [B, P + G*C, ...] -> [B*G, C, ...]
+        return x_BTX[:, P:].reshape(B * G, C, *x_BTX.shape[2:])
+
+    def prefix_and_block(x_BSKD):  # keys / values -> [B*G, P + C, K, D]
+        rest = x_BSKD.shape[2:]
+        prefix = jnp.broadcast_to(x_BSKD[:, None, :P], (B, G, P, *rest))
+        own = x_BSKD[:, P:].reshape(B, G, C, *rest)
+        return jnp.concatenate([prefix, own], axis=2).reshape(B * G, P + C, *rest)
+
+    def fn(q_BTND, k_BSKD, v_BSKD):
+        out_prefix = attend(q_BTND[:, :P], k_BSKD[:, :P], v_BSKD[:, :P], mask_prefix)
+        out_blocks = attend(
+            blocks(q_BTND), prefix_and_block(k_BSKD), prefix_and_block(v_BSKD), mask_blocks
+        )
+        return jnp.concatenate([out_prefix, out_blocks.reshape(B, G * C, *out_blocks.shape[2:])], 1)
+
+    return fn
 
 
 _MASKED = -1e30  # score of a masked key: exp() underflows to 0, no inf - inf NaN
@@ -362,8 +427,9 @@ def _matmul(x_MX: jax.Array, w_XY: jax.Array) -> jax.Array:
     return x_MX @ w_XY.reshape(x_MX.shape[-1], -1)
 
 
-def _layer_fn(cfg: ModelConfig, graphdef, cos_BTD, sin_BTD, mask_B1TS):
-    """One layer as a pure function of (x, layer params, cache slice) for lax.scan."""
+def _layer_fn(cfg: ModelConfig, graphdef, cos_BTD, sin_BTD, attend):
+    """One layer as a pure function of (x, layer params, cache slice) for lax.scan;
+    ``attend(q, k, v)`` is the masked attention."""
     cdt = cfg.dtype
     eps = cfg.rms_norm_eps
 
@@ -398,7 +464,7 @@ def _layer_fn(cfg: ModelConfig, graphdef, cos_BTD, sin_BTD, mask_B1TS):
             v_BTKD = jax.lax.dynamic_index_in_dim(v_all, l, 0, keepdims=False).astype(cdt)
             new_kv = (k_all, v_all)
 
-        attn_BTND = _attention(cfg)(q_BTND, k_BTKD, v_BTKD, mask_B1TS)
+        attn_BTND = attend(q_BTND, k_BTKD, v_BTKD)
         x_ME = x_BTE.reshape(B * T, E) + _matmul(attn_BTND.reshape(B * T, N * D), w(layer.wo_NDE))
 
         h_ME = rms_norm(x_ME, layer.mlp_norm_E[...], eps)

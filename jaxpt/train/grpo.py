@@ -72,7 +72,6 @@ from jaxpt.train.rollout import (
     group_rollout_rows,
     grouped_completion_logprobs,
     sample_rollouts,
-    shared_prompt_is_cheaper,
     ungroup_rows,
 )
 from jaxpt.train.state import (
@@ -132,8 +131,10 @@ class GRPOSection:
     beta: float = 0.0  # KL to the reference (k3); 0: no reference is kept
     cispo_epsilon_max: float = 5.0
     # Train-step layout: "auto" packs each group as one row [prompt | G completions] with
-    # the prompt shared (it goes through the decoder once, not G times) when that costs
-    # fewer FLOPs at max_prompt_length / max_completion_length; "always" / "never" force it.
+    # the prompt shared (it goes through the decoder once, not G times, and attention
+    # covers only the prompt and each completion's own block, so it is never dearer than
+    # G rows) whenever whole groups fit the micro-batches and batch shards; "always"
+    # raises where they do not; "never" keeps one row per completion.
     share_prompt: Literal["auto", "always", "never"] = "auto"
     # SFT+RL hybrids.
     sft_weight: float = 0.0  # weight of the demonstration NLL (0: pure RL)
@@ -743,7 +744,7 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     if grpo.sft_weight > 0:
         keys.update({f"demo_{k}": 2 for k in ("input_ids", "targets", "positions",
                                                 "segment_ids", "completion_mask")})
-    share = _use_shared_prompt(cfg, grpo, bundle.model_cfg, mesh)
+    share = _use_shared_prompt(cfg, grpo, mesh)
     if share:  # per-row keys gain a group axis; the flat sequence keys become group rows
         keys = {**{k: 2 for k in GROUP_KEYS}, "completion_ids": 3,
                 **{k: n + 1 for k, n in keys.items() if k not in FLAT_SEQUENCE_KEYS}}
@@ -789,7 +790,7 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     )
 
 
-def _use_shared_prompt(cfg: RunConfig, grpo: GRPOSection, model_cfg, mesh) -> bool:
+def _use_shared_prompt(cfg: RunConfig, grpo: GRPOSection, mesh) -> bool:
     """Whether the train step packs each group as one shared-prompt row (``share_prompt``):
     it needs whole groups per micro-batch and per batch shard."""
     if grpo.share_prompt == "never":
@@ -807,10 +808,7 @@ def _use_shared_prompt(cfg: RunConfig, grpo: GRPOSection, model_cfg, mesh) -> bo
             raise ValueError(f"{cfg.source}: grpo.share_prompt=always packs each group of {G} "
                              f"completions into one row, but {problem}")
         return False
-    if grpo.share_prompt == "always":
-        return True
-    return shared_prompt_is_cheaper(model_cfg, grpo.max_prompt_length,
-                                    grpo.max_completion_length, G)
+    return True
 
 
 @register_trainer("grpo")

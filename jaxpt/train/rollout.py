@@ -13,7 +13,9 @@ repeat one prompt, so they are packed as ONE row `[prompt | completion 0 | ... |
 completion G-1]` (length P + G*C) in which completion i is segment i+2 and the prompt's
 keys are flagged shared (`Decoder(shared_BT=...)`): each completion sees the prompt and
 itself, as in its own row, while the prompt goes through the decoder once instead of G
-times. `grouped_completion_logprobs` reads completion token j of completion i from the
+times. Attention runs over the prompt and each completion's own block only
+(`Decoder(prefix_blocks=(P, C))`), so the layout never costs more than G separate rows.
+`grouped_completion_logprobs` reads completion token j of completion i from the
 hidden state at P-1 (j = 0: the shared last prompt token) or P + i*C + j-1.
 """
 
@@ -27,7 +29,6 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxpt.models.config import decoder_forward_flops
 from jaxpt.rewards.advantages import compute_advantages
 from jaxpt.rewards.registry import compute_rewards
 from jaxpt.sampling import FINISH_LENGTH, Sampler, generate
@@ -195,11 +196,11 @@ def grouped_completion_logprobs(
     """``completion_token_logprobs`` for a shared-prompt batch: (logprobs_RC, entropy_RC or
     None), rows in the flat order (row g*G + i = completion i of group g)."""
     B, G, C = batch["completion_ids"].shape
+    P = batch["group_input_ids"].shape[1] - G * C
     hidden_BTE, _ = model(
         batch["group_input_ids"], batch["group_positions"], batch["group_segment_ids"],
-        shared_BT=batch["group_shared"] > 0,
+        shared_BT=batch["group_shared"] > 0, prefix_blocks=(P, C),
     )
-    P = hidden_BTE.shape[1] - G * C
     i_G1, j_1C = jnp.arange(G)[:, None], jnp.arange(C)[None, :]
     source_GC = jnp.where(j_1C == 0, P - 1, P + i_G1 * C + j_1C - 1)
     hidden_RCE = hidden_BTE[:, source_GC.reshape(-1)].reshape(B * G, C, -1)
@@ -209,13 +210,6 @@ def grouped_completion_logprobs(
         valid_BT=batch["completion_mask"].reshape(B * G, C) > 0,
     )
     return lp_RC, ent_RC
-
-
-def shared_prompt_is_cheaper(cfg, prompt_len: int, completion_len: int, G: int) -> bool:
-    """Whether one row of P + G*C tokens costs fewer FLOPs than G rows of P + C (dense
-    attention grows with the row length; the matmuls shrink with the shared prompt)."""
-    P, C = prompt_len, completion_len
-    return decoder_forward_flops(cfg, 1, P + G * C) < decoder_forward_flops(cfg, G, P + C)
 
 
 def _decode(tokenizer, tokens_RC, lengths_R) -> list[str]:
