@@ -8,10 +8,10 @@ new params and state directly.
 Why: written as ``tx.update`` + ``apply_updates`` + a ``where`` that keeps the old state on
 a non-finite step, XLA recomputes the new moments inside the params fusion from the old
 ones, so the donated mu / nu buffers are read after they are overwritten and it copies
-both first: ~17 passes over params-sized arrays per step (SmolLM2-135M on CPU: 489 ms).
-``apply`` materializes the new moments once (``optimization_barrier``), then updates the
-params from them: one pass reads g, mu, nu and writes mu, nu; one reads p, mu, nu and
-writes p (129 ms).
+both first: ~17 passes over params-sized arrays per step. ``apply`` materializes the new
+moments once (``optimization_barrier``), then updates the params from them: one pass reads
+g, mu, nu and writes mu, nu; one reads p, mu, nu and writes p. SmolLM2-135M on a 2-core
+CPU (``bench/optimizer.py``): 0.45 s -> 0.09 s per update, 16 -> 0 params-sized copies.
 """
 
 from __future__ import annotations
