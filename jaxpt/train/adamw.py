@@ -25,22 +25,20 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from jaxpt.config import OptimConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class FusedAdamW:
     """optax-compatible (``init``, ``update``) AdamW + clipping with a fused ``apply``.
 
-    tx: the optax chain ``[clip_by_global_norm(max_grad_norm)] -> adamw(...)`` that
-    defines the state layout and the reference semantics. decay_mask: params -> bool tree
-    (True = weight decay applies)."""
+    tx: the optax chain ``[clip_by_global_norm(optim.max_grad_norm)] -> adamw(...)`` built
+    from ``optim``; it defines the state layout and the reference semantics. decay_mask:
+    params -> bool tree (True = weight decay applies)."""
 
     tx: optax.GradientTransformation
     schedule: Callable[[jax.Array], jax.Array]
-    b1: float
-    b2: float
-    eps: float
-    weight_decay: float
-    max_grad_norm: float | None
+    optim: OptimConfig
     decay_mask: Callable[[Any], Any]
 
     @property
@@ -54,7 +52,7 @@ class FusedAdamW:
     def _split(self, opt_state):
         """(clip state or None, adam state, mask state, schedule state) of the chain."""
         try:
-            clip, inner = (None, *opt_state) if self.max_grad_norm is None else opt_state
+            clip, inner = (None, *opt_state) if self.optim.max_grad_norm is None else opt_state
             adam, masked, sched = inner
             ok = isinstance(adam, optax.ScaleByAdamState) and isinstance(
                 sched, optax.ScaleByScheduleState
@@ -74,11 +72,14 @@ class FusedAdamW:
 
         grad_norm: the global norm of ``grads`` (the step already has it)."""
         clip, adam, masked, sched = self._split(opt_state)
-        b1, b2, eps = self.b1, self.b2, self.eps
-        if self.max_grad_norm is None:
+        b1, b2, eps, wd, clip_norm = (
+            self.optim.b1, self.optim.b2, self.optim.eps, self.optim.weight_decay,
+            self.optim.max_grad_norm,
+        )
+        if clip_norm is None:
             scale = jnp.ones((), jnp.float32)
         else:  # as optax.clip_by_global_norm: unchanged below the norm, else g / norm * max
-            scale = jnp.where(grad_norm < self.max_grad_norm, 1.0, self.max_grad_norm / grad_norm)
+            scale = jnp.where(grad_norm < clip_norm, 1.0, clip_norm / grad_norm)
         count = optax.safe_increment(adam.count)
         lr = self.schedule(sched.count)
         bc1 = (1 - b1**count).astype(jnp.float32)
@@ -100,8 +101,8 @@ class FusedAdamW:
 
         def new_param(p, m, v, decay):
             u = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps)
-            if decay and self.weight_decay:
-                u = u + self.weight_decay * p
+            if decay and wd:
+                u = u + wd * p
             p_new = (p + (-lr * u).astype(p.dtype)).astype(p.dtype)
             return jnp.where(finite, p_new, p)
 

@@ -127,11 +127,7 @@ def make_optimizer(optim: OptimConfig, total_steps: int) -> tuple[FusedAdamW, Ca
         FusedAdamW(
             tx=optax.chain(*parts),
             schedule=schedule,
-            b1=optim.b1,
-            b2=optim.b2,
-            eps=optim.eps,
-            weight_decay=optim.weight_decay,
-            max_grad_norm=optim.max_grad_norm,
+            optim=optim,
             decay_mask=decay_mask,
         ),
         schedule,
