@@ -91,9 +91,14 @@ def run_with_devices(code: str, n_devices: int = 8, timeout: int = 300) -> str:
     """Run `code` in a fresh Python with `n_devices` fake CPU devices; return stdout.
     JAX fixes its device count at import, so multi-device tests need their own process."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    # Keep the caller's other XLA flags (the tolerance sweeps run with e.g.
+    # --xla_cpu_enable_fast_math=false), replace any device count.
+    kept = [f for f in env.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")]
+    env["XLA_FLAGS"] = " ".join([*kept, f"--xla_force_host_platform_device_count={n_devices}"])
     env["JAX_PLATFORMS"] = "cpu"
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    # tests/ too, so the code can import tolerances.py like the tests do.
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         env=env,

@@ -155,3 +155,22 @@ def test_algorithm_sections_plug_in_without_touching_the_loader():
     ):
         build_config({"toyalgo": {"bta": 1}}, source="t.yaml")
     assert isinstance(cfg, RunConfig)
+
+
+@pytest.mark.parametrize(
+    "grpo, message",
+    [
+        # Accepted before, and then sft_weight -> 0 after step 0: SFT silently off.
+        ("{sft_weight: 0.5, sft_schedule: linear}", "sft_schedule=linear needs grpo.sft_decay"),
+        ("{sft_weight: 0.5, sft_schedule: warmup_then_rl}", "needs grpo.sft_warmup_steps >= 1"),
+        ("{sft_schedule: linear, sft_decay_steps: 5}", "it needs grpo.sft_weight > 0"),
+    ],
+)
+def test_hybrid_schedules_that_combine_badly_fail_at_load(tmp_path, grpo, message):
+    f = write(tmp_path / "g.yaml", f"algorithm: grpo\ngrpo: {grpo}\n")
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config(f)
+    assert str(f) in str(e.value)
+    ok = write(tmp_path / "ok.yaml", "algorithm: grpo\n"
+               "grpo: {sft_weight: 0.5, sft_schedule: linear, sft_decay_steps: 5}\n")
+    assert load_config(ok).grpo.sft_decay_steps == 5

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_with_devices
+from tolerances import assert_reordered_close, run_depth
 from train_utils import (
     make_tiny_model_dir,
     make_tiny_tokenizer,
@@ -298,7 +299,8 @@ def test_two_processes_match_one_and_resume_together(tmp_path, config, procs):
     # are the global batch's.
     ref_losses, multi_losses = train_losses(ref_dir), train_losses(run_dir)
     for s in range(1, steps + 1):
-        assert multi_losses[s] == pytest.approx(ref_losses[s], rel=1e-5, abs=1e-6), s
+        assert_reordered_close(multi_losses[s], ref_losses[s], n=1000, depth=run_depth(s, 2),
+                               err_msg=f"step {s}")
     assert [r["num_tokens"] for r in multi] == [r["num_tokens"] for r in reference]
     assert [r["num_target_tokens"] for r in multi] == [r["num_target_tokens"] for r in reference]
 

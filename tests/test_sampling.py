@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from tolerances import assert_reordered_close, rejects
 
 from jaxpt.models.config import ModelConfig
 from jaxpt.models.decoder import Decoder, init_model
@@ -31,6 +33,13 @@ from jaxpt.sampling import (
 
 V = 64
 PAD = 0
+# Rounding model of the tiny model's log-probs (tests/tolerances.py): sums of at most
+# 64 terms (hidden 32, MLP 64, vocab 64, <= 20 positions), 2 layers + LM head + softmax.
+N_RED, DEPTH = 64, 4
+
+
+def assert_logprobs_close(actual, desired, err_msg=""):
+    assert_reordered_close(actual, desired, n=N_RED, depth=DEPTH, err_msg=err_msg)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +138,12 @@ def test_cached_decode_logprobs_match_full_forward(tiny, temperature, num_sample
     assert res.tokens.shape == (len(PROMPTS) * num_samples, M)
     prompts = [PROMPTS[r // num_samples] for r in range(res.tokens.shape[0])]
     ref_logp, _ = _full_forward(graphdef, params, prompts, res.tokens, temperature)
-    np.testing.assert_allclose(res.logprobs, ref_logp, atol=1e-4, rtol=0)
+    assert_logprobs_close(res.logprobs, ref_logp)
+    # Mutation: a reference that lost each prompt's first token (a mask or cache-offset
+    # bug) must fail the comparison.
+    clipped = [p[1:] if len(p) > 1 else p for p in prompts]
+    bad_logp, _ = _full_forward(graphdef, params, clipped, res.tokens, temperature)
+    assert rejects(assert_logprobs_close, res.logprobs, bad_logp)
 
 
 @pytest.mark.parametrize(
@@ -166,7 +180,7 @@ def test_decode_step_matches_full_forward_for_other_architectures(extra):
     res = _gen(model, sampler=Sampler(temperature=1.0), num_samples=2, rng=4)
     prompts = [PROMPTS[r // 2] for r in range(res.tokens.shape[0])]
     ref_logp, _ = _full_forward(graphdef, params, prompts, res.tokens)
-    np.testing.assert_allclose(res.logprobs, ref_logp, atol=1e-4, rtol=0)
+    assert_logprobs_close(res.logprobs, ref_logp)
 
 
 def test_scan_and_unrolled_layer_loops_agree(tiny):
@@ -175,7 +189,13 @@ def test_scan_and_unrolled_layer_loops_agree(tiny):
     for loop in ("unroll", "unroll_out_in"):
         unroll = _gen(tiny, layer_loop=loop, **kw)
         np.testing.assert_array_equal(scan.tokens, unroll.tokens, err_msg=loop)
-        np.testing.assert_allclose(scan.logprobs, unroll.logprobs, atol=1e-5, err_msg=loop)
+        assert_logprobs_close(unroll.logprobs, scan.logprobs, err_msg=loop)
+    # Mutation: the layers run in the wrong order must fail the comparison.
+    graphdef, params = tiny
+    swapped = jax.tree.map(lambda x: x, params)
+    swapped["layers"] = jax.tree.map(lambda x: x[::-1], params["layers"])
+    wrong = _gen((graphdef, swapped), layer_loop="unroll", **kw)
+    assert rejects(assert_logprobs_close, wrong.logprobs, scan.logprobs)
     with pytest.raises(GenerationError, match="layer_loop"):
         _gen(tiny, layer_loop="while")
 
@@ -211,7 +231,7 @@ def test_pack_prompts_layout():
     assert pack_prompts(ids[:1], mask[:1], width=8) is None
 
 
-def test_packed_prefill_matches_padded_prefill(tiny):
+def test_packed_prefill_matches_padded_prefill(tiny, monkeypatch):
     # Six prompts of 1-12 tokens pack into 3 rows of 16 slots.
     prompts = [*PROMPTS, [4] * 12, [9, 8, 7, 6, 5, 4, 3, 2, 1, 10, 11]]
     ids, mask = _batch(prompts)
@@ -220,13 +240,26 @@ def test_packed_prefill_matches_padded_prefill(tiny):
     padded = _gen(tiny, prompts, pack=False, **kw)
     packed = _gen(tiny, prompts, pack=True, **kw)
     np.testing.assert_array_equal(packed.tokens, padded.tokens)
-    np.testing.assert_allclose(packed.logprobs, padded.logprobs, atol=1e-5, rtol=0)
+    assert_logprobs_close(packed.logprobs, padded.logprobs)
     np.testing.assert_array_equal(packed.lengths, padded.lengths)
     # And both are the model's own log-probs of what they sampled.
     graphdef, params = tiny
     rows = [prompts[r // 2] for r in range(len(prompts) * 2)]
     ref_logp, _ = _full_forward(graphdef, params, rows, packed.tokens)
-    np.testing.assert_allclose(packed.logprobs, ref_logp, atol=1e-4, rtol=0)
+    assert_logprobs_close(packed.logprobs, ref_logp)
+
+    # Mutation: packed rows whose prompts see each other (one segment id per row) must
+    # fail the comparison with the padded prefill.
+    import jaxpt.sampling.loop as loop
+
+    def leaky_pack(*a, **k):
+        out = pack_prompts(*a, **k)
+        merged = (out.segment_ids_QW > 0).astype(np.int32)
+        return out and dataclasses.replace(out, segment_ids_QW=merged)
+
+    monkeypatch.setattr(loop, "pack_prompts", leaky_pack)
+    leaky = _gen(tiny, prompts, pack=True, **kw)
+    assert rejects(assert_logprobs_close, leaky.logprobs, padded.logprobs)
 
 
 def test_packed_rows_are_a_bucket_or_the_callers_width(tiny, monkeypatch):
@@ -265,7 +298,7 @@ def test_padding_and_batch_composition_do_not_change_a_row(tiny):
     alone = _gen(tiny, prompts=[PROMPTS[2]])
     batched = _gen(tiny)
     np.testing.assert_array_equal(alone.tokens[0], batched.tokens[2])
-    np.testing.assert_allclose(alone.logprobs[0], batched.logprobs[2], atol=1e-5)
+    assert_logprobs_close(alone.logprobs[0], batched.logprobs[2])
     # Right padding (mask zeros at the end) gives the same completions as left padding.
     graphdef, params = tiny
     P = max(map(len, PROMPTS))
@@ -302,7 +335,7 @@ def test_tokens_after_eos_are_padding_and_count_nowhere(tiny):
         n = int(hits[0]) + 1 if hits.size else M
         assert res.lengths[r] == n
         np.testing.assert_array_equal(res.tokens[r, :n], free.tokens[r, :n])
-        np.testing.assert_allclose(res.logprobs[r, :n], free.logprobs[r, :n], atol=1e-6)
+        assert_logprobs_close(res.logprobs[r, :n], free.logprobs[r, :n])
         assert (res.tokens[r, n:] == PAD).all()
         assert (res.logprobs[r, n:] == 0.0).all()
         assert res.finish_reason[r] == (FINISH_STOP if hits.size else FINISH_LENGTH)
@@ -405,7 +438,7 @@ def test_num_samples_share_one_prefill(tiny, monkeypatch, pack):
     assert prompt_passes == [(1, P) if pack else (B, P)]
     assert decode_rows == [3 * B]
     np.testing.assert_array_equal(greedy3.tokens, np.repeat(greedy1.tokens, 3, axis=0))
-    np.testing.assert_allclose(greedy3.logprobs, np.repeat(greedy1.logprobs, 3, axis=0), atol=1e-6)
+    assert_logprobs_close(greedy3.logprobs, np.repeat(greedy1.logprobs, 3, axis=0))
 
 
 def test_samples_of_one_prompt_differ(tiny):

@@ -15,6 +15,7 @@ from jaxpt.models.decoder import KVCache, init_model
 from jaxpt.sampling import Sampler, ShardingError, decode_sharding, generate, left_pad
 from jaxpt.sampling.step import DecodeCache, split_cache
 from jaxpt.sharding import make_mesh
+from tolerances import assert_reordered_close
 
 assert jax.device_count() == 8, jax.devices()
 cfg = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32,
@@ -60,8 +61,8 @@ for (d, f, t), si, rows, kv_split in cases:
     sid, smask = ds.place_rows(jnp.asarray(ids)), ds.place_rows(jnp.asarray(mask))
     out = generate(graphdef, sharded, sid, smask, sampler=samplers[si], shardings=ds, **kw)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref[si].tokens))
-    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(ref[si].logprobs),
-                               atol=1e-4)
+    # Sums of <= 64 terms (hidden 32, MLP 64, vocab 64), 2 layers + head + softmax.
+    assert_reordered_close(out.logprobs, ref[si].logprobs, n=64, depth=4)
     assert out.tokens.sharding.spec[0] == rows, out.tokens.sharding
     print("ok", (d, f, t))
 

@@ -20,6 +20,7 @@ import yaml
 from conftest import run_with_devices
 from flax import nnx
 from jax.sharding import AbstractMesh
+from tolerances import assert_reordered_close, run_depth
 from train_utils import gsm8k_path, make_tiny_tokenizer, tiny_model_config
 
 from jaxpt.models.decoder import init_model
@@ -100,7 +101,8 @@ def test_check_batch_size_names_size_and_axes():
 
 # (data, fsdp, tensor); the first is the single-device reference.
 MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (1, 4, 2), (2, 2, 2)]
-TOL = 1e-5
+# Each comparison reports the share of its reordering tolerance it used (tests/tolerances.py):
+# sums of <= 1000 terms (the tiny tokenizer's vocab) through one step of the 2-layer model.
 
 
 @pytest.fixture(scope="module")
@@ -161,9 +163,11 @@ import json, jax, numpy as np
 from jax.sharding import PartitionSpec as P
 from jaxpt.config import load_config
 from jaxpt.sharding import make_mesh
+from tolerances import reorder_atol, run_depth
 
 assert jax.device_count() == 8, jax.devices()
 MESHES = {meshes!r}
+N_RED, DEPTH = 1000, run_depth(1, 2)
 
 def mesh_of(shape):
     d, f, t = shape
@@ -179,6 +183,10 @@ def max_diff(a, b):
 def max_abs(tree):
     return max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(tree))
 
+def used(a, b, depth=DEPTH):
+    # max |a - b| over the reordering tolerance on b's scale: <= 1 passes.
+    return max_diff(a, b) / reorder_atol(np.float32, N_RED, depth=depth, scale=max_abs(b))
+
 def step_once(tr, host):
     state, m = tr.step_fn(tr.state, tr.put_batch(host))
     return float(m["loss"]), jax.device_get(state.params), state
@@ -189,8 +197,8 @@ def report(shape, tr, loss, params, state, ref, **extra):
     row = {{
         "mesh": list(shape),
         "loss": loss,
-        "loss_diff": abs(loss - ref[0]) if ref else 0.0,
-        "param_diff": max_diff(params, ref[1]) if ref else 0.0,
+        "loss_used": used(loss, ref[0]) if ref else 0.0,
+        "param_used": used(params, ref[1]) if ref else 0.0,
         "wq_spec": spec(wq),
         "mu_spec": spec(mu),
         "embed_spec": spec(state.params["embed_VE"]),
@@ -215,7 +223,7 @@ def check_rows(rows):
     assert [tuple(r["mesh"]) for r in rows] == MESHES
     for r in rows:
         shape = tuple(r["mesh"])
-        assert r["loss_diff"] <= TOL and r["param_diff"] <= TOL, r
+        assert r["loss_used"] <= 1.0 and r["param_used"] <= 1.0, r
         # Params and the optimizer moments live in the training shardings on every device.
         assert r["wq_spec"] == expected_specs(shape), r
         assert r["mu_spec"] == r["wq_spec"], r
@@ -287,7 +295,7 @@ for shape in MESHES:
     refs = jax.device_get({{k: batch[k] for k in ("ref_chosen_logps", "ref_rejected_logps")}})
     loss, params, state = step_once(tr, batch)
     report(shape, tr, loss, params, state, ref, moved=max_diff(params, p0),
-           ref_logps_rel_diff=max_diff(refs, ref[2]) / max_abs(ref[2]) if ref else 0.0,
+           ref_logps_used=used(refs, ref[2], depth=5) if ref else 0.0,
            frozen_spec=spec(state.frozen["layers"]["wq_END"]))
     ref = ref or (loss, params, refs)
 """
@@ -318,9 +326,9 @@ def test_dpo_step_matches_single_device(tiny, tmp_path, data_dir, share_prompt):
     rows = parse_rows(out)
     check_rows(rows)
     for r in rows:
-        # The reference copy lives in the params' shardings; its summed log-probs (sums of
-        # ~100 token log-probs, in the hundreds) agree to a few float32 ulps.
-        assert r["frozen_spec"] == r["wq_spec"] and r["ref_logps_rel_diff"] <= 1e-6, r
+        # The reference copy lives in the params' shardings; its summed log-probs (in the
+        # hundreds) agree within the reordering tolerance (one forward + the token sum).
+        assert r["frozen_spec"] == r["wq_spec"] and r["ref_logps_used"] <= 1.0, r
 
 
 GRPO_CODE = """
@@ -357,8 +365,7 @@ for shape in MESHES:
                  "completion_tokens": int(ro["completion_mask"].sum())}}
         if ref is not None:
             extra["rollout_ids_equal"] = bool(np.array_equal(ro["input_ids"], ref[2]["input_ids"]))
-            extra["rollout_old_diff"] = float(np.abs(ro["old_logprobs"]
-                                                    - ref[2]["old_logprobs"]).max())
+            extra["rollout_old_used"] = used(ro["old_logprobs"], ref[2]["old_logprobs"], 4)
     loss, params, state = step_once(tr, dict(fixed))
     report(shape, tr, loss, params, state, ref, moved=max_diff(params, p0), **extra)
     ref = ref or (loss, params, ro)
@@ -394,7 +401,7 @@ def test_grpo_step_and_rollout_match_single_device(tiny, tmp_path):
         assert r["decode_wq_spec"] == want, r
         assert r["completion_tokens"] > 0, r
         if r["mesh"] != [1, 1, 1]:
-            assert r["rollout_ids_equal"] and r["rollout_old_diff"] <= 1e-4, r
+            assert r["rollout_ids_equal"] and r["rollout_old_used"] <= 1.0, r
 
 
 RESHARD_CODE = """
@@ -450,8 +457,8 @@ def test_checkpoint_reshards_across_meshes(tiny, tmp_path):
     assert rows[1]["n_devices"] == 8
     la, lb = train_losses(a), train_losses(b)
     assert sorted(la) == sorted(lb) == [1, 2, 3, 4]
-    for step in (3, 4):
-        assert abs(la[step] - lb[step]) <= TOL, (step, la, lb)
+    for step in (3, 4):  # steps 3 and 4 ran on another mesh than steps 1 and 2
+        assert_reordered_close(lb[step], la[step], n=1000, depth=run_depth(step, 2))
     assert abs(la[4] - la[3]) > 1e-3  # the steps after the resume did change the model
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from tolerances import assert_reordered_close
 from train_utils import make_tiny_model_dir, make_tiny_tokenizer, read_metrics, tiny_run_config
 
 from jaxpt.cli import main as cli_main
@@ -181,7 +182,8 @@ def test_lora_run_exports_a_plain_checkpoint(tiny, tmp_path, capsys):
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = hf(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
-    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+    # torch and XLA sum in their own orders: <= 1000 terms (the vocab), 2 layers + head.
+    assert_reordered_close(theirs, ours, n=1000, depth=3)
     assert (tmp_path / "hf" / "tokenizer.json").exists()
     hf_cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf_cfg["model_type"] == "llama"

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from tolerances import assert_reordered_close
 
 from jaxpt.config import OptimConfig, SFTConfig
 from jaxpt.data.packing import collate_padded
@@ -168,4 +169,5 @@ def test_merged_export_matches_lora_model_in_transformers(base, tmp_path):
     with torch.no_grad():
         theirs = hf(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
     assert out == tmp_path / "hf"
-    np.testing.assert_allclose(theirs, ours, atol=1e-4)
+    # torch and XLA sum in their own orders: <= 1000 terms (the vocab), 2 layers + head.
+    assert_reordered_close(theirs, ours, n=1000, depth=3)

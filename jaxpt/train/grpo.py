@@ -156,6 +156,15 @@ class GRPOSection:
     def __post_init__(self):
         if self.num_generations < 2:
             raise ValueError(f"grpo.num_generations={self.num_generations}: must be >= 2")
+        if self.sft_schedule != "constant" and self.sft_weight <= 0:
+            raise ValueError(f"grpo.sft_schedule={self.sft_schedule} schedules the SFT term: "
+                             "it needs grpo.sft_weight > 0")
+        if self.sft_schedule == "linear" and self.sft_decay_steps < 1:
+            raise ValueError("grpo.sft_schedule=linear needs grpo.sft_decay_steps >= 1 (the "
+                             "steps over which sft_weight decays to 0)")
+        if self.sft_schedule == "warmup_then_rl" and self.sft_warmup_steps < 1:
+            raise ValueError("grpo.sft_schedule=warmup_then_rl needs grpo.sft_warmup_steps "
+                             ">= 1 (the SFT-only steps before RL)")
         if self.sft_schedule == "adaptive" and (self.sft_weight <= 0 or self.sft_warmup_steps < 1):
             raise ValueError("grpo.sft_schedule=adaptive (SASR) needs sft_weight > 0 and "
                              "sft_warmup_steps >= 1 (its gradient-norm reference)")
