@@ -70,6 +70,12 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
         default=None,
         help="weight dtype (default: the run's param_dtype)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty OUT_DIR (never the run itself, a parent of it or the "
+        "current directory); the old dir is removed only once the new export is in place",
+    )
     p.set_defaults(func=run_export)
     return p
 
@@ -77,6 +83,8 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
 def run_export(args) -> int:
     from jaxpt.train.export import export_checkpoint
 
-    out, step = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype)
+    out, step = export_checkpoint(
+        args.checkpoint, args.out_dir, dtype=args.dtype, overwrite=args.overwrite
+    )
     print(f"exported step {step} to {out}", flush=True)
     return 0

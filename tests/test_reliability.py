@@ -1,0 +1,78 @@
+"""Nothing lost, nothing poisoned (issue #23): export never deletes what it should not,
+non-finite updates are skipped, bad input is located, skipped rows are counted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from train_utils import tiny_model_config
+
+from jaxpt.cli import main as cli_main
+
+# -- export ----------------------------------------------------------------------------------
+
+
+def fake_run(root: Path) -> Path:
+    """A run dir as the loop leaves it (enough for export's target checks, which run
+    before any model loads)."""
+    run = root / "run"
+    (run / "checkpoints" / "4" / "state").mkdir(parents=True)
+    (run / "config.yaml").write_text("algorithm: sft\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    return run
+
+
+def snapshot(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_export_refuses_a_non_empty_target_without_overwrite(tmp_path, capsys):
+    run = fake_run(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    assert cli_main(["export", str(run), str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before and (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("target", [".", "run", "run/checkpoints", "..", "other_run"])
+def test_export_overwrite_never_removes_cwd_a_run_or_its_parents(
+    tmp_path, monkeypatch, capsys, target
+):
+    work = tmp_path / "work"
+    work.mkdir()
+    run = fake_run(work)
+    other = fake_run(work / "o").rename(work / "other_run")
+    (work / "notes.txt").write_text("precious")
+    monkeypatch.chdir(work)
+    before = snapshot(tmp_path)
+    assert cli_main(["export", str(run), target, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing" in err, err
+    assert snapshot(tmp_path) == before and other.is_dir()
+
+
+def test_export_hf_writes_beside_and_swaps_into_place(tmp_path):
+    from transformers import AutoConfig
+
+    from jaxpt.models.decoder import init_model
+    from jaxpt.models.weights import export_hf
+
+    cfg = tiny_model_config(64)
+    model = init_model(cfg)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(ValueError, match="--overwrite"):
+        export_hf(model, cfg, out)
+    assert (out / "old.txt").exists() and not (out / "config.json").exists()
+    export_hf(model, cfg, out, overwrite=True)
+    assert not (out / "old.txt").exists()
+    assert AutoConfig.from_pretrained(out).hidden_size == cfg.hidden_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"], "temp dirs left behind"
+    with pytest.raises(ValueError, match="not a directory"):
+        (tmp_path / "file").write_text("x")
+        export_hf(model, cfg, tmp_path / "file", overwrite=True)
