@@ -77,3 +77,32 @@ def test_fused_apply_rejects_a_foreign_state():
     with pytest.raises(TypeError, match="clip -> adamw chain"):
         tx.apply(params, optax.sgd(0.1).init(params), params,
                  grad_norm=jnp.float32(1.0), finite=jnp.bool_(True))
+
+
+@pytest.mark.parametrize(
+    "optim, zero_leaf",
+    [
+        (OptimConfig(lr=float("nan"), weight_decay=0.1), False),  # NaN lr: every param NaN
+        (OptimConfig(lr=3e38, weight_decay=1.0, max_grad_norm=None), False),  # overflows
+        (OptimConfig(lr=0.05, eps=0.0), True),  # 0 / 0 on a zero gradient
+    ],
+    ids=["lr-nan", "lr-overflow", "eps0-zero-grad"],
+)
+def test_fused_apply_skips_an_update_that_would_be_nonfinite(optim, zero_leaf):
+    """Finite grads, non-finite update: nothing is applied, and the step is told so."""
+    tx, _ = make_optimizer(optim, total_steps=6)
+    params = _params(jax.random.key(0))
+    grads = jax.tree.map(lambda x: 3.0 * jnp.ones_like(x), params)
+    if zero_leaf:
+        grads["final_norm_E"] = jnp.zeros_like(grads["final_norm_E"])
+    state = tx.init(params)
+    apply = jax.jit(lambda g, s, p: tx.apply_checked(
+        g, s, p, grad_norm=optax.global_norm(g), finite=jnp.bool_(True)))
+    new_p, new_s, applied = apply(grads, state, params)
+    assert not bool(applied)
+    for a, b in zip(jax.tree.leaves((new_p, new_s)), jax.tree.leaves((params, state)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # and the reference chain would indeed have written non-finite values
+    ref_p, _ = _optax_apply(tx.tx, grads, state, params)
+    assert not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ref_p))

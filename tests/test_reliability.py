@@ -3,12 +3,39 @@ non-finite updates are skipped, bad input is located, skipped rows are counted."
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
-from train_utils import tiny_model_config
+from train_utils import (
+    make_tiny_model_dir,
+    make_tiny_tokenizer,
+    read_metrics,
+    tiny_model_config,
+    tiny_run_config,
+)
 
 from jaxpt.cli import main as cli_main
+from jaxpt.config import load_config
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("tiny")
+    tok = make_tiny_tokenizer(root / "tok", data_dir)
+    model_dir = make_tiny_model_dir(root / "model", tok)
+    return root, model_dir, data_dir
+
+
+def config(tiny, tmp_path, name="run", overrides=(), **sections):
+    _, model_dir, data_dir = tiny
+    path = tiny_run_config(
+        tmp_path / f"{name}.yaml", model_dir, data_dir, tmp_path / name, **sections
+    )
+    return load_config(path, overrides)
 
 # -- export ----------------------------------------------------------------------------------
 
@@ -76,3 +103,35 @@ def test_export_hf_writes_beside_and_swaps_into_place(tmp_path):
     with pytest.raises(ValueError, match="not a directory"):
         (tmp_path / "file").write_text("x")
         export_hf(model, cfg, tmp_path / "file", overwrite=True)
+
+
+# -- non-finite updates ----------------------------------------------------------------------
+
+
+def test_nan_lr_skips_every_update_and_checkpoints_stay_finite(tiny, tmp_path):
+    """optim.lr=nan (past config validation): finite loss and gradients, NaN update. The
+    step must skip it, so the checkpoints hold the finite initial weights."""
+    from jaxpt.train.checkpoint import Checkpointer, abstract_like
+    from jaxpt.train.loop import NonFiniteError, run
+    from jaxpt.train.sft import build_sft_trainer
+
+    cfg = config(tiny, tmp_path, train={"max_steps": 6, "max_bad_steps": 3},
+                 checkpoint={"every": 2})
+    cfg = cfg.replace(optim=dataclasses.replace(cfg.optim, lr=math.nan))
+    trainer = build_sft_trainer(cfg)
+    template = abstract_like(trainer.state.saveable())
+    init = jax.device_get(trainer.state.params)
+    with pytest.raises(NonFiniteError) as e:
+        run(trainer)
+    msg = str(e.value)
+    assert "3 consecutive steps (1..3)" in msg and "update" in msg
+    assert "last finite checkpoint is step 2" in msg
+    rows = [r for r in read_metrics(cfg.out_dir) if "loss" in r]
+    assert [r["skipped"] for r in rows] == [1, 1, 1]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    ck = Checkpointer(tmp_path / "run" / "checkpoints", async_save=False)
+    state, _ = ck.restore(2, template)
+    ck.close()
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(init), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))

@@ -68,9 +68,25 @@ class FusedAdamW:
 
     def apply(self, grads, opt_state, params, *, grad_norm, finite):
         """(new params, new opt_state): ``optax.apply_updates(params, tx.update(...))``,
-        or the unchanged params and state where ``finite`` is False.
+        or the unchanged params and state where ``finite`` is False or the update would
+        make a param or moment non-finite (see `apply_checked`).
 
         grad_norm: the global norm of ``grads`` (the step already has it)."""
+        new_params, new_opt, _ = self.apply_checked(
+            grads, opt_state, params, grad_norm=grad_norm, finite=finite
+        )
+        return new_params, new_opt
+
+    def apply_checked(self, grads, opt_state, params, *, grad_norm, finite):
+        """(new params, new opt_state, applied): as `apply`, plus the bool scalar saying
+        whether the update was applied.
+
+        Finite grads do not make a finite update (``lr: nan``, ``eps: 0`` on a zero
+        gradient, an overflowing ``lr``), so a read-only pass first computes every new
+        moment and param and reduces them to one "all finite" flag; the two writing
+        passes then apply the update only where both it and ``finite`` hold. The pass
+        reads g, mu, nu, p and writes nothing, so the donated buffers are still never
+        read after they are overwritten."""
         clip, adam, masked, sched = self._split(opt_state)
         b1, b2, eps, wd, clip_norm = (
             self.optim.b1, self.optim.b2, self.optim.eps, self.optim.weight_decay,
@@ -84,14 +100,35 @@ class FusedAdamW:
         lr = self.schedule(sched.count)
         bc1 = (1 - b1**count).astype(jnp.float32)
         bc2 = (1 - b2**count).astype(jnp.float32)
+        decay = self.decay_mask(params)
 
         def moments(g, m, v):
             g = g * scale.astype(g.dtype)
-            m_new = (1 - b1) * g + b1 * m
-            v_new = (1 - b2) * (g * g) + b2 * v
-            return jnp.where(finite, m_new, m).astype(m.dtype), jnp.where(finite, v_new, v)
+            return ((1 - b1) * g + b1 * m).astype(m.dtype), (1 - b2) * (g * g) + b2 * v
 
-        mv = jax.tree.map(moments, grads, adam.mu, adam.nu)
+        def param(p, m, v, decay):
+            u = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps)
+            if decay and wd:
+                u = u + wd * p
+            return (p + (-lr * u).astype(p.dtype)).astype(p.dtype)
+
+        def leaf_finite(g, m, v, p, d):
+            m_new, v_new = moments(g, m, v)
+            p_new = param(p, m_new, v_new, d)
+            return jnp.isfinite(m_new).all() & jnp.isfinite(v_new).all() & jnp.isfinite(
+                p_new
+            ).all()
+
+        checks = jax.tree.leaves(
+            jax.tree.map(leaf_finite, grads, adam.mu, adam.nu, params, decay)
+        )
+        applied = finite & jnp.all(jnp.stack(checks)) if checks else finite
+
+        def gated_moments(g, m, v):
+            m_new, v_new = moments(g, m, v)
+            return jnp.where(applied, m_new, m), jnp.where(applied, v_new, v)
+
+        mv = jax.tree.map(gated_moments, grads, adam.mu, adam.nu)
         is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
         mu = jax.tree.map(lambda t: t[0], mv, is_leaf=is_pair)
         nu = jax.tree.map(lambda t: t[1], mv, is_leaf=is_pair)
@@ -99,16 +136,12 @@ class FusedAdamW:
         # recomputing them from the old (donated, already overwritten) buffers.
         mu, nu = lax.optimization_barrier((mu, nu))
 
-        def new_param(p, m, v, decay):
-            u = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps)
-            if decay and wd:
-                u = u + wd * p
-            p_new = (p + (-lr * u).astype(p.dtype)).astype(p.dtype)
-            return jnp.where(finite, p_new, p)
+        def new_param(p, m, v, d):
+            return jnp.where(applied, param(p, m, v, d), p)
 
-        new_params = jax.tree.map(new_param, params, mu, nu, self.decay_mask(params))
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        new_params = jax.tree.map(new_param, params, mu, nu, decay)
+        keep = lambda new, old: jnp.where(applied, new, old)  # noqa: E731
         adam = adam._replace(count=keep(count, adam.count), mu=mu, nu=nu)
         sched = sched._replace(count=keep(optax.safe_increment(sched.count), sched.count))
         inner = (adam, masked, sched)
-        return new_params, (inner,) if clip is None else (clip, inner)
+        return new_params, (inner,) if clip is None else (clip, inner), applied

@@ -16,9 +16,10 @@ Per step s (0-based; the state after it is "step s+1"):
 5. Every ``checkpoint.every`` steps, at the end, and when SIGTERM arrived: a checkpoint
    of the state and ``{"source": source.get_state(), "num_tokens": n}``.
 
-Non-finite steps are not applied by the step (see ``state.make_train_step``); after
-``train.max_bad_steps`` consecutive ones the loop raises :class:`NonFiniteError` without
-saving, so the newest checkpoint stays the last good one.
+Non-finite steps (loss, gradient or the updated state) are not applied by the step (see
+``state.make_train_step``), so the state stays finite; a save checks it anyway and refuses
+a non-finite one. After ``train.max_bad_steps`` consecutive skipped steps the loop raises
+:class:`NonFiniteError` without saving, naming the last finite checkpoint.
 
 Multi-process runs (``jax.process_count() > 1``, see ``jaxpt.distributed``): every process
 runs this loop on its rows of each batch; ``num_tokens`` / ``tokens_per_second`` count the
@@ -48,11 +49,33 @@ from jaxpt import distributed
 from jaxpt.config import RunConfig, config_to_dict, dump_config
 from jaxpt.train.checkpoint import Checkpointer, StopFlag, abstract_like, install_stop_handler
 from jaxpt.train.metrics import MetricsWriter, Throughput, device_peak_flops
-from jaxpt.train.state import TrainState
+from jaxpt.train.state import TrainState, all_finite
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def last_finite_message(ckpt: Checkpointer, first_bad: int | None) -> str:
+    """Which checkpoint to resume from after a non-finite stop. Every saved state was
+    checked finite; the one saved at or after step ``first_bad - 1`` holds the weights
+    whose next step went non-finite, so an older one is named too."""
+    steps = ckpt.all_steps()
+    if not steps:
+        return "No checkpoint was saved."
+    msg = f"The last finite checkpoint is step {steps[-1]} in {ckpt.directory}."
+    if first_bad is not None and steps[-1] >= first_bad - 1:
+        older = [s for s in steps if s < first_bad - 1]
+        msg += (
+            f" Its weights are those after step {first_bad - 1}, from which step {first_bad} "
+            "went non-finite; "
+            + (
+                f"the newest checkpoint before that is step {older[-1]}."
+                if older
+                else "no older checkpoint is kept."
+            )
+        )
+    return msg
 
 
 class BatchSource(Protocol):
@@ -222,22 +245,26 @@ def run(
         writer.progress(step_no, row)
         result.last_metrics = row
         if bad >= cfg.train.max_bad_steps:
-            newest = ckpt.latest_step()
             raise NonFiniteError(
                 f"{bad} consecutive steps ({step_no - bad + 1}..{step_no}) had a non-finite "
-                "loss or gradient norm; their updates were skipped and training stopped "
-                f"(train.max_bad_steps={cfg.train.max_bad_steps}). "
-                + (
-                    f"The newest checkpoint (step {newest}) is intact in {ckpt.directory}."
-                    if newest is not None
-                    else "No checkpoint was saved."
-                )
+                "loss, gradient norm or update; their updates were skipped and training "
+                f"stopped (train.max_bad_steps={cfg.train.max_bad_steps}). "
+                + last_finite_message(ckpt, first_bad=step_no - bad + 1)
                 + " Lower optim.lr, check the data, or raise optim.max_grad_norm clipping."
             )
+
+    check_finite = jax.jit(lambda st: all_finite(st.saveable()))
 
     def save(step_no: int, *, wait: bool = False) -> None:
         nonlocal last_saved
         flush()  # the save waits for the state anyway; log first so timing stays honest
+        # The step never applies a non-finite update, so this holds unless the run started
+        # from non-finite weights; a poisoned state is never written over a good one.
+        if not bool(check_finite(trainer.state)):
+            raise NonFiniteError(
+                f"the state at step {step_no} holds non-finite values; it was not saved. "
+                + last_finite_message(ckpt, first_bad=None)
+            )
         data = {"source": trainer.source.get_state(), "num_tokens": num_tokens}
         ckpt.save(step_no, trainer.state.saveable(), data, wait=wait)
         last_saved = step_no
