@@ -135,3 +135,60 @@ def test_nan_lr_skips_every_update_and_checkpoints_stay_finite(tiny, tmp_path):
     for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(init), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+
+# -- undecodable input ----------------------------------------------------------------------
+
+ROWS = [b'{"text": "one"}\n', b'{"text": "caf\xe9"}\n', b'{"text": "three"}\n']
+
+
+def test_non_utf8_jsonl_names_file_row_and_offset_and_skip_invalid_covers_it(tmp_path):
+    from jaxpt.data.formats import DataError, DataStats
+    from jaxpt.data.sources import read_records
+
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b"".join(ROWS))
+    with pytest.raises(DataError) as e:
+        read_records(path)
+    msg = str(e.value)
+    assert str(path) in msg and "row 2" in msg and "not valid UTF-8" in msg
+    offset = len(ROWS[0]) + ROWS[1].index(b"\xe9")
+    assert f"byte offset {offset}" in msg
+    stats = DataStats()
+    recs = read_records(path, skip_invalid=True, stats=stats)
+    assert [r.row for r in recs] == [1, 3]
+    assert stats.rows_read == 3 and stats.invalid_skipped == 1
+    assert stats.skipped_by_reason == {"not UTF-8": 1}
+
+
+def test_compression_is_detected_from_content_not_name(tmp_path):
+    import gzip
+
+    from jaxpt.data.sources import read_records
+
+    good = ROWS[0] + ROWS[2]
+    (tmp_path / "zipped.jsonl").write_bytes(gzip.compress(good))
+    (tmp_path / "plain.jsonl.gz").write_bytes(good)
+    (tmp_path / "zipped.json").write_bytes(gzip.compress(b'[{"text": "a"}, {"text": "b"}]'))
+    for name, n in (("zipped.jsonl", 2), ("plain.jsonl.gz", 2), ("zipped.json", 2)):
+        assert len(read_records(tmp_path / name)) == n, name
+
+
+def test_truncated_gzip_is_located_and_skip_invalid_keeps_the_rows_before(tmp_path):
+    import gzip
+
+    from jaxpt.data.formats import DataError, DataStats
+    from jaxpt.data.sources import read_records
+
+    rows = b"".join(b'{"text": "row %d %s"}\n' % (i, b"x" * (i * 37 % 200)) for i in range(400))
+    blob = gzip.compress(rows)
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DataError) as e:
+        read_records(path)
+    msg = str(e.value)
+    assert str(path) in msg and "corrupt or truncated gzip" in msg and "byte offset" in msg
+    stats = DataStats()
+    recs = read_records(path, skip_invalid=True, stats=stats)
+    assert 0 < len(recs) < 400 and [r.row for r in recs] == list(range(1, len(recs) + 1))
+    assert stats.skipped_by_reason == {"corrupt compression": 1}

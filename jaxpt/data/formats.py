@@ -112,6 +112,7 @@ class DataStats:
     dropped_no_targets: examples removed because no training target was left after truncation.
     tokens: tokens in the kept examples; target_tokens: of those, training targets.
     rows: packed or padded rows built (0 until a loader builds them).
+    skipped_by_reason: ``invalid_skipped`` by reason ("not UTF-8", "invalid JSON", ...).
     """
 
     rows_read: int = 0
@@ -123,12 +124,22 @@ class DataStats:
     tokens: int = 0
     target_tokens: int = 0
     rows: int = 0
+    skipped_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, int]:
+    def skip(self, reason: str) -> None:
+        """Count one row skipped under ``skip_invalid`` (in total and by ``reason``)."""
+        self.invalid_skipped += 1
+        self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.as_dict().items())
+        parts = [f"{k}={v}" for k, v in self.as_dict().items() if k != "skipped_by_reason"]
+        if self.skipped_by_reason:
+            why = ", ".join(f"{r}: {n}" for r, n in sorted(self.skipped_by_reason.items()))
+            parts.append(f"skipped ({why})")
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -335,7 +346,7 @@ def validate_records(
             if not skip_invalid:
                 raise e.at(rec.source, rec.row) from None
             if stats is not None:
-                stats.invalid_skipped += 1
+                stats.skip("invalid row")
             continue
         fmt = row_fmt if fmt is None else fmt
         valid.append(rec)
