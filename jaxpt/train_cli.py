@@ -35,10 +35,11 @@ def run_train(args, *, callbacks=(), stop=None) -> int:
     # Before any JAX computation: connect the processes of a multi-host run.
     distributed.initialize(distributed.settings_from_args(cfg.distributed, args))
 
-    from jaxpt.train.loop import NonFiniteError
+    from jaxpt.train.loop import NonFiniteError, check_out_dir
     from jaxpt.train.registry import get_trainer
 
     trainer = get_trainer(cfg.algorithm)
+    check_out_dir(cfg.out_dir)  # before the model loads
     try:
         result = trainer(cfg, callbacks=callbacks, stop=stop)
     except NonFiniteError as e:

@@ -192,3 +192,26 @@ def test_truncated_gzip_is_located_and_skip_invalid_keeps_the_rows_before(tmp_pa
     recs = read_records(path, skip_invalid=True, stats=stats)
     assert 0 < len(recs) < 400 and [r.row for r in recs] == list(range(1, len(recs) + 1))
     assert stats.skipped_by_reason == {"corrupt compression": 1}
+
+
+# -- out_dir checked before the model loads ---------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "read_only"])
+def test_bad_out_dir_fails_before_the_model_loads(tmp_path, capsys, where):
+    import os
+
+    (tmp_path / "afile").write_text("x")
+    out = {"file": tmp_path / "afile", "under_file": tmp_path / "afile" / "run",
+           "read_only": tmp_path / "ro" / "run"}[where]
+    if where == "read_only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes to read-only dirs")
+        (tmp_path / "ro").mkdir(mode=0o500)
+    cfg = tmp_path / "c.yaml"
+    # A model that does not exist: an error about it would mean the model came first.
+    cfg.write_text(f"out_dir: {out}\nmodel: {{name: {tmp_path / 'no_such_model'}}}\n"
+                   f"data: {{train: {tmp_path / 'afile'}}}\n")
+    assert cli_main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"out_dir {out}" in err and "no_such_model" not in err, err

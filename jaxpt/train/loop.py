@@ -56,6 +56,30 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+def check_out_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` if needed and prove it writable (a probe file), before any model
+    loads: a path that is a file, under a file, or not writable is a ValueError naming it,
+    not a traceback minutes later."""
+    import tempfile
+
+    out = Path(out_dir)
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"out_dir {out}: {p} exists and is not a directory")
+        if p.exists():
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".jaxpt-write-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"out_dir {out}: cannot create or write to it ({e.strerror or e}); "
+            "choose another out_dir"
+        ) from None
+    return out
+
+
 def last_finite_message(ckpt: Checkpointer, first_bad: int | None) -> str:
     """Which checkpoint to resume from after a non-finite stop. Every saved state was
     checked finite; the one saved at or after step ``first_bad - 1`` holds the weights
