@@ -215,3 +215,32 @@ def test_bad_out_dir_fails_before_the_model_loads(tmp_path, capsys, where):
     assert cli_main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert f"out_dir {out}" in err and "no_such_model" not in err, err
+
+
+# -- resume falls back to the newest complete checkpoint ------------------------------------
+
+
+def test_resume_skips_uncommitted_and_unreadable_steps(tiny, tmp_path, capsys):
+    from jaxpt.train.loop import run
+    from jaxpt.train.sft import build_sft_trainer
+
+    cfg = config(tiny, tmp_path, train={"max_steps": 4}, checkpoint={"every": 2})
+    run(build_sft_trainer(cfg))
+    ckdir = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckdir.iterdir()) == ["2", "4"]
+    (ckdir / "44").mkdir()  # a step dir without its commit marker
+    shards = sorted((ckdir / "4" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    big = shards[-1]
+    big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])  # a truncated shard
+    capsys.readouterr()
+
+    cfg6 = config(tiny, tmp_path, train={"max_steps": 6}, checkpoint={"every": 2})
+    result = run(build_sft_trainer(cfg6))
+    out = capsys.readouterr().out
+    assert "step 44 (no commit marker" in out and "step 4 (restore failed" in out, out
+    assert "resumed from checkpoint step 2" in out
+    assert result.step == 6
+    steps = [r["step"] for r in read_metrics(cfg6.out_dir) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    names = sorted(p.name for p in ckdir.iterdir())
+    assert "44.incomplete" in names and "4.incomplete" in names and "6" in names

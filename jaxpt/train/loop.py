@@ -47,7 +47,13 @@ from jax.sharding import Mesh
 
 from jaxpt import distributed
 from jaxpt.config import RunConfig, config_to_dict, dump_config
-from jaxpt.train.checkpoint import Checkpointer, StopFlag, abstract_like, install_stop_handler
+from jaxpt.train.checkpoint import (
+    Checkpointer,
+    StopFlag,
+    abstract_like,
+    install_stop_handler,
+    step_problem,
+)
 from jaxpt.train.metrics import MetricsWriter, Throughput, device_peak_flops
 from jaxpt.train.state import TrainState, all_finite
 
@@ -156,6 +162,8 @@ class Trainer:
     num_params: int | None = None
     batches_per_epoch: int | None = None
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # (step, why) of checkpoints resume passed over (set by the loop)
+    skipped_checkpoints: list[tuple[int, str]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -167,15 +175,52 @@ class LoopResult:
     eval_metrics: dict[str, Any]
 
 
-def _restore(trainer: Trainer, ckpt: Checkpointer) -> tuple[int, int]:
+def set_aside_incomplete(ckpt: Checkpointer, *, primary: bool) -> list[tuple[int, str]]:
+    """(step, why) for every step dir that is not a complete checkpoint; each is renamed
+    to ``<step>.incomplete`` (by process 0) so the newest complete one is resumed and
+    later saves neither collide with it nor count it as the newest."""
+    bad = [(s, why) for s in ckpt.all_steps() if (why := step_problem(ckpt.directory / str(s)))]
+    _set_aside(ckpt, [s for s, _ in bad], primary=primary)
+    return bad
+
+
+def _set_aside(ckpt: Checkpointer, steps: list[int], *, primary: bool) -> None:
+    if not steps:
+        return
+    for s in steps:
+        ckpt.set_aside(s, rename=primary)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxpt: checkpoints set aside")
+    ckpt.reload()
+
+
+def _restore(trainer: Trainer, ckpt: Checkpointer, *, primary: bool = True) -> tuple[int, int]:
+    """Restore the newest checkpoint that restores; newer ones that fail (a truncated
+    shard) are set aside, named in the message printed by the caller."""
     abstract = abstract_like(trainer.state.saveable())
     # Free the freshly initialized trainable state before the restored copy arrives.
     for leaf in jax.tree.leaves(trainer.state.saveable()):
         leaf.delete()
-    restored, data = ckpt.restore(None, abstract)
-    trainer.state = TrainState(**restored, frozen=trainer.state.frozen)
-    trainer.source.set_state(data["source"])
-    return int(jax.device_get(restored["step"])), int(data.get("num_tokens", 0))
+    failed: list[tuple[int, str]] = []
+    for step in reversed(ckpt.all_steps()):
+        try:
+            restored, data = ckpt.restore(step, abstract)
+        except Exception as e:  # noqa: BLE001  orbax / tensorstore raise many types
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            failed.append((step, f"restore failed: {type(e).__name__}: {first}"))
+            continue
+        _set_aside(ckpt, [s for s, _ in failed], primary=primary)
+        trainer.skipped_checkpoints.extend(failed)
+        trainer.state = TrainState(**restored, frozen=trainer.state.frozen)
+        trainer.source.set_state(data["source"])
+        return int(jax.device_get(restored["step"])), int(data.get("num_tokens", 0))
+    raise RuntimeError(
+        f"{ckpt.directory}: no checkpoint could be restored: "
+        + "; ".join(f"step {s}: {why}" for s, why in failed)
+        + ". Move the checkpoints away or set checkpoint.resume=false to start over."
+    )
 
 
 def run(
@@ -204,10 +249,20 @@ def run(
         out / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
     )
     start, num_tokens = 0, 0
+    trainer.skipped_checkpoints = []
+    if cfg.checkpoint.resume:
+        trainer.skipped_checkpoints = set_aside_incomplete(ckpt, primary=primary)
     if cfg.checkpoint.resume and ckpt.latest_step() is not None:
-        start, num_tokens = _restore(trainer, ckpt)
-        if primary:
-            print(f"resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
+        start, num_tokens = _restore(trainer, ckpt, primary=primary)
+    if primary and trainer.skipped_checkpoints:
+        print(
+            "resume: skipped checkpoint "
+            + "; ".join(f"step {s} ({why})" for s, why in trainer.skipped_checkpoints)
+            + " (renamed to <step>.incomplete, not deleted)",
+            flush=True,
+        )
+    if primary and start:
+        print(f"resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
     end = trainer.total_steps
     if cfg.train.stop_after_steps is not None:
         end = min(end, cfg.train.stop_after_steps)
