@@ -506,7 +506,7 @@ def _validate(cfg: RunConfig, origins: _Origins) -> None:
     ranges = (
         ("lr", o.lr, 0.0, math.inf, False),
         ("weight_decay", o.weight_decay, 0.0, math.inf, False),
-        ("eps", o.eps, 0.0, math.inf, False),
+
         ("b1", o.b1, 0.0, 1.0, False),
         ("b2", o.b2, 0.0, 1.0, False),
         ("warmup_ratio", o.warmup_ratio, 0.0, 1.0, False),
@@ -516,6 +516,8 @@ def _validate(cfg: RunConfig, origins: _Origins) -> None:
         if not (lo <= v and (v <= hi if hi_in else v < hi)):
             span = f"[{lo:g}, {hi:g}{']' if hi_in else ')'}" if hi < math.inf else f">= {lo:g}"
             bad(f"optim.{key}", f"must be a finite number {span}, got {v}")
+    if not 0 < o.eps < math.inf:  # 0: 0 / 0 on a param whose gradients were all zero
+        bad("optim.eps", f"must be a finite number > 0, got {o.eps}")
     if o.warmup_steps < 0:
         bad("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
     if o.max_grad_norm is not None and not (0 < o.max_grad_norm < math.inf):

@@ -94,6 +94,7 @@ def test_cross_field_validation(tmp_path):
         ("optim.b2=-1", "optim.b2"),
         ("optim.weight_decay=-5", "optim.weight_decay"),
         ("optim.eps=-1e-8", "optim.eps"),
+        ("optim.eps=0", "optim.eps"),
         ("optim.min_lr_ratio=2", "optim.min_lr_ratio"),
         ("optim.max_grad_norm=.nan", "optim.max_grad_norm"),
         ("optim.max_grad_norm=.inf", "optim.max_grad_norm"),

@@ -302,10 +302,10 @@ def make_train_step(
     (identity, or LoRA's ``apply_lora``). Gradients and losses of the ``grad_accum``
     micro-batches are summed (loss_fn normalizes by whole-batch counts, see the module doc).
 
-    Non-finite loss or gradient norm, or an update that would make a param or optimizer
-    moment non-finite (checked on the updated values inside the step): params and
-    optimizer state are left unchanged (the update is not applied, the schedule does not
-    advance), so the state, and every checkpoint of it, stays finite; ``step`` and ``rng`` still
+    Non-finite loss or gradient norm, or a non-finite update (FusedAdamW: a non-finite
+    learning rate or clip scale, see ``FusedAdamW.apply_checked``; any other optax
+    transform: the updated params and state are checked): params and optimizer state are
+    left unchanged (the update is not applied, the schedule does not advance); ``step`` and ``rng`` still
     advance (the batch is consumed), and ``metrics["skipped"]`` is 1.0. Metrics added here:
     ``grad_norm`` (before clipping), ``learning_rate`` (of this update), ``skipped``.
     """
