@@ -244,3 +244,34 @@ def test_resume_skips_uncommitted_and_unreadable_steps(tiny, tmp_path, capsys):
     assert steps == [1, 2, 3, 4, 5, 6]
     names = sorted(p.name for p in ckdir.iterdir())
     assert "44.incomplete" in names and "4.incomplete" in names and "6" in names
+
+
+# -- DPO pairs with identical answers ---------------------------------------------------------
+
+
+def test_identical_dpo_pairs_are_an_error_or_skipped_and_counted(tmp_path):
+    import json
+
+    from jaxpt.data.formats import DataError, DataStats, validate_records
+    from jaxpt.data.sources import read_records
+
+    conv = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]
+    rows = [
+        {"prompt": "2+3?", "chosen": "5", "rejected": "6"},
+        {"prompt": "2+2?", "chosen": "4", "rejected": "4"},
+        {"chosen": conv, "rejected": conv},  # implicit prompt, same conversation
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    with pytest.raises(DataError) as e:
+        validate_records(read_records(path), "preference")
+    where = f"{path} row 2, key 'rejected': "
+    assert str(e.value).startswith(where + "chosen and rejected are identical")
+    stats = DataStats()
+    valid, _ = validate_records(read_records(path), "preference", skip_invalid=True, stats=stats)
+    assert [r.row for r in valid] == [1]
+    assert stats.skipped_by_reason == {"identical chosen and rejected": 1}
+    conv_path = tmp_path / "conv.jsonl"
+    conv_path.write_text(json.dumps(rows[2]) + "\n")
+    with pytest.raises(DataError, match="row 1, key 'rejected': chosen and rejected are identical"):
+        validate_records(read_records(conv_path), "preference")

@@ -81,6 +81,11 @@ class DataError(ValueError):
         return err
 
 
+class IdenticalPairError(DataError):
+    """A preference pair whose chosen equals its rejected: its DPO loss is log 2 with zero
+    gradient whatever the model, so it only dilutes the batch."""
+
+
 class ChatTemplateError(DataError):
     """The chat template cannot be used to compute loss masks incrementally (see tokenize.py)."""
 
@@ -253,6 +258,15 @@ def split_implicit_prompt(
     return chosen[:k], chosen[k:], rejected[k:]
 
 
+def _check_pair_differs(row: dict[str, Any]) -> None:
+    if row["chosen"] == row["rejected"]:
+        raise IdenticalPairError(
+            "chosen and rejected are identical (the pair has zero DPO gradient); fix or "
+            "drop it, or set data.skip_invalid: true to skip and count such pairs",
+            key="rejected",
+        )
+
+
 def validate_row(row: dict[str, Any], task: Task) -> RowFormat:
     """Check one row for ``task``; return its format or raise DataError naming the key."""
     if task not in TASKS:
@@ -283,6 +297,7 @@ def validate_row(row: dict[str, Any], task: Task) -> RowFormat:
             check_messages(row["chosen"], "chosen", allow_empty_content=False)
             check_messages(row["rejected"], "rejected", allow_empty_content=False)
             split_implicit_prompt(row["chosen"], row["rejected"])
+            _check_pair_differs(row)
             return fmt
         if fmt.conversational:
             check_messages(row["prompt"], "prompt")
@@ -292,6 +307,7 @@ def validate_row(row: dict[str, Any], task: Task) -> RowFormat:
             _check_str(row, "prompt", allow_empty=True)
             _check_str(row, "chosen", allow_empty=False)
             _check_str(row, "rejected", allow_empty=False)
+        _check_pair_differs(row)
         return fmt
 
     # task == "sft"
@@ -346,7 +362,8 @@ def validate_records(
             if not skip_invalid:
                 raise e.at(rec.source, rec.row) from None
             if stats is not None:
-                stats.skip("invalid row")
+                identical = isinstance(e, IdenticalPairError)
+                stats.skip("identical chosen and rejected" if identical else "invalid row")
             continue
         fmt = row_fmt if fmt is None else fmt
         valid.append(rec)

@@ -305,9 +305,10 @@ def make_train_step(
     Non-finite loss or gradient norm, or a non-finite update (FusedAdamW: a non-finite
     learning rate or clip scale, see ``FusedAdamW.apply_checked``; any other optax
     transform: the updated params and state are checked): params and optimizer state are
-    left unchanged (the update is not applied, the schedule does not advance); ``step`` and ``rng`` still
-    advance (the batch is consumed), and ``metrics["skipped"]`` is 1.0. Metrics added here:
-    ``grad_norm`` (before clipping), ``learning_rate`` (of this update), ``skipped``.
+    left unchanged (the update is not applied, the schedule does not advance); ``step``
+    and ``rng`` still advance (the batch is consumed), and ``metrics["skipped"]`` is 1.0.
+    Metrics added here: ``grad_norm`` (before clipping), ``learning_rate`` (of this
+    update), ``skipped``.
     """
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
