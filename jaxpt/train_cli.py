@@ -47,8 +47,11 @@ def run_train(args, *, callbacks=(), stop=None) -> int:
         return 3
     if not distributed.is_primary():
         return 0
-    shown = {k: v for k, v in result.last_metrics.items() if k == "loss"}
-    shown.update({k: v for k, v in result.eval_metrics.items() if k == "eval_loss"})
+    number = lambda v: isinstance(v, int | float)  # noqa: E731  (non-finite: null)
+    shown = {k: v for k, v in result.last_metrics.items() if k == "loss" and number(v)}
+    shown.update(
+        {k: v for k, v in result.eval_metrics.items() if k == "eval_loss" and number(v)}
+    )
     summary = ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
     print(
         f"{cfg.algorithm}: {result.reason} at step {result.step} ({summary}); "

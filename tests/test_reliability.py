@@ -275,3 +275,58 @@ def test_identical_dpo_pairs_are_an_error_or_skipped_and_counted(tmp_path):
     conv_path.write_text(json.dumps(rows[2]) + "\n")
     with pytest.raises(DataError, match="row 1, key 'rejected': chosen and rejected are identical"):
         validate_records(read_records(conv_path), "preference")
+
+
+# -- non-finite GRPO rewards ------------------------------------------------------------------
+
+
+def _nan_reward(completions, **kw):
+    return [math.nan if i == 1 else 1.0 for i in range(len(completions))]
+
+
+def _inf_reward(completions, **kw):
+    return [math.inf] * len(completions)
+
+
+def _none_reward(completions, **kw):
+    return [None] * len(completions)
+
+
+@pytest.mark.parametrize("fn", [_nan_reward, _inf_reward], ids=["nan", "inf"])
+def test_nonfinite_reward_is_an_error_naming_function_and_row(fn):
+    from jaxpt.rewards.registry import RewardError, compute_rewards
+
+    args = (["p"] * 4, ["a", "b", "c", "d"], None, None, [10, 10, 11, 11])
+    with pytest.raises(RewardError) as e:
+        compute_rewards([fn], None, *args)
+    assert f"'{fn.__name__}'" in str(e.value) and "dataset row 1" in str(e.value)
+    assert "skip_nonfinite_rewards" in str(e.value)
+    rewards, per_fn, metrics = compute_rewards([fn], None, *args, skip_nonfinite=True)
+    bad = 1 if fn is _nan_reward else 4
+    assert metrics["rewards/nonfinite_skipped"] == bad
+    assert int(np.isnan(per_fn[fn.__name__]).sum()) == bad  # treated as None
+
+
+def test_none_rewards_are_not_applicable_and_the_report_survives_nan_metrics(tmp_path, capsys):
+    import json
+
+    from jaxpt.rewards.advantages import compute_advantages
+    from jaxpt.rewards.registry import compute_rewards
+    from jaxpt.train.metrics import MetricsWriter
+    from jaxpt.train.report import print_run_summary
+
+    rewards, _, metrics = compute_rewards(
+        [_none_reward], None, ["p"] * 4, ["a", "b", "c", "d"], None, None, None
+    )
+    assert np.isnan(rewards).all() and math.isnan(metrics["rewards/_none_reward/mean"])
+    adv, adv_metrics = compute_advantages(rewards, 2)
+    assert np.array_equal(adv, np.zeros(4, np.float32))
+    w = MetricsWriter(tmp_path, total_steps=3, progress=False)
+    for step, r in enumerate([0.5, adv_metrics["reward"], 0.7], start=1):
+        w.write(step, {"reward": r, "loss": float("inf") if step == 2 else 1.0})
+    w.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["reward"] is None and lines[1]["loss"] is None
+    summary = print_run_summary(tmp_path, curve_key="reward", eval_key="eval_accuracy")
+    assert [s for s, _ in summary["curve"]] == [1, 3]
+    assert "reward per step" in capsys.readouterr().out

@@ -113,6 +113,9 @@ class GRPOSection:
     reward_funcs: tuple[str, ...] = ("math",)  # built-in names or "package.module:function"
     reward_weights: tuple[float, ...] | None = None
     reward_timeout_s: float = 60.0
+    # A reward function returning NaN / inf stops the run naming it and the row; true:
+    # treat the value as None (not applicable) and count it (rewards/nonfinite_skipped).
+    skip_nonfinite_rewards: bool = False
     scale_rewards: Literal["group", "batch", "none"] = "group"
     advantage_estimator: Literal["grpo", "rloo"] = "grpo"
     mask_truncated_completions: bool = False
@@ -173,6 +176,7 @@ class GRPOSection:
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
             reward_funcs=self.reward_funcs, reward_weights=self.reward_weights,
             reward_timeout_s=self.reward_timeout_s, scale_rewards=self.scale_rewards,
+            skip_nonfinite_rewards=self.skip_nonfinite_rewards,
             advantage_estimator=self.advantage_estimator,
             mask_truncated_completions=self.mask_truncated_completions,
         )
