@@ -330,3 +330,33 @@ def test_none_rewards_are_not_applicable_and_the_report_survives_nan_metrics(tmp
     summary = print_run_summary(tmp_path, curve_key="reward", eval_key="eval_accuracy")
     assert [s for s, _ in summary["curve"]] == [1, 3]
     assert "reward per step" in capsys.readouterr().out
+
+
+# -- skipped rows are counted and reported ----------------------------------------------------
+
+
+def test_skipped_rows_are_reported_at_start_and_in_data_stats_json(tiny, tmp_path, capsys):
+    import json
+
+    from jaxpt.train.loop import run
+    from jaxpt.train.sft import build_sft_trainer
+
+    _, _, data_dir = tiny
+    good = (data_dir / "gsm8k" / "train.jsonl").read_bytes().splitlines(keepends=True)[:40]
+    bad = [b'{"question": "caf\xe9", "answer": "#### 1"}\n', b"{not json\n",
+           b'{"question": "no answer"}\n']
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"".join(good[:10] + bad + good[10:]))
+    cfg = config(tiny, tmp_path, data={"train": str(path), "max_train_rows": 30,
+                                       "skip_invalid": True},
+                 train={"max_steps": 1}, checkpoint={"every": 0})
+    run(build_sft_trainer(cfg))
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("data: "))
+    assert "43 rows read (11 past max_*_rows unused)" in line, line
+    assert "3 skipped (invalid JSON: 1, invalid gsm8k row: 1, not UTF-8: 1)" in line, line
+    stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
+    assert stats["rows_read"] == 43 and stats["invalid_skipped"] == 3
+    assert stats["skipped_by_reason"] == {"not UTF-8": 1, "invalid JSON": 1,
+                                          "invalid gsm8k row": 1}
+    assert stats["examples"] == 29 and stats["beyond_max_rows"] == 11

@@ -117,6 +117,8 @@ class DataStats:
     dropped_no_targets: examples removed because no training target was left after truncation.
     tokens: tokens in the kept examples; target_tokens: of those, training targets.
     rows: packed or padded rows built (0 until a loader builds them).
+    beyond_max_rows: valid rows read but not used, past ``data.max_train_rows`` /
+        ``max_eval_rows``.
     skipped_by_reason: ``invalid_skipped`` by reason ("not UTF-8", "invalid JSON", ...).
     """
 
@@ -129,6 +131,7 @@ class DataStats:
     tokens: int = 0
     target_tokens: int = 0
     rows: int = 0
+    beyond_max_rows: int = 0
     skipped_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def skip(self, reason: str) -> None:

@@ -62,6 +62,31 @@ class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
 
 
+def data_report(stats) -> str:
+    """One line: rows read, examples kept, skipped by reason, truncated, dropped."""
+    d = stats.as_dict()
+    why = d.get("skipped_by_reason") or {}
+    skipped = d.get("invalid_skipped", 0)
+    parts = [
+        f"{d.get('rows_read', 0)} rows read"
+        + (f" ({d['beyond_max_rows']} past max_*_rows unused)" if d.get("beyond_max_rows") else ""),
+        f"{d.get('examples', 0)} kept",
+        f"{skipped} skipped"
+        + (" (" + ", ".join(f"{r}: {n}" for r, n in sorted(why.items())) + ")" if why else ""),
+        f"{d.get('truncated', 0)} truncated",
+        f"{d.get('dropped_too_long', 0) + d.get('dropped_no_targets', 0)} dropped "
+        f"({d.get('dropped_too_long', 0)} too long, {d.get('dropped_no_targets', 0)} with no "
+        "training target)",
+    ]
+    return "data: " + ", ".join(parts)
+
+
+def write_data_stats(out: Path, stats) -> None:
+    import json
+
+    (out / "data_stats.json").write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
+
+
 def check_out_dir(out_dir: str | Path) -> Path:
     """Create ``out_dir`` if needed and prove it writable (a probe file), before any model
     loads: a path that is a file, under a file, or not writable is a ValueError naming it,
@@ -162,6 +187,9 @@ class Trainer:
     num_params: int | None = None
     batches_per_epoch: int | None = None
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # what the training data came to (rows read, kept, skipped by reason ...): printed at
+    # the start and written to <out_dir>/data_stats.json
+    data_stats: Any = None
     # (step, why) of checkpoints resume passed over (set by the loop)
     skipped_checkpoints: list[tuple[int, str]] = dataclasses.field(default_factory=list)
 
@@ -245,6 +273,9 @@ def run(
         global_tokens = distributed.global_sum_fn(trainer.mesh)
     if primary:
         dump_config(cfg, out / "config.yaml")
+        if trainer.data_stats is not None:
+            print(data_report(trainer.data_stats), flush=True)
+            write_data_stats(out, trainer.data_stats)
     ckpt = Checkpointer(
         out / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
     )
