@@ -360,3 +360,22 @@ def test_skipped_rows_are_reported_at_start_and_in_data_stats_json(tiny, tmp_pat
     assert stats["skipped_by_reason"] == {"not UTF-8": 1, "invalid JSON": 1,
                                           "invalid gsm8k row": 1}
     assert stats["examples"] == 29 and stats["beyond_max_rows"] == 11
+
+
+def test_a_non_finite_state_is_never_saved(tiny, tmp_path):
+    """Weights that are already non-finite (every step skipped, so they stay so) are not
+    written over the checkpoints; the error says so and names the last finite one."""
+    import jax.numpy as jnp
+
+    from jaxpt.train.loop import NonFiniteError, run
+    from jaxpt.train.sft import build_sft_trainer
+
+    cfg = config(tiny, tmp_path, train={"max_steps": 6, "max_bad_steps": 5},
+                 checkpoint={"every": 2})
+    trainer = build_sft_trainer(cfg)
+    trainer.state = trainer.state.replace(
+        params=jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), trainer.state.params)
+    )
+    with pytest.raises(NonFiniteError, match="state at step 2 holds non-finite values"):
+        run(trainer)
+    assert not list((tmp_path / "run" / "checkpoints").glob("2*"))
