@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import math
 import re
 import types
 import typing
@@ -484,15 +485,45 @@ def _validate(cfg: RunConfig, origins: _Origins) -> None:
         bad("train.max_steps", f"must be >= 1, got {t.max_steps}")
     if t.max_bad_steps < 1:
         bad("train.max_bad_steps", f"must be >= 1, got {t.max_bad_steps}")
-    if cfg.data.max_length < 2:
-        bad("data.max_length", f"must be >= 2, got {cfg.data.max_length}")
+    if not (math.isfinite(t.num_epochs) and t.num_epochs > 0):
+        bad("train.num_epochs", f"must be a finite number > 0, got {t.num_epochs}")
+    for key in ("eval_every",):
+        if getattr(t, key) < 0:
+            bad(f"train.{key}", f"must be >= 0, got {getattr(t, key)}")
+    for key in ("eval_batches", "eval_batch_size", "stop_after_steps"):
+        if getattr(t, key) is not None and getattr(t, key) < 1:
+            bad(f"train.{key}", f"must be >= 1 or null, got {getattr(t, key)}")
+    if not str(cfg.out_dir).strip():
+        bad("out_dir", "must name a directory, got an empty string")
+    d = cfg.data
+    if d.max_length < 2:
+        bad("data.max_length", f"must be >= 2, got {d.max_length}")
+    for key in ("max_train_rows", "max_eval_rows"):
+        if getattr(d, key) is not None and getattr(d, key) < 1:
+            bad(f"data.{key}", f"must be >= 1 or null (all rows), got {getattr(d, key)}")
     o = cfg.optim
-    if o.lr < 0:
-        bad("optim.lr", f"must be >= 0, got {o.lr}")
-    if not 0 <= o.warmup_ratio < 1:
-        bad("optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio}")
-    if o.max_grad_norm is not None and o.max_grad_norm <= 0:
-        bad("optim.max_grad_norm", f"must be > 0 or null, got {o.max_grad_norm}")
+    # (key, value, low, high, high included); NaN fails every comparison, so it is caught
+    ranges = (
+        ("lr", o.lr, 0.0, math.inf, False),
+        ("weight_decay", o.weight_decay, 0.0, math.inf, False),
+
+        ("b1", o.b1, 0.0, 1.0, False),
+        ("b2", o.b2, 0.0, 1.0, False),
+        ("warmup_ratio", o.warmup_ratio, 0.0, 1.0, False),
+        ("min_lr_ratio", o.min_lr_ratio, 0.0, 1.0, True),
+    )
+    for key, v, lo, hi, hi_in in ranges:
+        if not (lo <= v and (v <= hi if hi_in else v < hi)):
+            span = f"[{lo:g}, {hi:g}{']' if hi_in else ')'}" if hi < math.inf else f">= {lo:g}"
+            bad(f"optim.{key}", f"must be a finite number {span}, got {v}")
+    if not 0 < o.eps < math.inf:  # 0: 0 / 0 on a param whose gradients were all zero
+        bad("optim.eps", f"must be a finite number > 0, got {o.eps}")
+    if o.warmup_steps < 0:
+        bad("optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+    if o.max_grad_norm is not None and not (0 < o.max_grad_norm < math.inf):
+        bad("optim.max_grad_norm", f"must be a finite number > 0 or null, got {o.max_grad_norm}")
+    if cfg.checkpoint.every < 0:
+        bad("checkpoint.every", f"must be >= 0, got {cfg.checkpoint.every}")
     lo = cfg.lora
     if lo.rank < 0:
         bad("lora.rank", f"must be >= 0, got {lo.rank}")

@@ -230,6 +230,9 @@ def run_rft(args, *, callbacks=(), stop=None) -> int:
             f"{args.config}: algorithm={cfg.algorithm!r}; `jaxpt rft` needs "
             "algorithm: rft (use `jaxpt train` for other algorithms)"
         )
+    from jaxpt.train.loop import check_out_dir
+
+    check_out_dir(cfg.out_dir)  # before the model loads
     result = train_rft(cfg, callbacks=callbacks, stop=stop)
     last = result.last_metrics
     parts = [f"loss {last['loss']:.4g}"] if "loss" in last else []

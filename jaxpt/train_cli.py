@@ -35,10 +35,11 @@ def run_train(args, *, callbacks=(), stop=None) -> int:
     # Before any JAX computation: connect the processes of a multi-host run.
     distributed.initialize(distributed.settings_from_args(cfg.distributed, args))
 
-    from jaxpt.train.loop import NonFiniteError
+    from jaxpt.train.loop import NonFiniteError, check_out_dir
     from jaxpt.train.registry import get_trainer
 
     trainer = get_trainer(cfg.algorithm)
+    check_out_dir(cfg.out_dir)  # before the model loads
     try:
         result = trainer(cfg, callbacks=callbacks, stop=stop)
     except NonFiniteError as e:
@@ -46,8 +47,11 @@ def run_train(args, *, callbacks=(), stop=None) -> int:
         return 3
     if not distributed.is_primary():
         return 0
-    shown = {k: v for k, v in result.last_metrics.items() if k == "loss"}
-    shown.update({k: v for k, v in result.eval_metrics.items() if k == "eval_loss"})
+    number = lambda v: isinstance(v, int | float)  # noqa: E731  (non-finite: null)
+    shown = {k: v for k, v in result.last_metrics.items() if k == "loss" and number(v)}
+    shown.update(
+        {k: v for k, v in result.eval_metrics.items() if k == "eval_loss" and number(v)}
+    )
     summary = ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
     print(
         f"{cfg.algorithm}: {result.reason} at step {result.step} ({summary}); "
@@ -70,6 +74,12 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
         default=None,
         help="weight dtype (default: the run's param_dtype)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty OUT_DIR (never the run itself, a parent of it or the "
+        "current directory); the old dir is removed only once the new export is in place",
+    )
     p.set_defaults(func=run_export)
     return p
 
@@ -77,6 +87,8 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
 def run_export(args) -> int:
     from jaxpt.train.export import export_checkpoint
 
-    out, step = export_checkpoint(args.checkpoint, args.out_dir, dtype=args.dtype)
+    out, step = export_checkpoint(
+        args.checkpoint, args.out_dir, dtype=args.dtype, overwrite=args.overwrite
+    )
     print(f"exported step {step} to {out}", flush=True)
     return 0

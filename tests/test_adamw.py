@@ -81,3 +81,46 @@ def test_fused_apply_rejects_a_foreign_state():
     with pytest.raises(TypeError, match="clip -> adamw chain"):
         tx.apply(params, optax.sgd(0.1).init(params), params,
                  grad_norm=jnp.float32(1.0), finite=jnp.bool_(True))
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf")], ids=["lr-nan", "lr-inf"])
+def test_fused_apply_skips_an_update_that_would_be_nonfinite(lr):
+    """Finite grads, non-finite update: nothing is applied, and the step is told so."""
+    tx, _ = make_optimizer(OptimConfig(lr=lr, weight_decay=0.1), total_steps=6)
+    params = _params(jax.random.key(0))
+    grads = jax.tree.map(lambda x: 3.0 * jnp.ones_like(x), params)
+    state = tx.init(params)
+    apply = jax.jit(lambda g, s, p: tx.apply_checked(
+        g, s, p, grad_norm=optax.global_norm(g), finite=jnp.bool_(True)))
+    new_p, new_s, applied = apply(grads, state, params)
+    assert not bool(applied)
+    for a, b in zip(jax.tree.leaves((new_p, new_s)), jax.tree.leaves((params, state)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # and the reference chain would indeed have written non-finite values
+    ref_p, _ = _optax_apply(tx.tx, grads, state, params)
+    assert not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ref_p))
+
+
+def test_fused_adamw_refuses_eps_zero():
+    """eps 0 divides 0 by 0 on a param whose gradients were all zero (unused rows)."""
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        make_optimizer(OptimConfig(eps=0.0), total_steps=2)
+
+
+def test_optax_fallback_step_checks_the_updated_tree():
+    """A step built on a plain optax transform checks the new params and state."""
+    from jaxpt.train.state import TrainState, make_train_step
+
+    params = _params(jax.random.key(0))
+    tx = optax.sgd(3e38)  # finite lr, finite grads, the update overflows to inf
+
+    def loss_fn(p, batch, rng, stats):
+        return 10.0 * sum(jnp.sum(x) for x in jax.tree.leaves(p)), {}
+
+    state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32), jax.random.key(0))
+    step = make_train_step(loss_fn, tx, lambda c: 3e38)
+    new, metrics = jax.jit(step)(state, {"x": jnp.zeros((2, 3))})
+    assert float(metrics["skipped"]) == 1.0
+    for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -85,6 +85,34 @@ def test_cross_field_validation(tmp_path):
         load_config(f)
 
 
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lr=inf", "optim.lr"),
+        ("optim.lr=.nan", "optim.lr"),
+        ("optim.b1=1.5", "optim.b1"),
+        ("optim.b2=-1", "optim.b2"),
+        ("optim.weight_decay=-5", "optim.weight_decay"),
+        ("optim.eps=-1e-8", "optim.eps"),
+        ("optim.eps=0", "optim.eps"),
+        ("optim.min_lr_ratio=2", "optim.min_lr_ratio"),
+        ("optim.max_grad_norm=.nan", "optim.max_grad_norm"),
+        ("optim.max_grad_norm=.inf", "optim.max_grad_norm"),
+        ("optim.warmup_steps=-1", "optim.warmup_steps"),
+        ("out_dir=''", "out_dir"),
+        ("data.max_train_rows=-5", "data.max_train_rows"),
+        ("data.max_eval_rows=0", "data.max_eval_rows"),
+        ("train.num_epochs=.nan", "train.num_epochs"),
+        ("train.eval_every=-1", "train.eval_every"),
+        ("checkpoint.every=-2", "checkpoint.every"),
+    ],
+)
+def test_every_optimizer_and_data_number_is_range_checked(tmp_path, override, key):
+    f = write(tmp_path / "x.yaml", "optim: {lr: 0.1}\n")
+    with pytest.raises(ConfigError, match=rf"{key}: must"):
+        load_config(f, [override])
+
+
 def test_overrides_are_yaml_scalars(tmp_path):
     f = write(tmp_path / "x.yaml", "optim: {lr: 0.1}\ndata: {eval: e.jsonl}\n")
     cfg = load_config(

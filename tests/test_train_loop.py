@@ -110,7 +110,8 @@ def test_nonfinite_steps_stop_with_checkpoint_intact(tiny, tmp_path):
     msg = str(e.value)
     assert "3 consecutive steps (4..6)" in msg and "train.max_bad_steps=3" in msg
     # The bad streak is detected before the step-6 save: the newest checkpoint is step 4.
-    assert "newest checkpoint (step 4) is intact" in msg
+    assert "last finite checkpoint is step 4" in msg
+    assert "newest checkpoint before that is step 2" in msg  # step 4 holds step 3's weights
     rows = [r for r in read_metrics(cfg.out_dir) if "loss" in r]
     assert [r["skipped"] for r in rows] == [0, 0, 0, 1, 1, 1]
     ck = Checkpointer(tmp_path / "run" / "checkpoints", async_save=False)

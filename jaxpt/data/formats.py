@@ -81,6 +81,11 @@ class DataError(ValueError):
         return err
 
 
+class IdenticalPairError(DataError):
+    """A preference pair whose chosen equals its rejected: its DPO loss is log 2 with zero
+    gradient whatever the model, so it only dilutes the batch."""
+
+
 class ChatTemplateError(DataError):
     """The chat template cannot be used to compute loss masks incrementally (see tokenize.py)."""
 
@@ -112,6 +117,9 @@ class DataStats:
     dropped_no_targets: examples removed because no training target was left after truncation.
     tokens: tokens in the kept examples; target_tokens: of those, training targets.
     rows: packed or padded rows built (0 until a loader builds them).
+    beyond_max_rows: valid rows read but not used, past ``data.max_train_rows`` /
+        ``max_eval_rows``.
+    skipped_by_reason: ``invalid_skipped`` by reason ("not UTF-8", "invalid JSON", ...).
     """
 
     rows_read: int = 0
@@ -123,12 +131,23 @@ class DataStats:
     tokens: int = 0
     target_tokens: int = 0
     rows: int = 0
+    beyond_max_rows: int = 0
+    skipped_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
 
-    def as_dict(self) -> dict[str, int]:
+    def skip(self, reason: str) -> None:
+        """Count one row skipped under ``skip_invalid`` (in total and by ``reason``)."""
+        self.invalid_skipped += 1
+        self.skipped_by_reason[reason] = self.skipped_by_reason.get(reason, 0) + 1
+
+    def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        return ", ".join(f"{k}={v}" for k, v in self.as_dict().items())
+        parts = [f"{k}={v}" for k, v in self.as_dict().items() if k != "skipped_by_reason"]
+        if self.skipped_by_reason:
+            why = ", ".join(f"{r}: {n}" for r, n in sorted(self.skipped_by_reason.items()))
+            parts.append(f"skipped ({why})")
+        return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -242,6 +261,15 @@ def split_implicit_prompt(
     return chosen[:k], chosen[k:], rejected[k:]
 
 
+def _check_pair_differs(row: dict[str, Any]) -> None:
+    if row["chosen"] == row["rejected"]:
+        raise IdenticalPairError(
+            "chosen and rejected are identical (the pair has zero DPO gradient); fix or "
+            "drop it, or set data.skip_invalid: true to skip and count such pairs",
+            key="rejected",
+        )
+
+
 def validate_row(row: dict[str, Any], task: Task) -> RowFormat:
     """Check one row for ``task``; return its format or raise DataError naming the key."""
     if task not in TASKS:
@@ -272,6 +300,7 @@ def validate_row(row: dict[str, Any], task: Task) -> RowFormat:
             check_messages(row["chosen"], "chosen", allow_empty_content=False)
             check_messages(row["rejected"], "rejected", allow_empty_content=False)
             split_implicit_prompt(row["chosen"], row["rejected"])
+            _check_pair_differs(row)
             return fmt
         if fmt.conversational:
             check_messages(row["prompt"], "prompt")
@@ -281,6 +310,7 @@ def validate_row(row: dict[str, Any], task: Task) -> RowFormat:
             _check_str(row, "prompt", allow_empty=True)
             _check_str(row, "chosen", allow_empty=False)
             _check_str(row, "rejected", allow_empty=False)
+        _check_pair_differs(row)
         return fmt
 
     # task == "sft"
@@ -335,7 +365,8 @@ def validate_records(
             if not skip_invalid:
                 raise e.at(rec.source, rec.row) from None
             if stats is not None:
-                stats.invalid_skipped += 1
+                identical = isinstance(e, IdenticalPairError)
+                stats.skip("identical chosen and rejected" if identical else "invalid row")
             continue
         fmt = row_fmt if fmt is None else fmt
         valid.append(rec)

@@ -120,7 +120,7 @@ def convert_gsm8k(
             if not skip_invalid:
                 raise e.at(rec.source, rec.row) from None
             if stats is not None:
-                stats.invalid_skipped += 1
+                stats.skip("invalid gsm8k row")
     return out
 
 

@@ -85,5 +85,5 @@ def convert_hh_rlhf(
             if not skip_invalid:
                 raise e.at(rec.source, rec.row) from None
             if stats is not None:
-                stats.invalid_skipped += 1
+                stats.skip("invalid hh-rlhf transcript")
     return out

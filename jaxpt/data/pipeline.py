@@ -79,7 +79,7 @@ def _tokenize_all(records, task, fn, skip_invalid, stats, *, with_record=False):
         except DataError as e:
             if not skip_invalid:
                 raise e.at(rec.source, rec.row) from None
-            stats.invalid_skipped += 1
+            stats.skip("could not be tokenized")
     return out
 
 

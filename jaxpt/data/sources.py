@@ -6,7 +6,8 @@ names where the bad row is.
 
 ``read_records(spec)`` dispatches on ``spec``:
 
-* ``*.jsonl``, ``*.jsonl.gz``, ``*.json`` (JSON lines, or one JSON array), ``*.json.gz``;
+* ``*.jsonl``, ``*.jsonl.gz``, ``*.json`` (JSON lines, or one JSON array), ``*.json.gz``
+  (gzip is detected from the first bytes, whatever the name);
 * ``*.parquet`` (pyarrow);
 * a directory written by ``datasets.Dataset.save_to_disk`` (``datasets.load_from_disk``;
   a ``DatasetDict`` needs ``split``);
@@ -18,16 +19,70 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterable
 from typing import Any
 
 from jaxpt.data.formats import DataError, DataStats, Record
 
+GZIP_MAGIC = b"\x1f\x8b"
 
-def _open_text(path: str):
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+
+def is_gzip(path: str) -> bool:
+    """Whether the file is gzip-compressed, from its first bytes (not its name: a gzip file
+    named ``.jsonl`` and a plain one named ``.jsonl.gz`` both occur)."""
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
+def _open_bytes(path: str):
+    return gzip.open(path, "rb") if is_gzip(path) else open(path, "rb")
+
+
+def _corrupt(source: str, line_no: int, offset: int, e: BaseException) -> DataError:
+    return DataError(
+        f"corrupt or truncated gzip data after line {line_no - 1} (uncompressed byte offset "
+        f"{offset}): {type(e).__name__}: {e}",
+        source=source,
+        row=line_no,
+    )
+
+
+def _lines(source: str, stats: DataStats | None, skip_invalid: bool):
+    """(line number, byte offset of the line in the uncompressed stream, raw bytes) of a
+    text file, gzip detected from its content. Corrupt compression raises DataError naming
+    the line and offset; with ``skip_invalid`` the rest of the file is skipped and counted
+    (there is no way to resynchronize a deflate stream)."""
+    offset, line_no = 0, 0
+    with _open_bytes(source) as f:
+        while True:
+            try:
+                raw = f.readline()
+            except (EOFError, OSError, zlib.error) as e:
+                err = _corrupt(source, line_no + 1, offset, e)
+                if not skip_invalid:
+                    raise err from None
+                if stats is not None:
+                    stats.skip("corrupt compression")
+                return
+            if not raw:
+                return
+            line_no += 1
+            yield line_no, offset, raw
+            offset += len(raw)
+
+
+def _decode(raw: bytes, source: str, line_no: int, offset: int) -> str:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"not valid UTF-8: byte {raw[e.start:e.start + 1]!r} at byte offset "
+            f"{offset + e.start} ({e.reason}); re-encode the file as UTF-8",
+            source=source,
+            row=line_no + raw[: e.start].count(b"\n"),
+        ) from None
+    return text.removeprefix("\ufeff") if line_no == 1 else text
 
 
 def _object_row(value: Any, source: str, row: int) -> dict:
@@ -41,27 +96,31 @@ def _object_row(value: Any, source: str, row: int) -> dict:
 def read_jsonl(
     path: str, *, skip_invalid: bool = False, stats: DataStats | None = None
 ) -> list[Record]:
-    """Read a JSON-lines file (optionally gzipped). Row numbers are line numbers; blank lines
-    are ignored. Invalid JSON raises DataError (file + row) or is skipped and counted."""
+    """Read a JSON-lines file (gzip detected from the content). Row numbers are line
+    numbers; blank lines are ignored. Undecodable bytes, invalid JSON and corrupt
+    compression raise DataError (file + row + byte offset) or are skipped and counted."""
     source = str(path)
     records: list[Record] = []
-    with _open_text(source) as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            if stats is not None:
-                stats.rows_read += 1
+    for line_no, offset, raw in _lines(source, stats, skip_invalid):
+        if not raw.strip():
+            continue
+        if stats is not None:
+            stats.rows_read += 1
+        reason = "not UTF-8"
+        try:
+            line = _decode(raw, source, line_no, offset)
+            reason = "invalid JSON"
             try:
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"invalid JSON: {e}", source=source, row=line_no) from None
-                records.append(Record(_object_row(value, source, line_no), source, line_no))
-            except DataError:
-                if not skip_invalid:
-                    raise
-                if stats is not None:
-                    stats.invalid_skipped += 1
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"invalid JSON: {e}", source=source, row=line_no) from None
+            reason = "not a JSON object"
+            records.append(Record(_object_row(value, source, line_no), source, line_no))
+        except DataError:
+            if not skip_invalid:
+                raise
+            if stats is not None:
+                stats.skip(reason)
     return records
 
 
@@ -78,24 +137,36 @@ def _records_from_rows(
             if not skip_invalid:
                 raise
             if stats is not None:
-                stats.invalid_skipped += 1
+                stats.skip("not a JSON object")
     return records
 
 
 def read_json(
     path: str, *, skip_invalid: bool = False, stats: DataStats | None = None
 ) -> list[Record]:
-    """A ``.json`` file holding one JSON array of rows, or JSON lines."""
-    with _open_text(path) as f:
-        head = f.read(4096).lstrip()
-    if not head.startswith("["):
+    """A ``.json`` file holding one JSON array of rows, or JSON lines (gzip detected from
+    the content). An array is one value: a decode error in it stops the read."""
+    source = str(path)
+    try:
+        with _open_bytes(source) as f:
+            head = f.read(4096).lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()
+    except (EOFError, OSError, zlib.error) as e:
+        raise _corrupt(source, 1, 0, e) from None
+    if not head.startswith(b"["):
         return read_jsonl(path, skip_invalid=skip_invalid, stats=stats)
-    with _open_text(path) as f:
-        try:
-            rows = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"invalid JSON: {e}", source=str(path)) from None
-    return _records_from_rows(rows, str(path), skip_invalid=skip_invalid, stats=stats)
+    try:
+        with _open_bytes(source) as f:
+            data = f.read()
+    except (EOFError, OSError, zlib.error) as e:
+        raise DataError(
+            f"corrupt or truncated gzip data: {type(e).__name__}: {e}", source=source
+        ) from None
+    text = _decode(data, source, 1, 0)
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"invalid JSON: {e}", source=source, row=e.lineno) from None
+    return _records_from_rows(rows, source, skip_invalid=skip_invalid, stats=stats)
 
 
 def read_parquet(

@@ -344,22 +344,28 @@ def export_hf(
     tokenizer=None,
     dtype: str | None = None,
     max_shard_bytes: int = 2 << 30,
+    overwrite: bool = False,
+    protect: tuple[str | Path, ...] = (),
 ) -> Path:
     """Write a Hugging Face checkpoint dir (config.json, safetensors shards + index,
     tokenizer files) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
-    Written into a temp dir first and renamed, so a crash leaves nothing half-written."""
+    Written into a temp dir beside ``out_dir`` and renamed into place, so a crash leaves
+    nothing half-written. An existing non-empty ``out_dir`` is an error unless
+    ``overwrite``; even then `check_export_target` refuses the current directory, its
+    parents, run dirs and ``protect`` (and their parents)."""
     import shutil
     import tempfile
 
     from safetensors.numpy import save_file
 
+    out_dir = Path(out_dir)
+    replaces = check_export_target(out_dir, overwrite=overwrite, protect=protect)
     params = (
         nnx.split(model_or_params)[1]
         if isinstance(model_or_params, nnx.Module)
         else model_or_params
     )
     out_dtype = _np_dtype(dtype_name_to_np(dtype or cfg.param_dtype))
-    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -419,13 +425,75 @@ def export_hf(
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        _swap_into_place(tmp, out_dir, replaces)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _looks_like_run_dir(path: Path) -> bool:
+    return (path / "checkpoints").is_dir() or (path / "metrics.jsonl").exists()
+
+
+def check_export_target(
+    out_dir: str | Path, *, overwrite: bool = False, protect: tuple[str | Path, ...] = ()
+) -> bool:
+    """Whether writing an export to ``out_dir`` replaces an existing dir (True) or
+    creates it (False). Raises ValueError where the export would destroy something:
+    a non-empty dir without ``overwrite``, a file, and always (overwrite or not) the
+    current directory or a parent of it, a training run dir, or any of ``protect``
+    (the run being exported) or their parents."""
+    out = Path(out_dir)
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise ValueError(f"{out}: export target exists and is not a directory")
+    real = out.resolve()
+    guarded = [Path.cwd().resolve()] + [Path(p).resolve() for p in protect]
+    for g in guarded:
+        if real == g or real in g.parents:
+            what = "the current directory" if g == guarded[0] else g
+            raise ValueError(
+                f"{out}: refusing to export into {what} or a directory that contains it; "
+                "choose a new output dir"
+            )
+    in_checkpoints = any(
+        p.name == "checkpoints" and _looks_like_run_dir(p.parent) for p in (real, *real.parents)
+    )
+    if in_checkpoints or _looks_like_run_dir(real):
+        raise ValueError(
+            f"{out}: is a training run dir (checkpoints/ or metrics.jsonl inside) or part of "
+            "its checkpoints; refusing to replace it; choose a new output dir"
+        )
+    if not any(out.iterdir()):
+        return True
+    if not overwrite:
+        raise ValueError(
+            f"{out}: exists and is not empty; choose a new output dir or pass --overwrite "
+            "to replace it"
+        )
+    return True
+
+
+def _swap_into_place(tmp: Path, out_dir: Path, replaces: bool) -> None:
+    """Rename the finished ``tmp`` to ``out_dir``; an old ``out_dir`` is moved aside first
+    and removed only once the new one is in place."""
+    import shutil
+    import tempfile
+
+    if not replaces:
+        os.replace(tmp, out_dir)  # fails (no data lost) if out_dir appeared meanwhile
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+    os.replace(out_dir, old / "dir")
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        os.replace(old / "dir", out_dir)
+        old.rmdir()
+        raise
+    shutil.rmtree(old)
 
 
 def dtype_name_to_np(name: str):

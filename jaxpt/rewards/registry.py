@@ -9,7 +9,14 @@ where ``columns`` holds every other dataset column as a list aligned with the co
 a float, or ``None`` when the function does not apply to that completion (it becomes NaN,
 is left out of that function's mean and std, and counts as 0 in the weighted sum; a
 completion for which every function returned None gets a NaN total reward, which
-:func:`jaxpt.rewards.advantages.compute_advantages` turns into a zero advantage).
+:func:`jaxpt.rewards.advantages.compute_advantages` leaves out of its group's mean and std
+and turns into a zero advantage).
+
+A returned NaN or +-inf is not "not applicable": it is a bug in the function (an inf
+reward would zero every advantage of its group), so it raises :class:`RewardError` naming
+the function, the completion and the dataset row; with ``skip_nonfinite=True``
+(``grpo.skip_nonfinite_rewards``) it is treated as None instead and counted in the metric
+``rewards/nonfinite_skipped``.
 
 Specs accepted by :func:`get_reward_function`:
 
@@ -190,7 +197,8 @@ def _nanmean(x: np.ndarray) -> float:
     return float(valid.mean()) if valid.size else math.nan
 
 
-def _run_one(fn, name, kwargs, rows, timeout_s) -> np.ndarray:
+def _run_one(fn, name, kwargs, rows, timeout_s, skip_nonfinite=False) -> tuple[np.ndarray, int]:
+    """(float32 [G] rewards, NaN for None; how many non-finite values were skipped)."""
     G = len(rows)
     status, value = _call_with_timeout(fn, kwargs, timeout_s, name)
     if status == "timeout":
@@ -233,6 +241,7 @@ def _run_one(fn, name, kwargs, rows, timeout_s) -> np.ndarray:
             rows=rows,
         )
     out = np.empty(G, np.float32)
+    skipped = 0
     for i, v in enumerate(value):
         f = _to_float(v)
         if f is None:
@@ -242,8 +251,20 @@ def _run_one(fn, name, kwargs, rows, timeout_s) -> np.ndarray:
                 function=name,
                 rows=[rows[i]],
             )
+        if v is not None and not math.isfinite(f):
+            if not skip_nonfinite:
+                raise RewardError(
+                    f"reward function '{name}' returned {f} for completion {i} of dataset "
+                    f"row {rows[i]}; rewards must be finite (return None for 'not "
+                    "applicable'), or set grpo.skip_nonfinite_rewards: true to treat such "
+                    "values as None and count them.",
+                    function=name,
+                    rows=[rows[i]],
+                )
+            skipped += 1
+            f = math.nan
         out[i] = f
-    return out
+    return out, skipped
 
 
 def compute_rewards(
@@ -255,6 +276,7 @@ def compute_rewards(
     columns: dict[str, Sequence[Any]] | None,
     row_indices: Sequence[int] | None,
     timeout_s: float | None = 60.0,
+    skip_nonfinite: bool = False,
 ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]:
     """Score ``G`` completions with every reward function and combine them.
 
@@ -268,6 +290,8 @@ def compute_rewards(
         row_indices: the dataset row of each completion's prompt (named in errors;
             defaults to the position in the batch).
         timeout_s: per-call limit for each function (None: no limit).
+        skip_nonfinite: treat a returned NaN / inf as None and count it in
+            ``metrics["rewards/nonfinite_skipped"]`` instead of raising.
 
     Returns:
         ``(rewards_G, per_function, metrics)``: ``rewards_G`` float32 ``[G]`` =
@@ -278,7 +302,8 @@ def compute_rewards(
 
     Raises:
         RewardError: a function raised, hung past ``timeout_s``, returned the wrong number
-            of values or a non-number; the message names the function and dataset row(s).
+            of values, a non-number or (without ``skip_nonfinite``) NaN / inf; the
+            message names the function and dataset row(s).
             To find the row, a function that raised is called again one completion at a
             time (the first completion that fails alone is named; if none does, every row
             of the batch is named).
@@ -321,8 +346,10 @@ def compute_rewards(
 
     per_function: dict[str, np.ndarray] = {}
     metrics: dict[str, float] = {}
+    nonfinite = 0
     for fn, name in zip(funcs, names, strict=True):
-        values_G = _run_one(fn, name, kwargs, rows, timeout_s)
+        values_G, n_bad = _run_one(fn, name, kwargs, rows, timeout_s, skip_nonfinite)
+        nonfinite += n_bad
         per_function[name] = values_G
         metrics[f"rewards/{name}/mean"] = _nanmean(values_G)
         metrics[f"rewards/{name}/std"] = _nanstd(values_G)
@@ -333,4 +360,6 @@ def compute_rewards(
         warnings.simplefilter("ignore", RuntimeWarning)
         rewards_G = np.nansum(stacked_GF * w_F[None, :], axis=1).astype(np.float32)
     rewards_G[np.all(np.isnan(stacked_GF), axis=1)] = np.nan
+    if skip_nonfinite:
+        metrics["rewards/nonfinite_skipped"] = float(nonfinite)
     return rewards_G, per_function, metrics

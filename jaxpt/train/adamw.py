@@ -41,6 +41,11 @@ class FusedAdamW:
     optim: OptimConfig
     decay_mask: Callable[[Any], Any]
 
+    def __post_init__(self):
+        if not self.optim.eps > 0:
+            # 0 / 0 on any param whose gradient has been zero so far (unused embeddings)
+            raise ValueError(f"FusedAdamW: optim.eps must be > 0, got {self.optim.eps}")
+
     @property
     def init(self):
         return self.tx.init
@@ -68,9 +73,31 @@ class FusedAdamW:
 
     def apply(self, grads, opt_state, params, *, grad_norm, finite):
         """(new params, new opt_state): ``optax.apply_updates(params, tx.update(...))``,
-        or the unchanged params and state where ``finite`` is False.
+        or the unchanged params and state where ``finite`` is False or the update would
+        make a param or moment non-finite (see `apply_checked`).
 
         grad_norm: the global norm of ``grads`` (the step already has it)."""
+        new_params, new_opt, _ = self.apply_checked(
+            grads, opt_state, params, grad_norm=grad_norm, finite=finite
+        )
+        return new_params, new_opt
+
+    def apply_checked(self, grads, opt_state, params, *, grad_norm, finite):
+        """(new params, new opt_state, applied): as `apply`, plus the bool scalar saying
+        whether the update was applied.
+
+        Finite grads (``finite``: loss and gradient norm finite) still give a non-finite
+        update when the learning rate or the clip scale is not finite (``lr: nan``), or
+        on 0 / 0 with ``eps: 0`` (refused in ``__post_init__``); those are scalars, so the
+        check costs nothing. With them finite the new moments are convex combinations of
+        finite values (g * scale, g * g <= the squared norm, the old moments) and every
+        new param is finite unless ``lr * update`` overflows float32 (an lr near 1e37);
+        the loop's save-time check refuses such a state and the next step's loss is
+        non-finite, so it is skipped there.
+
+        Why not reduce over the new params inside the step: a reduction that gates the
+        writing passes made this update 7x slower on XLA:CPU (0.037 -> 0.27 s for a
+        4096 x 4096 param, measured while writing this), for the overflow case alone."""
         clip, adam, masked, sched = self._split(opt_state)
         b1, b2, eps, wd, clip_norm = (
             self.optim.b1, self.optim.b2, self.optim.eps, self.optim.weight_decay,
@@ -82,6 +109,7 @@ class FusedAdamW:
             scale = jnp.where(grad_norm < clip_norm, 1.0, clip_norm / grad_norm)
         count = optax.safe_increment(adam.count)
         lr = self.schedule(sched.count)
+        applied = finite & jnp.isfinite(lr) & jnp.isfinite(scale)
         bc1 = (1 - b1**count).astype(jnp.float32)
         bc2 = (1 - b2**count).astype(jnp.float32)
 
@@ -89,7 +117,7 @@ class FusedAdamW:
             g = g * scale.astype(g.dtype)
             m_new = (1 - b1) * g + b1 * m
             v_new = (1 - b2) * (g * g) + b2 * v
-            return jnp.where(finite, m_new, m).astype(m.dtype), jnp.where(finite, v_new, v)
+            return jnp.where(applied, m_new, m).astype(m.dtype), jnp.where(applied, v_new, v)
 
         mv = jax.tree.map(moments, grads, adam.mu, adam.nu)
         is_pair = lambda x: isinstance(x, tuple)  # noqa: E731
@@ -104,11 +132,11 @@ class FusedAdamW:
             if decay and wd:
                 u = u + wd * p
             p_new = (p + (-lr * u).astype(p.dtype)).astype(p.dtype)
-            return jnp.where(finite, p_new, p)
+            return jnp.where(applied, p_new, p)
 
         new_params = jax.tree.map(new_param, params, mu, nu, self.decay_mask(params))
-        keep = lambda new, old: jnp.where(finite, new, old)  # noqa: E731
+        keep = lambda new, old: jnp.where(applied, new, old)  # noqa: E731
         adam = adam._replace(count=keep(count, adam.count), mu=mu, nu=nu)
         sched = sched._replace(count=keep(optax.safe_increment(sched.count), sched.count))
         inner = (adam, masked, sched)
-        return new_params, (inner,) if clip is None else (clip, inner)
+        return new_params, (inner,) if clip is None else (clip, inner), applied

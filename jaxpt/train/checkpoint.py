@@ -16,6 +16,7 @@ next step boundary, saves, waits for the write, and exits cleanly.
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 from pathlib import Path
@@ -23,6 +24,25 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+
+def step_problem(step_dir: Path) -> str | None:
+    """Why ``step_dir`` is not a complete checkpoint (None when it looks complete): orbax
+    writes ``_CHECKPOINT_METADATA`` with a commit time last, so a dir without it (an empty
+    ``checkpoints/44``, a copy cut short) was never committed."""
+    meta = step_dir / "_CHECKPOINT_METADATA"
+    if not meta.is_file():
+        return "no commit marker (_CHECKPOINT_METADATA missing)"
+    try:
+        committed = json.loads(meta.read_text()).get("commit_timestamp_nsecs")
+    except (OSError, ValueError, AttributeError):
+        return "unreadable _CHECKPOINT_METADATA"
+    if not committed:
+        return "never committed (no commit time in _CHECKPOINT_METADATA)"
+    missing = [item for item in ("state", "data") if not (step_dir / item).is_dir()]
+    if missing:
+        return f"missing {', '.join(m + '/' for m in missing)}"
+    return None
 
 
 def abstract_like(tree) -> Any:
@@ -50,6 +70,24 @@ class Checkpointer:
 
     def all_steps(self) -> list[int]:
         return sorted(self._mngr.all_steps())
+
+    def set_aside(self, step: int, *, rename: bool = True) -> Path | None:
+        """Take ``step`` out of the manager's view by renaming ``<step>`` to
+        ``<step>.incomplete[-N]`` (never deleting it), so it is neither resumed nor kept
+        as the newest step. ``rename=False`` (non-primary processes) only reloads."""
+        dest = None
+        if rename:
+            src = self.directory / str(step)
+            dest = self.directory / f"{step}.incomplete"
+            n = 1
+            while dest.exists():
+                n += 1
+                dest = self.directory / f"{step}.incomplete-{n}"
+            src.rename(dest)
+        return dest
+
+    def reload(self) -> None:
+        self._mngr.reload()
 
     def save(self, step: int, state_tree, data: dict[str, Any], *, wait: bool = False) -> bool:
         """Start saving (async unless configured otherwise); returns whether it saved."""

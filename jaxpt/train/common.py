@@ -179,6 +179,8 @@ def read_data_records(cfg: RunConfig, which: str = "train", *, gsm8k_mode: str =
         )
     records = read_records(path, split=split, skip_invalid=d.skip_invalid, stats=stats)
     if limit is not None:
+        if stats is not None:
+            stats.beyond_max_rows += max(0, len(records) - limit)
         records = records[:limit]
     if d.format == "gsm8k":
         records = convert_gsm8k(records, mode=gsm8k_mode, skip_invalid=d.skip_invalid, stats=stats)

@@ -707,6 +707,7 @@ def build_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
         tokens_fn=lambda b: b["_num_tokens"],
         num_params=bundle.num_params,
         batches_per_epoch=loader.batches_per_epoch,
+        data_stats=train_stats,
         extras={
             "bundle": bundle,
             "trainable": ts,

@@ -7,7 +7,7 @@ from pathlib import Path
 import jax
 
 from jaxpt.config import load_config
-from jaxpt.models.weights import export_hf
+from jaxpt.models.weights import check_export_target, export_hf
 from jaxpt.sharding import make_mesh
 from jaxpt.train import lora as lora_lib
 from jaxpt.train.checkpoint import Checkpointer, find_checkpoint_dir
@@ -64,8 +64,28 @@ def restore_model_params(checkpoint: str | Path, *, mesh=None):
     return params, bundle, step
 
 
-def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, *, dtype: str | None = None):
-    """Write an HF checkpoint dir (config, safetensors, tokenizer) from a run checkpoint."""
+def export_checkpoint(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    dtype: str | None = None,
+    overwrite: bool = False,
+):
+    """Write an HF checkpoint dir (config, safetensors, tokenizer) from a run checkpoint.
+
+    The target is checked before the model loads: a non-empty ``out_dir`` needs
+    ``overwrite``, and the run itself (or a parent of it) is never replaced."""
+    ckpt_dir, _ = find_checkpoint_dir(checkpoint)
+    protect = (ckpt_dir.parent, Path(checkpoint))
+    check_export_target(out_dir, overwrite=overwrite, protect=protect)
     params, bundle, step = restore_model_params(checkpoint)
-    out = export_hf(params, bundle.model_cfg, out_dir, tokenizer=bundle.tokenizer, dtype=dtype)
+    out = export_hf(
+        params,
+        bundle.model_cfg,
+        out_dir,
+        tokenizer=bundle.tokenizer,
+        dtype=dtype,
+        overwrite=overwrite,
+        protect=protect,
+    )
     return out, step

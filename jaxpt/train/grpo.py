@@ -113,6 +113,9 @@ class GRPOSection:
     reward_funcs: tuple[str, ...] = ("math",)  # built-in names or "package.module:function"
     reward_weights: tuple[float, ...] | None = None
     reward_timeout_s: float = 60.0
+    # A reward function returning NaN / inf stops the run naming it and the row; true:
+    # treat the value as None (not applicable) and count it (rewards/nonfinite_skipped).
+    skip_nonfinite_rewards: bool = False
     scale_rewards: Literal["group", "batch", "none"] = "group"
     advantage_estimator: Literal["grpo", "rloo"] = "grpo"
     mask_truncated_completions: bool = False
@@ -182,6 +185,7 @@ class GRPOSection:
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,
             reward_funcs=self.reward_funcs, reward_weights=self.reward_weights,
             reward_timeout_s=self.reward_timeout_s, scale_rewards=self.scale_rewards,
+            skip_nonfinite_rewards=self.skip_nonfinite_rewards,
             advantage_estimator=self.advantage_estimator,
             mask_truncated_completions=self.mask_truncated_completions,
         )
@@ -206,7 +210,7 @@ class GRPOSection:
 # -- prompts -------------------------------------------------------------------------------
 
 
-def _prompt_rows(cfg: RunConfig, grpo: GRPOSection, which: str) -> list[dict]:
+def _prompt_rows(cfg: RunConfig, grpo: GRPOSection, which: str, stats=None) -> list[dict]:
     """Prompt rows (`prompt` + `answer` + other columns; `completion` = demonstration)."""
     if grpo.task == "arithmetic":
         n = cfg.data.max_train_rows if which == "train" else cfg.data.max_eval_rows
@@ -221,11 +225,13 @@ def _prompt_rows(cfg: RunConfig, grpo: GRPOSection, which: str) -> list[dict]:
         rows = generate_arithmetic(n, split="train" if which == "train" else "test",
                                    seed=cfg.train.seed, config=arith)
         records = records_from_rows(rows, source=f"arithmetic:{which}")
+        if stats is not None:
+            stats.rows_read += len(records)
     else:
         # GSM8K rows are read raw: both the prompt and (for hybrids) the demonstration
         # come from them below.
         raw = cfg.replace(data=dataclasses.replace(cfg.data, format="auto"))
-        records = read_data_records(raw, which)
+        records = read_data_records(raw, which, stats=stats)
     if grpo.task == "arithmetic" or cfg.data.format == "gsm8k":
         kw = {} if grpo.instruction is None else {"instruction": grpo.instruction}
         prompts = convert_gsm8k(records, mode="prompt", **kw)
@@ -719,13 +725,16 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
         eos_ids.add(tok.eos_token_id)
     reward_funcs = [get_reward_function(f) for f in grpo.reward_funcs]
 
+    data_stats = {}
+
     def prompts(which):
         stats = DataStats()
-        rows = _prompt_rows(cfg, grpo, which)
+        rows = _prompt_rows(cfg, grpo, which, stats=stats)
         ex, stats = prepare_prompts(rows, tok, max_prompt_length=grpo.max_prompt_length,
                                     skip_invalid=cfg.data.skip_invalid, stats=stats)
         if not ex:
             raise ValueError(f"{cfg.source}: no usable {which} prompts ({stats})")
+        data_stats[which] = stats
         return ex
 
     train_prompts = prompts("train")
@@ -796,6 +805,7 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
         put_batch=host_batch, total_steps=total, eval_fn=eval_fn,
         tokens_fn=lambda b: int(np.sum(b["segment_ids"] > 0)), num_params=bundle.num_params,
         extras={"bundle": bundle, "trainable": ts, "tx": tx, "share_prompt": share},
+        data_stats=data_stats["train"],
     )
 
 

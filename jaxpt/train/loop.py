@@ -16,9 +16,10 @@ Per step s (0-based; the state after it is "step s+1"):
 5. Every ``checkpoint.every`` steps, at the end, and when SIGTERM arrived: a checkpoint
    of the state and ``{"source": source.get_state(), "num_tokens": n}``.
 
-Non-finite steps are not applied by the step (see ``state.make_train_step``); after
-``train.max_bad_steps`` consecutive ones the loop raises :class:`NonFiniteError` without
-saving, so the newest checkpoint stays the last good one.
+Non-finite steps (loss, gradient or the updated state) are not applied by the step (see
+``state.make_train_step``), so the state stays finite; a save checks it anyway and refuses
+a non-finite one. After ``train.max_bad_steps`` consecutive skipped steps the loop raises
+:class:`NonFiniteError` without saving, naming the last finite checkpoint.
 
 Multi-process runs (``jax.process_count() > 1``, see ``jaxpt.distributed``): every process
 runs this loop on its rows of each batch; ``num_tokens`` / ``tokens_per_second`` count the
@@ -46,13 +47,90 @@ from jax.sharding import Mesh
 
 from jaxpt import distributed
 from jaxpt.config import RunConfig, config_to_dict, dump_config
-from jaxpt.train.checkpoint import Checkpointer, StopFlag, abstract_like, install_stop_handler
+from jaxpt.train.checkpoint import (
+    Checkpointer,
+    StopFlag,
+    abstract_like,
+    install_stop_handler,
+    step_problem,
+)
 from jaxpt.train.metrics import MetricsWriter, Throughput, device_peak_flops
-from jaxpt.train.state import TrainState
+from jaxpt.train.state import TrainState, all_finite
 
 
 class NonFiniteError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def data_report(stats) -> str:
+    """One line: rows read, examples kept, skipped by reason, truncated, dropped."""
+    d = stats.as_dict()
+    why = d.get("skipped_by_reason") or {}
+    skipped = d.get("invalid_skipped", 0)
+    parts = [
+        f"{d.get('rows_read', 0)} rows read"
+        + (f" ({d['beyond_max_rows']} past max_*_rows unused)" if d.get("beyond_max_rows") else ""),
+        f"{d.get('examples', 0)} kept",
+        f"{skipped} skipped"
+        + (" (" + ", ".join(f"{r}: {n}" for r, n in sorted(why.items())) + ")" if why else ""),
+        f"{d.get('truncated', 0)} truncated",
+        f"{d.get('dropped_too_long', 0) + d.get('dropped_no_targets', 0)} dropped "
+        f"({d.get('dropped_too_long', 0)} too long, {d.get('dropped_no_targets', 0)} with no "
+        "training target)",
+    ]
+    return "data: " + ", ".join(parts)
+
+
+def write_data_stats(out: Path, stats) -> None:
+    import json
+
+    (out / "data_stats.json").write_text(json.dumps(stats.as_dict(), indent=2) + "\n")
+
+
+def check_out_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` if needed and prove it writable (a probe file), before any model
+    loads: a path that is a file, under a file, or not writable is a ValueError naming it,
+    not a traceback minutes later."""
+    import tempfile
+
+    out = Path(out_dir)
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise ValueError(f"out_dir {out}: {p} exists and is not a directory")
+        if p.exists():
+            break
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".jaxpt-write-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"out_dir {out}: cannot create or write to it ({e.strerror or e}); "
+            "choose another out_dir"
+        ) from None
+    return out
+
+
+def last_finite_message(ckpt: Checkpointer, first_bad: int | None) -> str:
+    """Which checkpoint to resume from after a non-finite stop. Every saved state was
+    checked finite; the one saved at or after step ``first_bad - 1`` holds the weights
+    whose next step went non-finite, so an older one is named too."""
+    steps = ckpt.all_steps()
+    if not steps:
+        return "No checkpoint was saved."
+    msg = f"The last finite checkpoint is step {steps[-1]} in {ckpt.directory}."
+    if first_bad is not None and steps[-1] >= first_bad - 1:
+        older = [s for s in steps if s < first_bad - 1]
+        msg += (
+            f" Its weights are those after step {first_bad - 1}, from which step {first_bad} "
+            "went non-finite; "
+            + (
+                f"the newest checkpoint before that is step {older[-1]}."
+                if older
+                else "no older checkpoint is kept."
+            )
+        )
+    return msg
 
 
 class BatchSource(Protocol):
@@ -109,6 +187,11 @@ class Trainer:
     num_params: int | None = None
     batches_per_epoch: int | None = None
     extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # what the training data came to (rows read, kept, skipped by reason ...): printed at
+    # the start and written to <out_dir>/data_stats.json
+    data_stats: Any = None
+    # (step, why) of checkpoints resume passed over (set by the loop)
+    skipped_checkpoints: list[tuple[int, str]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -120,15 +203,52 @@ class LoopResult:
     eval_metrics: dict[str, Any]
 
 
-def _restore(trainer: Trainer, ckpt: Checkpointer) -> tuple[int, int]:
+def set_aside_incomplete(ckpt: Checkpointer, *, primary: bool) -> list[tuple[int, str]]:
+    """(step, why) for every step dir that is not a complete checkpoint; each is renamed
+    to ``<step>.incomplete`` (by process 0) so the newest complete one is resumed and
+    later saves neither collide with it nor count it as the newest."""
+    bad = [(s, why) for s in ckpt.all_steps() if (why := step_problem(ckpt.directory / str(s)))]
+    _set_aside(ckpt, [s for s, _ in bad], primary=primary)
+    return bad
+
+
+def _set_aside(ckpt: Checkpointer, steps: list[int], *, primary: bool) -> None:
+    if not steps:
+        return
+    for s in steps:
+        ckpt.set_aside(s, rename=primary)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxpt: checkpoints set aside")
+    ckpt.reload()
+
+
+def _restore(trainer: Trainer, ckpt: Checkpointer, *, primary: bool = True) -> tuple[int, int]:
+    """Restore the newest checkpoint that restores; newer ones that fail (a truncated
+    shard) are set aside, named in the message printed by the caller."""
     abstract = abstract_like(trainer.state.saveable())
     # Free the freshly initialized trainable state before the restored copy arrives.
     for leaf in jax.tree.leaves(trainer.state.saveable()):
         leaf.delete()
-    restored, data = ckpt.restore(None, abstract)
-    trainer.state = TrainState(**restored, frozen=trainer.state.frozen)
-    trainer.source.set_state(data["source"])
-    return int(jax.device_get(restored["step"])), int(data.get("num_tokens", 0))
+    failed: list[tuple[int, str]] = []
+    for step in reversed(ckpt.all_steps()):
+        try:
+            restored, data = ckpt.restore(step, abstract)
+        except Exception as e:  # noqa: BLE001  orbax / tensorstore raise many types
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            failed.append((step, f"restore failed: {type(e).__name__}: {first}"))
+            continue
+        _set_aside(ckpt, [s for s, _ in failed], primary=primary)
+        trainer.skipped_checkpoints.extend(failed)
+        trainer.state = TrainState(**restored, frozen=trainer.state.frozen)
+        trainer.source.set_state(data["source"])
+        return int(jax.device_get(restored["step"])), int(data.get("num_tokens", 0))
+    raise RuntimeError(
+        f"{ckpt.directory}: no checkpoint could be restored: "
+        + "; ".join(f"step {s}: {why}" for s, why in failed)
+        + ". Move the checkpoints away or set checkpoint.resume=false to start over."
+    )
 
 
 def run(
@@ -153,14 +273,27 @@ def run(
         global_tokens = distributed.global_sum_fn(trainer.mesh)
     if primary:
         dump_config(cfg, out / "config.yaml")
+        if trainer.data_stats is not None:
+            print(data_report(trainer.data_stats), flush=True)
+            write_data_stats(out, trainer.data_stats)
     ckpt = Checkpointer(
         out / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
     )
     start, num_tokens = 0, 0
+    trainer.skipped_checkpoints = []
+    if cfg.checkpoint.resume:
+        trainer.skipped_checkpoints = set_aside_incomplete(ckpt, primary=primary)
     if cfg.checkpoint.resume and ckpt.latest_step() is not None:
-        start, num_tokens = _restore(trainer, ckpt)
-        if primary:
-            print(f"resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
+        start, num_tokens = _restore(trainer, ckpt, primary=primary)
+    if primary and trainer.skipped_checkpoints:
+        print(
+            "resume: skipped checkpoint "
+            + "; ".join(f"step {s} ({why})" for s, why in trainer.skipped_checkpoints)
+            + " (renamed to <step>.incomplete, not deleted)",
+            flush=True,
+        )
+    if primary and start:
+        print(f"resumed from checkpoint step {start} in {ckpt.directory}", flush=True)
     end = trainer.total_steps
     if cfg.train.stop_after_steps is not None:
         end = min(end, cfg.train.stop_after_steps)
@@ -222,22 +355,26 @@ def run(
         writer.progress(step_no, row)
         result.last_metrics = row
         if bad >= cfg.train.max_bad_steps:
-            newest = ckpt.latest_step()
             raise NonFiniteError(
                 f"{bad} consecutive steps ({step_no - bad + 1}..{step_no}) had a non-finite "
-                "loss or gradient norm; their updates were skipped and training stopped "
-                f"(train.max_bad_steps={cfg.train.max_bad_steps}). "
-                + (
-                    f"The newest checkpoint (step {newest}) is intact in {ckpt.directory}."
-                    if newest is not None
-                    else "No checkpoint was saved."
-                )
+                "loss, gradient norm or update; their updates were skipped and training "
+                f"stopped (train.max_bad_steps={cfg.train.max_bad_steps}). "
+                + last_finite_message(ckpt, first_bad=step_no - bad + 1)
                 + " Lower optim.lr, check the data, or raise optim.max_grad_norm clipping."
             )
+
+    check_finite = jax.jit(lambda st: all_finite(st.saveable()))
 
     def save(step_no: int, *, wait: bool = False) -> None:
         nonlocal last_saved
         flush()  # the save waits for the state anyway; log first so timing stays honest
+        # The step never applies a non-finite update, so this holds unless the run started
+        # from non-finite weights; a poisoned state is never written over a good one.
+        if not bool(check_finite(trainer.state)):
+            raise NonFiniteError(
+                f"the state at step {step_no} holds non-finite values; it was not saved. "
+                + last_finite_message(ckpt, first_bad=None)
+            )
         data = {"source": trainer.source.get_state(), "num_tokens": num_tokens}
         ckpt.save(step_no, trainer.state.saveable(), data, wait=wait)
         last_saved = step_no

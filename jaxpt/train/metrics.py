@@ -4,7 +4,8 @@
 TRL's names (``loss``, ``mean_token_accuracy``, ``entropy``, ``num_tokens``, ``grad_norm``,
 ``learning_rate``, ``epoch``; evaluation lines carry ``eval_``-prefixed names) plus
 ``tokens_per_second``, ``mfu`` (only when the peak FLOPs of the device are known) and
-``skipped`` (1.0 when a non-finite step was not applied).
+``skipped`` (1.0 when a non-finite step was not applied). A non-finite value (a NaN loss,
+a reward mean with no applicable completion) is written as ``null``.
 
 In a multi-process run only process 0 writes (``enabled=False`` elsewhere: ``write`` returns
 the row and touches no file, no bar, no TensorBoard / W&B).
@@ -72,7 +73,9 @@ def _plain(v: Any) -> Any:
     if hasattr(v, "item"):
         v = v.item()
     if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no nan/inf
+        # JSON has no nan/inf; null keeps every reader (the run report, pandas) working,
+        # where the strings "nan" / "inf" broke numeric code that read them back
+        return None
     return v
 
 

@@ -4,6 +4,7 @@ text curve, and a PNG plot when matplotlib is installed."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 _BARS = " ▁▂▃▄▅▆▇█"
@@ -16,18 +17,29 @@ def read_metrics(out_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _number(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def sparkline(values: list[float]) -> str:
-    if not values:
-        return ""
-    lo, hi = min(values), max(values)
+    """One bar per value; values that are not finite numbers (null, or "nan" from older
+    metrics files) are shown as a space."""
+    if not any(_number(v) for v in values):
+        return " " * len(values)
+    nums = [v for v in values if _number(v)]
+    lo, hi = min(nums), max(nums)
     span = (hi - lo) or 1.0
-    return "".join(_BARS[int(round((v - lo) / span * (len(_BARS) - 1)))] for v in values)
+    return "".join(
+        _BARS[int(round((v - lo) / span * (len(_BARS) - 1)))] if _number(v) else " "
+        for v in values
+    )
 
 
 def print_run_summary(out_dir: str | Path, *, curve_key: str, eval_key: str) -> dict:
     rows = read_metrics(out_dir)
-    curve = [(r["step"], r[curve_key]) for r in rows if curve_key in r]
-    evals = [(r["step"], r[eval_key]) for r in rows if eval_key in r]
+    # Non-finite values (null) are left out of the means and the plot.
+    curve = [(r["step"], r[curve_key]) for r in rows if _number(r.get(curve_key))]
+    evals = [(r["step"], r[eval_key]) for r in rows if _number(r.get(eval_key))]
     summary = {"curve": curve, "eval": evals}
     if curve:
         vals = [v for _, v in curve]

@@ -46,6 +46,7 @@ class RolloutConfig:
     reward_funcs: tuple[str, ...] = ("math",)
     reward_weights: tuple[float, ...] | None = None
     reward_timeout_s: float = 60.0
+    skip_nonfinite_rewards: bool = False  # NaN / inf reward: None + counted, not an error
     scale_rewards: str = "group"  # group | batch | none (Dr. GRPO)
     advantage_estimator: str = "grpo"  # grpo | rloo
     mask_truncated_completions: bool = False
@@ -344,6 +345,7 @@ def sample_rollouts(
         {k: _repeat(v, G) for k, v in columns.items()},
         _repeat(rows, G) if rows is not None else None,
         timeout_s=cfg.reward_timeout_s,
+        skip_nonfinite=cfg.skip_nonfinite_rewards,
     )
     advantages_R, adv_metrics = compute_advantages(
         rewards_R, G, scale_rewards=cfg.scale_rewards, estimator=cfg.advantage_estimator

@@ -259,6 +259,7 @@ def build_sft_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
         num_params=bundle.num_params,
         batches_per_epoch=loader.batches_per_epoch,
         extras={"bundle": bundle, "trainable": ts, "loader": loader, "tx": tx},
+        data_stats=train_stats,
     )
 
 

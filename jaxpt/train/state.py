@@ -218,6 +218,16 @@ def init_state(
 # ----------------------------------------------------------------------------- the step
 
 
+def all_finite(tree) -> jax.Array:
+    """True when every float leaf of ``tree`` is finite (one bool scalar, on device)."""
+    oks = [
+        jnp.isfinite(x).all()
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(oks)) if oks else jnp.bool_(True)
+
+
 def identity_params(params, frozen, rng):
     return params
 
@@ -292,10 +302,13 @@ def make_train_step(
     (identity, or LoRA's ``apply_lora``). Gradients and losses of the ``grad_accum``
     micro-batches are summed (loss_fn normalizes by whole-batch counts, see the module doc).
 
-    Non-finite loss or gradient norm: params and optimizer state are left unchanged (the
-    update is not applied, the schedule does not advance), ``step`` and ``rng`` still
-    advance (the batch is consumed), and ``metrics["skipped"]`` is 1.0. Metrics added here:
-    ``grad_norm`` (before clipping), ``learning_rate`` (of this update), ``skipped``.
+    Non-finite loss or gradient norm, or a non-finite update (FusedAdamW: a non-finite
+    learning rate or clip scale, see ``FusedAdamW.apply_checked``; any other optax
+    transform: the updated params and state are checked): params and optimizer state are
+    left unchanged (the update is not applied, the schedule does not advance); ``step``
+    and ``rng`` still advance (the batch is consumed), and ``metrics["skipped"]`` is 1.0.
+    Metrics added here: ``grad_norm`` (before clipping), ``learning_rate`` (of this
+    update), ``skipped``.
     """
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -316,20 +329,22 @@ def make_train_step(
         count = update_count(state.opt_state)
         lr = schedule(state.step if count is None else count)
         if isinstance(tx, FusedAdamW):
-            new_params, new_opt = tx.apply(
+            new_params, new_opt, applied = tx.apply_checked(
                 grads, state.opt_state, state.params, grad_norm=grad_norm, finite=finite
             )
         else:
             updates, new_opt = tx.update(grads, state.opt_state, state.params)
             new_params = optax.apply_updates(state.params, updates)
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            # finite grads can still give a non-finite update (lr nan, overflow)
+            applied = finite & all_finite((new_params, new_opt))
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, old)
             new_params, new_opt = keep(new_params, state.params), keep(new_opt, state.opt_state)
         metrics = {
             **metrics,
             "loss": loss,
             "grad_norm": grad_norm,
             "learning_rate": lr,
-            "skipped": 1.0 - finite.astype(jnp.float32),
+            "skipped": 1.0 - applied.astype(jnp.float32),
         }
         new_state = TrainState(
             params=new_params,

@@ -1,0 +1,381 @@
+"""Nothing lost, nothing poisoned (issue #23): export never deletes what it should not,
+non-finite updates are skipped, bad input is located, skipped rows are counted."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from train_utils import (
+    make_tiny_model_dir,
+    make_tiny_tokenizer,
+    read_metrics,
+    tiny_model_config,
+    tiny_run_config,
+)
+
+from jaxpt.cli import main as cli_main
+from jaxpt.config import load_config
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, data_dir):
+    root = tmp_path_factory.mktemp("tiny")
+    tok = make_tiny_tokenizer(root / "tok", data_dir)
+    model_dir = make_tiny_model_dir(root / "model", tok)
+    return root, model_dir, data_dir
+
+
+def config(tiny, tmp_path, name="run", overrides=(), **sections):
+    _, model_dir, data_dir = tiny
+    path = tiny_run_config(
+        tmp_path / f"{name}.yaml", model_dir, data_dir, tmp_path / name, **sections
+    )
+    return load_config(path, overrides)
+
+# -- export ----------------------------------------------------------------------------------
+
+
+def fake_run(root: Path) -> Path:
+    """A run dir as the loop leaves it (enough for export's target checks, which run
+    before any model loads)."""
+    run = root / "run"
+    (run / "checkpoints" / "4" / "state").mkdir(parents=True)
+    (run / "config.yaml").write_text("algorithm: sft\n")
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    return run
+
+
+def snapshot(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_export_refuses_a_non_empty_target_without_overwrite(tmp_path, capsys):
+    run = fake_run(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    assert cli_main(["export", str(run), str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert snapshot(tmp_path) == before and (out / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("target", [".", "run", "run/checkpoints", "..", "other_run"])
+def test_export_overwrite_never_removes_cwd_a_run_or_its_parents(
+    tmp_path, monkeypatch, capsys, target
+):
+    work = tmp_path / "work"
+    work.mkdir()
+    run = fake_run(work)
+    other = fake_run(work / "o").rename(work / "other_run")
+    (work / "notes.txt").write_text("precious")
+    monkeypatch.chdir(work)
+    before = snapshot(tmp_path)
+    assert cli_main(["export", str(run), target, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "refusing" in err, err
+    assert snapshot(tmp_path) == before and other.is_dir()
+
+
+def test_export_hf_writes_beside_and_swaps_into_place(tmp_path):
+    from transformers import AutoConfig
+
+    from jaxpt.models.decoder import init_model
+    from jaxpt.models.weights import export_hf
+
+    cfg = tiny_model_config(64)
+    model = init_model(cfg)
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(ValueError, match="--overwrite"):
+        export_hf(model, cfg, out)
+    assert (out / "old.txt").exists() and not (out / "config.json").exists()
+    export_hf(model, cfg, out, overwrite=True)
+    assert not (out / "old.txt").exists()
+    assert AutoConfig.from_pretrained(out).hidden_size == cfg.hidden_size
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"], "temp dirs left behind"
+    with pytest.raises(ValueError, match="not a directory"):
+        (tmp_path / "file").write_text("x")
+        export_hf(model, cfg, tmp_path / "file", overwrite=True)
+
+
+# -- non-finite updates ----------------------------------------------------------------------
+
+
+def test_nan_lr_skips_every_update_and_checkpoints_stay_finite(tiny, tmp_path):
+    """optim.lr=nan (past config validation): finite loss and gradients, NaN update. The
+    step must skip it, so the checkpoints hold the finite initial weights."""
+    from jaxpt.train.checkpoint import Checkpointer, abstract_like
+    from jaxpt.train.loop import NonFiniteError, run
+    from jaxpt.train.sft import build_sft_trainer
+
+    cfg = config(tiny, tmp_path, train={"max_steps": 6, "max_bad_steps": 3},
+                 checkpoint={"every": 2})
+    cfg = cfg.replace(optim=dataclasses.replace(cfg.optim, lr=math.nan))
+    trainer = build_sft_trainer(cfg)
+    template = abstract_like(trainer.state.saveable())
+    init = jax.device_get(trainer.state.params)
+    with pytest.raises(NonFiniteError) as e:
+        run(trainer)
+    msg = str(e.value)
+    assert "3 consecutive steps (1..3)" in msg and "update" in msg
+    assert "last finite checkpoint is step 2" in msg
+    rows = [r for r in read_metrics(cfg.out_dir) if "loss" in r]
+    assert [r["skipped"] for r in rows] == [1, 1, 1]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    ck = Checkpointer(tmp_path / "run" / "checkpoints", async_save=False)
+    state, _ = ck.restore(2, template)
+    ck.close()
+    for a, b in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(init), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state))
+
+
+# -- undecodable input ----------------------------------------------------------------------
+
+ROWS = [b'{"text": "one"}\n', b'{"text": "caf\xe9"}\n', b'{"text": "three"}\n']
+
+
+def test_non_utf8_jsonl_names_file_row_and_offset_and_skip_invalid_covers_it(tmp_path):
+    from jaxpt.data.formats import DataError, DataStats
+    from jaxpt.data.sources import read_records
+
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b"".join(ROWS))
+    with pytest.raises(DataError) as e:
+        read_records(path)
+    msg = str(e.value)
+    assert str(path) in msg and "row 2" in msg and "not valid UTF-8" in msg
+    offset = len(ROWS[0]) + ROWS[1].index(b"\xe9")
+    assert f"byte offset {offset}" in msg
+    stats = DataStats()
+    recs = read_records(path, skip_invalid=True, stats=stats)
+    assert [r.row for r in recs] == [1, 3]
+    assert stats.rows_read == 3 and stats.invalid_skipped == 1
+    assert stats.skipped_by_reason == {"not UTF-8": 1}
+
+
+def test_compression_is_detected_from_content_not_name(tmp_path):
+    import gzip
+
+    from jaxpt.data.sources import read_records
+
+    good = ROWS[0] + ROWS[2]
+    (tmp_path / "zipped.jsonl").write_bytes(gzip.compress(good))
+    (tmp_path / "plain.jsonl.gz").write_bytes(good)
+    (tmp_path / "zipped.json").write_bytes(gzip.compress(b'[{"text": "a"}, {"text": "b"}]'))
+    for name, n in (("zipped.jsonl", 2), ("plain.jsonl.gz", 2), ("zipped.json", 2)):
+        assert len(read_records(tmp_path / name)) == n, name
+
+
+def test_truncated_gzip_is_located_and_skip_invalid_keeps_the_rows_before(tmp_path):
+    import gzip
+
+    from jaxpt.data.formats import DataError, DataStats
+    from jaxpt.data.sources import read_records
+
+    rows = b"".join(b'{"text": "row %d %s"}\n' % (i, b"x" * (i * 37 % 200)) for i in range(400))
+    blob = gzip.compress(rows)
+    path = tmp_path / "cut.jsonl.gz"
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DataError) as e:
+        read_records(path)
+    msg = str(e.value)
+    assert str(path) in msg and "corrupt or truncated gzip" in msg and "byte offset" in msg
+    stats = DataStats()
+    recs = read_records(path, skip_invalid=True, stats=stats)
+    assert 0 < len(recs) < 400 and [r.row for r in recs] == list(range(1, len(recs) + 1))
+    assert stats.skipped_by_reason == {"corrupt compression": 1}
+
+
+# -- out_dir checked before the model loads ---------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "read_only"])
+def test_bad_out_dir_fails_before_the_model_loads(tmp_path, capsys, where):
+    import os
+
+    (tmp_path / "afile").write_text("x")
+    out = {"file": tmp_path / "afile", "under_file": tmp_path / "afile" / "run",
+           "read_only": tmp_path / "ro" / "run"}[where]
+    if where == "read_only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes to read-only dirs")
+        (tmp_path / "ro").mkdir(mode=0o500)
+    cfg = tmp_path / "c.yaml"
+    # A model that does not exist: an error about it would mean the model came first.
+    cfg.write_text(f"out_dir: {out}\nmodel: {{name: {tmp_path / 'no_such_model'}}}\n"
+                   f"data: {{train: {tmp_path / 'afile'}}}\n")
+    assert cli_main(["train", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"out_dir {out}" in err and "no_such_model" not in err, err
+
+
+# -- resume falls back to the newest complete checkpoint ------------------------------------
+
+
+def test_resume_skips_uncommitted_and_unreadable_steps(tiny, tmp_path, capsys):
+    from jaxpt.train.loop import run
+    from jaxpt.train.sft import build_sft_trainer
+
+    cfg = config(tiny, tmp_path, train={"max_steps": 4}, checkpoint={"every": 2})
+    run(build_sft_trainer(cfg))
+    ckdir = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ckdir.iterdir()) == ["2", "4"]
+    (ckdir / "44").mkdir()  # a step dir without its commit marker
+    shards = sorted((ckdir / "4" / "state").rglob("d/*"), key=lambda p: p.stat().st_size)
+    big = shards[-1]
+    big.write_bytes(big.read_bytes()[: big.stat().st_size // 2])  # a truncated shard
+    capsys.readouterr()
+
+    cfg6 = config(tiny, tmp_path, train={"max_steps": 6}, checkpoint={"every": 2})
+    result = run(build_sft_trainer(cfg6))
+    out = capsys.readouterr().out
+    assert "step 44 (no commit marker" in out and "step 4 (restore failed" in out, out
+    assert "resumed from checkpoint step 2" in out
+    assert result.step == 6
+    steps = [r["step"] for r in read_metrics(cfg6.out_dir) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    names = sorted(p.name for p in ckdir.iterdir())
+    assert "44.incomplete" in names and "4.incomplete" in names and "6" in names
+
+
+# -- DPO pairs with identical answers ---------------------------------------------------------
+
+
+def test_identical_dpo_pairs_are_an_error_or_skipped_and_counted(tmp_path):
+    import json
+
+    from jaxpt.data.formats import DataError, DataStats, validate_records
+    from jaxpt.data.sources import read_records
+
+    conv = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}]
+    rows = [
+        {"prompt": "2+3?", "chosen": "5", "rejected": "6"},
+        {"prompt": "2+2?", "chosen": "4", "rejected": "4"},
+        {"chosen": conv, "rejected": conv},  # implicit prompt, same conversation
+    ]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    with pytest.raises(DataError) as e:
+        validate_records(read_records(path), "preference")
+    where = f"{path} row 2, key 'rejected': "
+    assert str(e.value).startswith(where + "chosen and rejected are identical")
+    stats = DataStats()
+    valid, _ = validate_records(read_records(path), "preference", skip_invalid=True, stats=stats)
+    assert [r.row for r in valid] == [1]
+    assert stats.skipped_by_reason == {"identical chosen and rejected": 1}
+    conv_path = tmp_path / "conv.jsonl"
+    conv_path.write_text(json.dumps(rows[2]) + "\n")
+    with pytest.raises(DataError, match="row 1, key 'rejected': chosen and rejected are identical"):
+        validate_records(read_records(conv_path), "preference")
+
+
+# -- non-finite GRPO rewards ------------------------------------------------------------------
+
+
+def _nan_reward(completions, **kw):
+    return [math.nan if i == 1 else 1.0 for i in range(len(completions))]
+
+
+def _inf_reward(completions, **kw):
+    return [math.inf] * len(completions)
+
+
+def _none_reward(completions, **kw):
+    return [None] * len(completions)
+
+
+@pytest.mark.parametrize("fn", [_nan_reward, _inf_reward], ids=["nan", "inf"])
+def test_nonfinite_reward_is_an_error_naming_function_and_row(fn):
+    from jaxpt.rewards.registry import RewardError, compute_rewards
+
+    args = (["p"] * 4, ["a", "b", "c", "d"], None, None, [10, 10, 11, 11])
+    with pytest.raises(RewardError) as e:
+        compute_rewards([fn], None, *args)
+    assert f"'{fn.__name__}'" in str(e.value) and "dataset row 1" in str(e.value)
+    assert "skip_nonfinite_rewards" in str(e.value)
+    rewards, per_fn, metrics = compute_rewards([fn], None, *args, skip_nonfinite=True)
+    bad = 1 if fn is _nan_reward else 4
+    assert metrics["rewards/nonfinite_skipped"] == bad
+    assert int(np.isnan(per_fn[fn.__name__]).sum()) == bad  # treated as None
+
+
+def test_none_rewards_are_not_applicable_and_the_report_survives_nan_metrics(tmp_path, capsys):
+    import json
+
+    from jaxpt.rewards.advantages import compute_advantages
+    from jaxpt.rewards.registry import compute_rewards
+    from jaxpt.train.metrics import MetricsWriter
+    from jaxpt.train.report import print_run_summary
+
+    rewards, _, metrics = compute_rewards(
+        [_none_reward], None, ["p"] * 4, ["a", "b", "c", "d"], None, None, None
+    )
+    assert np.isnan(rewards).all() and math.isnan(metrics["rewards/_none_reward/mean"])
+    adv, adv_metrics = compute_advantages(rewards, 2)
+    assert np.array_equal(adv, np.zeros(4, np.float32))
+    w = MetricsWriter(tmp_path, total_steps=3, progress=False)
+    for step, r in enumerate([0.5, adv_metrics["reward"], 0.7], start=1):
+        w.write(step, {"reward": r, "loss": float("inf") if step == 2 else 1.0})
+    w.close()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["reward"] is None and lines[1]["loss"] is None
+    summary = print_run_summary(tmp_path, curve_key="reward", eval_key="eval_accuracy")
+    assert [s for s, _ in summary["curve"]] == [1, 3]
+    assert "reward per step" in capsys.readouterr().out
+
+
+# -- skipped rows are counted and reported ----------------------------------------------------
+
+
+def test_skipped_rows_are_reported_at_start_and_in_data_stats_json(tiny, tmp_path, capsys):
+    import json
+
+    from jaxpt.train.loop import run
+    from jaxpt.train.sft import build_sft_trainer
+
+    _, _, data_dir = tiny
+    good = (data_dir / "gsm8k" / "train.jsonl").read_bytes().splitlines(keepends=True)[:40]
+    bad = [b'{"question": "caf\xe9", "answer": "#### 1"}\n', b"{not json\n",
+           b'{"question": "no answer"}\n']
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"".join(good[:10] + bad + good[10:]))
+    cfg = config(tiny, tmp_path, data={"train": str(path), "max_train_rows": 30,
+                                       "skip_invalid": True},
+                 train={"max_steps": 1}, checkpoint={"every": 0})
+    run(build_sft_trainer(cfg))
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("data: "))
+    assert "43 rows read (11 past max_*_rows unused)" in line, line
+    assert "3 skipped (invalid JSON: 1, invalid gsm8k row: 1, not UTF-8: 1)" in line, line
+    stats = json.loads((tmp_path / "run" / "data_stats.json").read_text())
+    assert stats["rows_read"] == 43 and stats["invalid_skipped"] == 3
+    assert stats["skipped_by_reason"] == {"not UTF-8": 1, "invalid JSON": 1,
+                                          "invalid gsm8k row": 1}
+    assert stats["examples"] == 29 and stats["beyond_max_rows"] == 11
+
+
+def test_a_non_finite_state_is_never_saved(tiny, tmp_path):
+    """Weights that are already non-finite (every step skipped, so they stay so) are not
+    written over the checkpoints; the error says so and names the last finite one."""
+    import jax.numpy as jnp
+
+    from jaxpt.train.loop import NonFiniteError, run
+    from jaxpt.train.sft import build_sft_trainer
+
+    cfg = config(tiny, tmp_path, train={"max_steps": 6, "max_bad_steps": 5},
+                 checkpoint={"every": 2})
+    trainer = build_sft_trainer(cfg)
+    trainer.state = trainer.state.replace(
+        params=jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), trainer.state.params)
+    )
+    with pytest.raises(NonFiniteError, match="state at step 2 holds non-finite values"):
+        run(trainer)
+    assert not list((tmp_path / "run" / "checkpoints").glob("2*"))
