@@ -88,6 +88,7 @@ from jaxpt.train.common import (
 from jaxpt.train.logprobs import hidden_token_logprobs, sequence_token_logprobs
 from jaxpt.train.loop import LoopResult, Trainer, count_tokens, run
 from jaxpt.train.registry import register_trainer
+from jaxpt.train.scoring import INDEX_KEY, precompute_ref_table
 from jaxpt.train.state import (
     batch_shardings,
     compile_step,
@@ -100,7 +101,6 @@ from jaxpt.train.state import (
 SIDES = ("chosen", "rejected")
 PAIR_KEYS = tuple(f"{side}_{k}" for side in SIDES for k in BATCH_KEYS)
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
-INDEX_KEY = "example_index"
 
 
 # ----------------------------------------------------------------------------- config
@@ -399,36 +399,6 @@ def indexed_preference_loader(
         stats=stats,
         num_threads=2,
     )
-
-
-def precompute_ref_table(
-    ref_fn: Callable,
-    ref_params,
-    pairs: Sequence[TokenizedPreference],
-    *,
-    batch_size: int,
-    collate: Callable[[list[TokenizedPreference]], dict[str, np.ndarray]],
-    batch_sh: Mapping[str, Any],
-) -> np.ndarray:
-    """Reference log-probs of every pair: float32 [N, 2] (chosen, rejected), row i for
-    ``pairs[i]``. ``ref_fn(ref_params, device batch)`` must return replicated
-    ``example_index`` and the two log-prob arrays. ``batch_size`` rows per process per call
-    (the train step's, so every call has the compiled shape of the online reference); the
-    last batch is padded by repeating the last pair."""
-    n, n_proc, pid = len(pairs), jax.process_count(), jax.process_index()
-    table = np.full((n, 2), np.nan, np.float32)
-    per_call = batch_size * n_proc
-    for start in range(0, n, per_call):
-        idx = np.minimum(np.arange(start, start + per_call), n - 1)
-        local = idx[pid * batch_size : (pid + 1) * batch_size]
-        host = collate([pairs[i] for i in local])
-        host[INDEX_KEY] = local.astype(np.int32)
-        out = jax.device_get(ref_fn(ref_params, put_batch(host, batch_sh)))
-        table[out[INDEX_KEY], 0] = out["ref_chosen_logps"]
-        table[out[INDEX_KEY], 1] = out["ref_rejected_logps"]
-    if np.isnan(table).any():
-        raise RuntimeError("precompute_ref_table: some pairs got no reference log-probs")
-    return table
 
 
 class DPOSource:

@@ -54,7 +54,7 @@ from jaxpt.losses.grpo import (
 from jaxpt.rewards.advantages import DynamicSampler, compute_advantages
 from jaxpt.rewards.registry import get_reward_function
 from jaxpt.sampling import Sampler
-from jaxpt.sharding import batch_divisor, decode_sharding, replicated
+from jaxpt.sharding import batch_divisor, decode_sharding
 from jaxpt.train.checkpoint import StopFlag
 from jaxpt.train.common import (
     build_mesh,
@@ -67,6 +67,7 @@ from jaxpt.train.loop import LoopResult, Trainer, run
 from jaxpt.train.registry import register_trainer
 from jaxpt.train.rollout import (
     FLAT_SEQUENCE_KEYS,
+    GROUP_KEYS,
     RolloutConfig,
     completion_token_logprobs,
     group_rollout_rows,
@@ -74,6 +75,7 @@ from jaxpt.train.rollout import (
     sample_rollouts,
     ungroup_rows,
 )
+from jaxpt.train.scoring import make_score_fn
 from jaxpt.train.state import (
     batch_shardings,
     compile_step,
@@ -82,8 +84,6 @@ from jaxpt.train.state import (
     make_train_step,
     put_batch,
 )
-
-GROUP_KEYS = ("group_input_ids", "group_positions", "group_segment_ids", "group_shared")
 
 
 @register_section("grpo")
@@ -630,42 +630,6 @@ def make_batch_stats(grpo: GRPOSection):
     return stats
 
 
-def make_score_fn(graphdef, params_fn, *, impl: str, temperature: float, batch_sh, mesh,
-                  shardings, rows_per_call: int, group_size: int | None = None):
-    """(state, host batch, old, ref) -> {"old_logprobs", "ref_logprobs"} [R, C] numpy. With
-    ``group_size`` the rows are scored in the shared-prompt layout (``batch_sh`` its keys)."""
-
-    def score(params, batch):
-        model = nnx.merge(graphdef, params)
-        if "group_input_ids" in batch:
-            return grouped_completion_logprobs(model, batch, impl=impl,
-                                               temperature=temperature)[0]
-        return completion_token_logprobs(model, batch, impl=impl, temperature=temperature)[0]
-
-    flat_keys = (*FLAT_SEQUENCE_KEYS, "completion_mask")
-    keys = (GROUP_KEYS + ("completion_ids", "completion_mask")) if group_size else flat_keys
-    jitted = jax.jit(score, out_shardings=replicated(mesh))
-    current = jax.jit(lambda s: params_fn(s.params, s.frozen, None))
-
-    def score_fn(state, batch, *, old: bool, ref: bool) -> dict[str, np.ndarray]:
-        out = {}
-        targets = ([("old_logprobs", current(state))] if old else []) + (
-            [("ref_logprobs", state.frozen)] if ref else [])
-        R = len(batch["advantages"])
-        for name, params in targets:
-            parts = []
-            for s in range(0, R, rows_per_call):
-                sub = {k: batch[k][s:s + rows_per_call] for k in flat_keys}
-                if group_size:
-                    sub = group_rollout_rows(sub, group_size)
-                sub = put_batch({k: sub[k] for k in keys}, {k: batch_sh[k] for k in keys})
-                parts.append(np.asarray(jitted(params, sub)))
-            out[name] = np.concatenate(parts).astype(np.float32)
-        return out
-
-    return score_fn
-
-
 def make_eval_fn(graphdef, params_of_state, prompts, grpo: GRPOSection, *, tokenizer, eos_ids,
                  pad_id):
     """Greedy held-out evaluation with `jaxpt.evaluate.sample_and_verify` (the same code
@@ -782,7 +746,7 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
                                   out_shardings=decode_params_sh)
     score_fn = make_score_fn(bundle.graphdef, ts.params_fn, impl=t.logprob_impl,
                              temperature=grpo.temperature if grpo.temperature > 0 else 1.0,
-                             batch_sh=batch_sh, mesh=mesh, shardings=ts.shardings,
+                             batch_sh=batch_sh, mesh=mesh,
                              rows_per_call=t.batch_size, group_size=G if share else None)
     source = GRPOSource(
         prompts=train_prompts, grpo=grpo, rows_per_step=t.batch_size, tokenizer=tok,

@@ -135,6 +135,8 @@ def completion_token_logprobs(
 
 # Flat-row keys that the shared-prompt layout replaces by its `group_*` keys.
 FLAT_SEQUENCE_KEYS = ("input_ids", "targets", "positions", "segment_ids")
+# The shared-prompt layout's sequence keys (one row per group: the prompt, then G completions).
+GROUP_KEYS = ("group_input_ids", "group_positions", "group_segment_ids", "group_shared")
 
 
 def group_rollout_rows(batch: dict[str, np.ndarray], G: int) -> dict[str, np.ndarray]:
