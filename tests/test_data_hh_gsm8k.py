@@ -8,16 +8,9 @@ from pathlib import Path
 import pytest
 
 from jaxpt.data.formats import DataError, DataStats, records_from_rows, validate_row
-from jaxpt.data.gsm8k import (
-    ArithmeticConfig,
-    convert_gsm8k,
-    extract_gsm8k_answer,
-    generate_arithmetic,
-    gsm8k_to_prompt,
-    gsm8k_to_sft,
-    problem_split,
-)
+from jaxpt.data.gsm8k import convert_gsm8k, extract_gsm8k_answer, gsm8k_to_prompt, gsm8k_to_sft
 from jaxpt.data.hh_rlhf import convert_hh_rlhf, hh_rlhf_to_preference, parse_hh_transcript
+from jaxpt.data.tasks.arithmetic import ArithmeticConfig, generate_arithmetic, problem_split
 
 
 def _shared_data() -> Path:

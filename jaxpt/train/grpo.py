@@ -42,9 +42,9 @@ from flax import nnx
 
 from jaxpt.config import RunConfig, register_section
 from jaxpt.data import DataStats
-from jaxpt.data.formats import records_from_rows
-from jaxpt.data.gsm8k import ArithmeticConfig, convert_gsm8k, generate_arithmetic
+from jaxpt.data.gsm8k import convert_gsm8k
 from jaxpt.data.pipeline import prepare_prompts, prompt_batch
+from jaxpt.data.tasks.arithmetic import arithmetic_config, arithmetic_records
 from jaxpt.losses.grpo import (
     GRPOLossConfig,
     grpo_loss,
@@ -217,14 +217,10 @@ def _prompt_rows(cfg: RunConfig, grpo: GRPOSection, which: str, stats=None) -> l
         if not n:
             raise ValueError(f"{cfg.source}: grpo.task=arithmetic needs data.max_"
                              f"{'train' if which == 'train' else 'eval'}_rows")
-        arith = ArithmeticConfig(
-            min_operands=grpo.arithmetic_min_operands, max_operands=grpo.arithmetic_max_operands,
-            max_digits=grpo.arithmetic_max_digits, ops=grpo.arithmetic_ops,
-            max_value=grpo.arithmetic_max_value, style=grpo.arithmetic_style,
-        )
-        rows = generate_arithmetic(n, split="train" if which == "train" else "test",
-                                   seed=cfg.train.seed, config=arith)
-        records = records_from_rows(rows, source=f"arithmetic:{which}")
+        records = arithmetic_records(
+            arithmetic_config(grpo, prefix="arithmetic_"), n,
+            split="train" if which == "train" else "test", seed=cfg.train.seed,
+            source=f"arithmetic:{which}")
         if stats is not None:
             stats.rows_read += len(records)
     else:

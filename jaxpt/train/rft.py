@@ -6,7 +6,7 @@ A run (``jaxpt rft CONFIG`` or ``jaxpt train CONFIG`` with ``algorithm: rft``):
 
 1. **Prompts**: ``data.train`` (``data.format: gsm8k`` rows become prompt rows with an
    ``answer`` column), or generated arithmetic word problems (``rft.arithmetic.train: N``,
-   :func:`jaxpt.data.gsm8k.generate_arithmetic`).
+   :func:`jaxpt.data.tasks.arithmetic.generate_arithmetic`).
 2. **Sampling rounds** with the starting model. Round 1 draws ``rft.num_samples`` (k)
    samples for every prompt; every sample is verified (``rft.verifier``, default the math
    verifier against ``answer``). A sample is *usable* when its reward is
@@ -49,6 +49,7 @@ from typing import Any
 import numpy as np
 
 from jaxpt.config import ConfigError, RunConfig, config_to_dict, register_section
+from jaxpt.data.tasks.arithmetic import arithmetic_config, arithmetic_records
 from jaxpt.train.checkpoint import StopFlag
 from jaxpt.train.loop import LoopResult
 from jaxpt.train.registry import register_trainer
@@ -58,7 +59,9 @@ from jaxpt.train.registry import register_trainer
 
 @dataclasses.dataclass(frozen=True)
 class ArithmeticSection:
-    """Generated arithmetic word problems (``generate_arithmetic``); 0 rows = off."""
+    """``rft.arithmetic``: generated arithmetic problems; 0 rows = off. The task keys are
+    :class:`~jaxpt.data.tasks.arithmetic.ArithmeticConfig`'s (built by ``arithmetic_config``);
+    only these four are exposed, so the sampling fingerprint of existing runs is kept."""
 
     train: int = 0  # problems to sample on (replaces data.train)
     eval: int = 0  # held-out problems (test split; replaces data.eval)
@@ -335,15 +338,11 @@ def run_sampling(
 
 
 def _arithmetic_records(a: ArithmeticSection, split: str, n: int):
-    from jaxpt.data.formats import records_from_rows
-    from jaxpt.data.gsm8k import ArithmeticConfig, convert_gsm8k, generate_arithmetic
+    from jaxpt.data.gsm8k import convert_gsm8k
 
-    acfg = ArithmeticConfig(
-        min_operands=a.min_operands, max_operands=a.max_operands, max_digits=a.max_digits, ops=a.ops
-    )
-    rows = generate_arithmetic(n, split=split, seed=a.seed, config=acfg)
-    source = f"<arithmetic {split} seed={a.seed}>"
-    return convert_gsm8k(records_from_rows(rows, source=source), mode="prompt")
+    records = arithmetic_records(arithmetic_config(a), n, split=split, seed=a.seed,
+                                 source=f"<arithmetic {split} seed={a.seed}>")
+    return convert_gsm8k(records, mode="prompt")
 
 
 def rft_prompt_records(cfg: RunConfig, which: str):

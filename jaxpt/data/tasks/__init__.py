@@ -1,0 +1,1 @@
+"""Generated tasks that every algorithm can train and evaluate on (no download)."""
