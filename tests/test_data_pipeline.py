@@ -12,7 +12,7 @@ from jaxpt.data.pipeline import (
     prepare_preference,
     prepare_prompts,
     prepare_sft,
-    prompt_loader,
+    prompt_batch,
     sft_loader,
 )
 from jaxpt.data.sources import read_records
@@ -147,19 +147,19 @@ def test_packed_loader_rows_hold_every_example_once():
     assert sorted(starts) == list(range(30))
 
 
-def test_preference_and_prompt_loaders():
+def test_preference_loader_and_prompt_batch():
     pairs = [TokenizedPreference([1, i], [2, 3], [4]) for i in range(6)]
     b = next(
         iter(preference_loader(pairs, batch_size=2, max_length=6, shard_index=0, shard_count=1))
     )
     assert b["chosen_input_ids"].shape == b["rejected_loss_mask"].shape == (2, 6)
+    # example_index names each row's pair (the key of precomputed reference log-probs)
+    for row, i in enumerate(b["example_index"]):
+        assert b["chosen_input_ids"][row, 1] == i and b["example_index"].dtype == np.int32
     prompts = [
         PromptExample(np.arange(1, 3 + i, dtype=np.int32), {"answer": str(i)}) for i in range(4)
     ]
-    loader = prompt_loader(
-        prompts, batch_size=4, shuffle=False, min_length=4, shard_index=0, shard_count=1
-    )
-    b = next(iter(loader))
+    b = prompt_batch(prompts, min_length=4)
     assert b["prompt_ids"].shape == (4, 8)  # longest prompt has 5 tokens -> bucket 8
     assert b["columns"]["answer"] == ["0", "1", "2", "3"]
     np.testing.assert_array_equal(b["prompt_mask"].sum(1), [2, 3, 4, 5])

@@ -16,8 +16,8 @@ from jaxpt.losses.grpo import (
     mask_truncated,
     prefix_rft_masks,
     rl_weight_schedule,
+    sft_nll,
     sft_weight_schedule,
-    update_running_norm,
 )
 
 # B=3 completions, T=4 tokens; row lengths 3, 2, 4
@@ -294,39 +294,28 @@ def test_entropy_metric_and_jit_matches_eager():
 
 
 def test_sft_hybrid_term():
+    """The SFT term of the hybrids (demonstrations, Prefix-RFT prefixes) beside the RL loss:
+    ``-sum(m logp) / max(num_tokens, min_tokens)``, num_tokens of the whole batch."""
     sft_mask, rl_mask = prefix_rft_masks(jnp.array([2, 0, 1]), jnp.asarray(MASK))
-    cfg = GRPOLossConfig("dapo")
-    loss, m = grpo_loss(cfg, LOGP, None, ADV, rl_mask, sft_mask_BT=sft_mask, sft_weight=0.5)
     # SFT tokens: row0 t0,t1 (-1.0, -0.5), row2 t0 (-0.4): NLL mean = 1.9 / 3
-    np.testing.assert_allclose(m["sft_loss"], 1.9 / 3, rtol=1e-6)
+    np.testing.assert_allclose(sft_nll(LOGP, sft_mask, jnp.sum(sft_mask)), 1.9 / 3, rtol=1e-6)
+    # two micro-batches with the batch's token count add up to the batch's mean
+    halves = sum(float(sft_nll(LOGP[r], sft_mask[r], 3.0)) for r in (slice(0, 1), slice(1, 3)))
+    assert halves == pytest.approx(1.9 / 3, rel=1e-6)
+    # no tokens: the floor keeps it finite (0); fractional weights use a smaller floor
+    assert float(sft_nll(LOGP, jnp.zeros_like(sft_mask), 0.0)) == 0.0
+    np.testing.assert_allclose(sft_nll(LOGP[:1, :1], jnp.array([[0.5]]), 0.5, 1e-6), 1.0)
+    _, m = grpo_loss(GRPOLossConfig("dapo"), LOGP, None, ADV, rl_mask)
     # RL tokens (ratio 1, loss -A): row0 t2 (A=1), row1 t0,t1 (A=-.5), row2 t1..t3 (A=2)
-    rl = -(1.0 - 0.5 * 2 + 2.0 * 3) / 6
-    np.testing.assert_allclose(m["rl_loss"], rl, rtol=1e-6)
-    np.testing.assert_allclose(loss, rl + 0.5 * 1.9 / 3, rtol=1e-6)
-    # traced weights under jit (a schedule), and a separate demonstration batch
-    demo_lp = jnp.array([[-0.2, -0.6, -9.0]])
-    demo_mask = jnp.array([[1.0, 1.0, 0.0]])
+    np.testing.assert_allclose(m["rl_loss"], -(1.0 - 0.5 * 2 + 2.0 * 3) / 6, rtol=1e-6)
+    assert "sft_loss" not in m
 
     @jax.jit
-    def f(step):
-        w = sft_weight_schedule(step, "linear", initial_weight=1.0, final_weight=0.0, decay_steps=4)
-        return grpo_loss(
-            cfg,
-            LOGP,
-            None,
-            ADV,
-            MASK,
-            sft_logprobs_BT=demo_lp,
-            sft_mask_BT=demo_mask,
-            sft_weight=w,
-        )[0]
+    def f(step):  # a traced schedule weight
+        return sft_weight_schedule(step, "linear", initial_weight=1.0, final_weight=0.0,
+                                   decay_steps=4) * sft_nll(LOGP, sft_mask, 3.0)
 
-    # rl part -10/9 (see reductions test); sft part 0.4 * w(step)
-    np.testing.assert_allclose(f(0), -10 / 9 + 0.4, rtol=1e-6)
-    np.testing.assert_allclose(f(2), -10 / 9 + 0.2, rtol=1e-6)
-    np.testing.assert_allclose(f(10), -10 / 9, rtol=1e-6)
-    with pytest.raises(ValueError, match="sft_mask_BT"):
-        grpo_loss(cfg, LOGP, None, ADV, MASK, sft_weight=0.5)
+    np.testing.assert_allclose([f(0), f(2), f(10)], [1.9 / 3, 1.9 / 6, 0.0], rtol=1e-6)
 
 
 def test_prefix_rft_masks_hand_example():
@@ -354,20 +343,16 @@ def test_schedules():
     assert [f(s, "warmup_then_rl", **wu) for s in (0, 2, 3, 9)] == [1.0, 1.0, 0.0, 0.0]
     rl = [float(rl_weight_schedule(s, "warmup_then_rl", warmup_steps=3)) for s in (0, 2, 3)]
     assert rl == [0.0, 0.0, 1.0]
-    # adaptive: p = g / (g + gamma * g_ref); g=3, g_ref=2, gamma=0.5 -> 3 / 4
-    ad = dict(warmup_steps=2, sft_grad_norm=3.0, reference_grad_norm=2.0, gamma=0.5)
-    assert f(1, "adaptive", **ad) == 1.0  # warm-up: pure SFT
-    assert f(5, "adaptive", **ad) == pytest.approx(0.75)
-    assert float(rl_weight_schedule(1, "adaptive", **ad)) == 0.0
-    assert float(rl_weight_schedule(5, "adaptive", **ad)) == pytest.approx(0.25)
-    with pytest.raises(ValueError, match="sft_grad_norm"):
-        sft_weight_schedule(5, "adaptive")
-    with pytest.raises(ValueError, match="kind"):
-        sft_weight_schedule(0, "cosine")
-    # running norm: NaN start takes the value, then EMA
-    r = update_running_norm(jnp.nan, 4.0)
-    assert float(r) == 4.0
-    assert float(update_running_norm(r, 2.0, decay=0.75)) == pytest.approx(3.5)
+    assert float(rl_weight_schedule(5, "linear")) == float(rl_weight_schedule(0)) == 1.0
+    with pytest.raises(ValueError, match="decay_steps"):
+        sft_weight_schedule(5, "linear")
+    # SASR ("adaptive") is a per-step SFT-or-RL choice (SASRMixer), never a weight here.
+    for kind in ("adaptive", "cosine"):
+        with pytest.raises(ValueError, match="kind"):
+            sft_weight_schedule(0, kind)
+        with pytest.raises(ValueError, match="kind"):
+            rl_weight_schedule(0, kind)
+
 
 
 def test_config_validation():

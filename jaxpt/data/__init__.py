@@ -44,7 +44,6 @@ from jaxpt.data.pipeline import (
     prepare_prompts,
     prepare_sft,
     prompt_batch,
-    prompt_loader,
     sft_loader,
 )
 from jaxpt.data.sources import read_records
@@ -83,7 +82,6 @@ __all__ = [
     "prepare_sft",
     "preference_loader",
     "prompt_batch",
-    "prompt_loader",
     "read_records",
     "records_from_rows",
     "sft_loader",

@@ -326,11 +326,15 @@ def sft_loader(
     )
 
 
+INDEX_KEY = "example_index"
+
+
 def preference_loader(
     pairs: Sequence[TokenizedPreference],
     *,
     batch_size: int,
     max_length: int,
+    collate: Callable[[list[TokenizedPreference]], dict[str, np.ndarray]] | None = None,
     seed: int = 0,
     shuffle: bool = True,
     num_epochs: int | None = None,
@@ -340,13 +344,23 @@ def preference_loader(
     stats: DataStats | None = None,
     num_threads: int = 2,
 ) -> Loader:
-    """Preference batches (``chosen_*`` / ``rejected_*``, one pair per row)."""
+    """Preference batches (``chosen_*`` / ``rejected_*``, one pair per row) plus
+    ``example_index`` int32 [B]: each pair's position in ``pairs`` (stable across epochs,
+    shuffles and resumes), the key of precomputed reference log-probs. ``collate`` replaces
+    ``collate_preference`` (e.g. the shared-prompt layout)."""
     stats = stats if stats is not None else DataStats(examples=len(pairs))
     stats.rows = len(pairs)
+    collate = collate or (lambda ps: collate_preference(ps, max_length, pad_id=pad_id))
+
+    def batch_fn(rows):
+        batch = collate([p for _, p in rows])
+        batch[INDEX_KEY] = np.asarray([i for i, _ in rows], np.int32)
+        return batch
+
     return _make_loader(
         "preference",
-        pairs,
-        lambda rows: collate_preference(rows, max_length, pad_id=pad_id),
+        list(enumerate(pairs)),
+        batch_fn,
         batch_size=batch_size,
         seed=seed,
         shuffle=shuffle,
@@ -382,43 +396,3 @@ def prompt_batch(
     batch["columns"] = {k: [p.columns.get(k) for p in prompts] for k in names}
     batch["rows"] = [p.row for p in prompts]
     return batch
-
-
-def prompt_loader(
-    prompts: Sequence[PromptExample],
-    *,
-    batch_size: int,
-    max_prompt_length: int | None = None,
-    bucket: int | Literal["eighths", "pow2"] = "eighths",
-    min_length: int = 16,
-    seed: int = 0,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    shard_index: int | None = None,
-    shard_count: int | None = None,
-    pad_id: int = 0,
-    stats: DataStats | None = None,
-    num_threads: int = 2,
-) -> Loader:
-    """GRPO prompt batches (:func:`prompt_batch`): left-padded, P bucketed."""
-    stats = stats if stats is not None else DataStats(examples=len(prompts))
-    stats.rows = len(prompts)
-    return _make_loader(
-        "prompt",
-        prompts,
-        lambda rows: prompt_batch(
-            rows,
-            pad_id=pad_id,
-            bucket=bucket,
-            min_length=min_length,
-            max_prompt_length=max_prompt_length,
-        ),
-        batch_size=batch_size,
-        seed=seed,
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        shard_index=shard_index,
-        shard_count=shard_count,
-        stats=stats,
-        num_threads=num_threads,
-    )

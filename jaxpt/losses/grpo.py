@@ -57,7 +57,9 @@ import jax.numpy as jnp
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
-SFT_SCHEDULES = ("constant", "linear", "warmup_then_rl", "adaptive")
+# Weight schedules of the SFT term of SFT+RL hybrids. `grpo.sft_schedule: adaptive` (SASR)
+# is not a weight: it picks SFT or RL for each step (`jaxpt.train.grpo.SASRMixer`).
+SFT_SCHEDULES = ("constant", "linear", "warmup_then_rl")
 
 
 @dataclass(frozen=True)
@@ -258,9 +260,13 @@ def reduce_token_loss(
     raise ValueError(f"loss_type {loss_type!r} is not supported; choose one of {LOSS_TYPES}.")
 
 
-def sft_nll(logprobs_BT: jax.Array, mask_BT: jax.Array) -> jax.Array:
-    """Token-mean negative log-likelihood ``-sum(m logp) / max(sum(m), 1)``."""
-    return -masked_mean(logprobs_BT, mask_BT)
+def sft_nll(logprobs_BT: jax.Array, mask_BT: jax.Array, num_tokens: jax.Array | float,
+            min_tokens: float = 1.0) -> jax.Array:
+    """Negative log-likelihood of the masked tokens ``-sum(m logp) / max(num_tokens,
+    min_tokens)``: ``num_tokens`` counts the whole (accumulated) batch, so the terms of its
+    micro-batches add up to the batch's token mean (the SFT terms of SFT+RL hybrids: the
+    demonstrations, Prefix-RFT's prefixes)."""
+    return -jnp.sum(logprobs_BT * mask_BT) / jnp.maximum(num_tokens, min_tokens)
 
 
 def _level_mean(x, mask_BT):
@@ -313,9 +319,6 @@ def grpo_loss(
     ref_logprobs_BT: jax.Array | None = None,
     num_items_in_batch: jax.Array | float | None = None,
     entropy_BT: jax.Array | None = None,
-    sft_logprobs_BT: jax.Array | None = None,
-    sft_mask_BT: jax.Array | None = None,
-    sft_weight: jax.Array | float | None = None,
     rl_weight: jax.Array | float = 1.0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """GRPO-family policy loss and its metrics.
@@ -337,22 +340,16 @@ def grpo_loss(
             ``dapo``/``cispo`` (default: this batch's token count).
         entropy_BT: optional per-token entropies (from the log-prob kernel); reported as
             the masked mean ``entropy``.
-        sft_logprobs_BT, sft_mask_BT, sft_weight: optional SFT term for SFT+RL hybrids:
-            ``sft_weight * (-sum(m_sft logp_sft) / max(sum(m_sft), 1))``.
-            ``sft_logprobs_BT`` defaults to ``logprobs_BT`` (Prefix-RFT: one sequence, the
-            demonstration prefix gets SFT and the sampled continuation RL); it may also hold
-            a separate demonstration batch of any shape matching ``sft_mask_BT``.
-            ``sft_weight`` defaults to 1.0 and may be a traced scalar (a schedule).
         rl_weight: multiplier of the RL term (float or traced scalar; 0 during an SFT
-            warm-up, see :func:`rl_weight_schedule`).
+            warm-up, see :func:`rl_weight_schedule`). The SFT terms of hybrids are added by
+            the caller (:func:`sft_nll`).
 
     Returns:
-        ``(loss, metrics)`` with ``loss = rl_weight * rl_loss + sft_weight * sft_loss``
-        (the second term only with an SFT mask). Metrics (all scalar, fp32, TRL names):
-        ``rl_loss``; ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
+        ``(loss, metrics)`` with ``loss = rl_weight * rl_loss``. Metrics (all scalar, fp32,
+        TRL names): ``rl_loss``; ``clip_ratio/low_mean``, ``clip_ratio/high_mean``,
         ``clip_ratio/region_mean``, ``clip_ratio/low_min``, ``clip_ratio/high_max`` for the
         clipped losses, ``cispo_clip_ratio`` for cispo; ``kl`` when ``beta > 0``;
-        ``entropy`` when ``entropy_BT`` is given; ``sft_loss`` with an SFT term.
+        ``entropy`` when ``entropy_BT`` is given.
 
         Clip ratios (TRL's definitions): a token is low-clipped when ``r < 1 - eps`` and
         ``A < 0``, high-clipped when ``r > 1 + eps_high`` and ``A > 0`` (there the clipped
@@ -389,9 +386,6 @@ def grpo_loss(
             f"GRPOLossConfig.beta={cfg.beta} > 0 needs ref_logprobs_BT (reference-policy "
             "log-probs); pass them or set beta=0."
         )
-    if sft_mask_BT is None and (sft_logprobs_BT is not None or sft_weight is not None):
-        raise ValueError("sft_logprobs_BT / sft_weight given without sft_mask_BT.")
-
     logprobs_BT = _f32(logprobs_BT)
     mask_BT = _f32(completion_mask_BT)
     if old_logprobs_BT is None:
@@ -431,61 +425,12 @@ def grpo_loss(
     loss = _f32(rl_weight) * rl_loss
     metrics["rl_loss"] = rl_loss
 
-    if sft_mask_BT is not None:
-        sft_lp = logprobs_BT if sft_logprobs_BT is None else sft_logprobs_BT
-        if sft_lp.shape != sft_mask_BT.shape:
-            raise ValueError(
-                f"sft_mask_BT shape {sft_mask_BT.shape} != SFT log-probs shape {sft_lp.shape}."
-            )
-        sft_loss = sft_nll(sft_lp, sft_mask_BT)
-        loss = loss + _f32(1.0 if sft_weight is None else sft_weight) * sft_loss
-        metrics["sft_loss"] = sft_loss
-
     if entropy_BT is not None:
         metrics["entropy"] = masked_mean(entropy_BT, mask_BT)
     return loss, metrics
 
 
 # ----------------------------------------------------------------------------- SFT+RL schedules
-
-
-def _schedule_weights(
-    step,
-    kind,
-    *,
-    initial_weight,
-    final_weight,
-    decay_steps,
-    warmup_steps,
-    sft_grad_norm,
-    reference_grad_norm,
-    gamma,
-):
-    """(sft_weight, rl_weight) for one step; see :func:`sft_weight_schedule`."""
-    step = _f32(step)
-    w0, w1 = _f32(initial_weight), _f32(final_weight)
-    one, zero = jnp.float32(1.0), jnp.float32(0.0)
-    if kind == "constant":
-        return w0, one
-    if kind == "linear":
-        if decay_steps is None or decay_steps <= 0:
-            raise ValueError("sft_weight_schedule(kind='linear') needs decay_steps > 0.")
-        frac = jnp.clip(step / float(decay_steps), 0.0, 1.0)
-        return w0 + (w1 - w0) * frac, one
-    if kind == "warmup_then_rl":
-        in_warmup = step < warmup_steps
-        return jnp.where(in_warmup, w0, w1), jnp.where(in_warmup, zero, one)
-    if kind == "adaptive":
-        if sft_grad_norm is None or reference_grad_norm is None:
-            raise ValueError(
-                "sft_weight_schedule(kind='adaptive') needs sft_grad_norm (running norm of the "
-                "SFT-loss gradient) and reference_grad_norm (its value at the end of warm-up)."
-            )
-        g, g_ref = _f32(sft_grad_norm), _f32(reference_grad_norm)
-        p = g / jnp.maximum(g + gamma * g_ref, 1e-12)
-        in_warmup = step < warmup_steps
-        return jnp.where(in_warmup, w0, w0 * p), jnp.where(in_warmup, zero, 1.0 - p)
-    raise ValueError(f"schedule kind {kind!r} is not supported; choose one of {SFT_SCHEDULES}.")
 
 
 def sft_weight_schedule(
@@ -496,9 +441,6 @@ def sft_weight_schedule(
     final_weight: float = 0.0,
     decay_steps: int | None = None,
     warmup_steps: int = 0,
-    sft_grad_norm=None,
-    reference_grad_norm=None,
-    gamma: float = 1.0,
 ) -> jax.Array:
     """Weight of the SFT term at ``step`` (a traced or Python int); pure and jit-friendly.
 
@@ -508,61 +450,30 @@ def sft_weight_schedule(
     * ``linear``: ``w0 + (w1 - w0) * clip(step / decay_steps, 0, 1)`` (linear decay, then flat).
     * ``warmup_then_rl`` (ReFT): ``w0`` while ``step < warmup_steps`` (pure SFT: the RL weight
       from :func:`rl_weight_schedule` is 0), then ``w1`` (default 0: pure RL).
-    * ``adaptive`` (SASR-style; our rule): SFT-only warm-up while ``step < warmup_steps``
-      (weight ``w0``), then ``w0 * p`` with
-      ``p = g / (g + gamma * g_ref)``, where ``g`` = ``sft_grad_norm`` is a running
-      (e.g. :func:`update_running_norm`) norm of the SFT-loss gradient and ``g_ref`` =
-      ``reference_grad_norm`` its value at the end of the warm-up. When the model drifts away
-      from the demonstrations the SFT gradient grows and SFT gets more weight; once it is
-      well fit RL dominates. SASR draws SFT-or-GRPO for each step with probability ``p``;
-      this deterministic version uses ``p`` as the mixing weight (RL weight ``1 - p``).
+
+    SASR (``grpo.sft_schedule: adaptive``) is no weight schedule: it chooses an SFT or an RL
+    step at random each step, see :class:`jaxpt.train.grpo.SASRMixer`.
     """
-    sft_w, _ = _schedule_weights(
-        step,
-        kind,
-        initial_weight=initial_weight,
-        final_weight=final_weight,
-        decay_steps=decay_steps,
-        warmup_steps=warmup_steps,
-        sft_grad_norm=sft_grad_norm,
-        reference_grad_norm=reference_grad_norm,
-        gamma=gamma,
-    )
-    return sft_w
+    step = _f32(step)
+    w0, w1 = _f32(initial_weight), _f32(final_weight)
+    if kind == "constant":
+        return w0
+    if kind == "linear":
+        if decay_steps is None or decay_steps <= 0:
+            raise ValueError("sft_weight_schedule(kind='linear') needs decay_steps > 0.")
+        frac = jnp.clip(step / float(decay_steps), 0.0, 1.0)
+        return w0 + (w1 - w0) * frac
+    if kind == "warmup_then_rl":
+        return jnp.where(step < warmup_steps, w0, w1)
+    raise ValueError(f"schedule kind {kind!r} is not supported; choose one of {SFT_SCHEDULES}.")
 
 
-def rl_weight_schedule(
-    step,
-    kind: str = "constant",
-    *,
-    warmup_steps: int = 0,
-    sft_grad_norm=None,
-    reference_grad_norm=None,
-    gamma: float = 1.0,
-) -> jax.Array:
-    """The RL-term weight matching :func:`sft_weight_schedule` (pass it as ``rl_weight``).
-
-    1 for ``constant``/``linear``; 0 during the warm-up and 1 after for ``warmup_then_rl``;
-    0 during the warm-up and ``1 - p`` after for ``adaptive``.
-    """
-    _, rl_w = _schedule_weights(
-        step,
-        kind,
-        initial_weight=1.0,
-        final_weight=0.0,
-        decay_steps=1 if kind == "linear" else None,
-        warmup_steps=warmup_steps,
-        sft_grad_norm=sft_grad_norm,
-        reference_grad_norm=reference_grad_norm,
-        gamma=gamma,
-    )
-    return rl_w
-
-
-def update_running_norm(running, value, decay: float = 0.9) -> jax.Array:
-    """Exponential moving average ``decay * running + (1 - decay) * value``.
-
-    A NaN ``running`` (the initial state) is replaced by ``value``.
-    """
-    running, value = _f32(running), _f32(value)
-    return jnp.where(jnp.isnan(running), value, decay * running + (1.0 - decay) * value)
+def rl_weight_schedule(step, kind: str = "constant", *, warmup_steps: int = 0) -> jax.Array:
+    """The RL-term weight matching :func:`sft_weight_schedule` (pass it as ``rl_weight``):
+    0 during the warm-up of ``warmup_then_rl`` and 1 after; 1 for the other kinds."""
+    if kind not in SFT_SCHEDULES:
+        raise ValueError(f"schedule kind {kind!r} is not supported; choose one of "
+                         f"{SFT_SCHEDULES}.")
+    if kind == "warmup_then_rl":
+        return (jnp.asarray(step) >= warmup_steps).astype(jnp.float32)
+    return jnp.float32(1.0)

@@ -72,7 +72,7 @@ from jaxpt.data import (
     shared_pair_shape,
 )
 from jaxpt.data.packing import collate_preference
-from jaxpt.data.pipeline import Loader, _make_loader
+from jaxpt.data.pipeline import INDEX_KEY, preference_loader
 from jaxpt.data.tokenize import TokenizedPreference
 from jaxpt.losses.dpo import LOSS_TYPES, DPOLossConfig, dpo_loss, needs_reference
 from jaxpt.models.config import decoder_forward_flops
@@ -88,7 +88,7 @@ from jaxpt.train.common import (
 from jaxpt.train.logprobs import hidden_token_logprobs, sequence_token_logprobs
 from jaxpt.train.loop import LoopResult, Trainer, count_tokens, run
 from jaxpt.train.registry import register_trainer
-from jaxpt.train.scoring import INDEX_KEY, precompute_ref_table
+from jaxpt.train.scoring import precompute_ref_table
 from jaxpt.train.state import (
     batch_shardings,
     compile_step,
@@ -362,45 +362,6 @@ def make_dpo_eval_step(graphdef, params_fn, loss_cfg: DPOLossConfig, *, impl: st
 # ----------------------------------------------------------------------------- data
 
 
-def indexed_preference_loader(
-    pairs: Sequence[TokenizedPreference],
-    *,
-    batch_size: int,
-    max_length: int,
-    collate: Callable[[list[TokenizedPreference]], dict[str, np.ndarray]] | None = None,
-    seed: int = 0,
-    shuffle: bool = True,
-    num_epochs: int | None = None,
-    pad_id: int = 0,
-    stats: DataStats | None = None,
-) -> Loader:
-    """``preference_loader`` batches plus ``example_index`` int32 [B]: each pair's position
-    in ``pairs`` (stable across epochs, shuffles and resumes), the key of precomputed
-    reference log-probs. ``collate`` replaces ``collate_preference`` (the shared layout)."""
-    stats = stats if stats is not None else DataStats(examples=len(pairs))
-    stats.rows = len(pairs)
-    collate = collate or (lambda ps: collate_preference(ps, max_length, pad_id=pad_id))
-
-    def batch_fn(rows):
-        batch = collate([p for _, p in rows])
-        batch[INDEX_KEY] = np.asarray([i for i, _ in rows], np.int32)
-        return batch
-
-    return _make_loader(
-        "preference",
-        list(enumerate(pairs)),
-        batch_fn,
-        batch_size=batch_size,
-        seed=seed,
-        shuffle=shuffle,
-        num_epochs=num_epochs,
-        shard_index=None,
-        shard_count=None,
-        stats=stats,
-        num_threads=2,
-    )
-
-
 class DPOSource:
     """Batch source: host batch -> device batch with the reference log-probs attached.
 
@@ -536,7 +497,7 @@ def build_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
         max_length=cfg.data.max_length,
         pad_id=pad_id,
     )
-    loader = indexed_preference_loader(
+    loader = preference_loader(
         train_pairs,
         batch_size=local_bs,
         max_length=cfg.data.max_length,
@@ -633,7 +594,7 @@ def build_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
 
     eval_fn = None
     if eval_pairs is not None:
-        eval_loader = indexed_preference_loader(
+        eval_loader = preference_loader(
             eval_pairs,
             batch_size=eval_bs // n_proc,
             max_length=cfg.data.max_length,

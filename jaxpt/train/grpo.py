@@ -49,9 +49,11 @@ from jaxpt.losses.grpo import (
     GRPOLossConfig,
     grpo_loss,
     prefix_rft_masks,
+    rl_weight_schedule,
+    sft_nll,
     sft_weight_schedule,
 )
-from jaxpt.rewards.advantages import DynamicSampler, compute_advantages
+from jaxpt.rewards.advantages import DynamicSampler, compute_advantages, dynamic_sample
 from jaxpt.rewards.registry import get_reward_function
 from jaxpt.sampling import Sampler
 from jaxpt.sharding import batch_divisor, decode_sharding
@@ -270,7 +272,10 @@ def _pad_rollout(batch: dict, P: int, C: int, pad_id: int) -> dict:
 
 
 class SASRMixer:
-    """SASR's step-wise choice between an SFT step and an RL step (host side).
+    """SASR's step-wise choice between an SFT step and an RL step (host side): the one
+    meaning of ``grpo.sft_schedule: adaptive``, as the SASR paper defines it (each step is
+    all SFT or all RL, never a weighted mix; ``losses.grpo``'s weight schedules are the
+    other, deterministic kinds).
 
     The first `warmup_steps` steps are SFT; the gradient norm of the last one is the
     reference `g_warmup`. After that each step is an SFT step with probability
@@ -469,12 +474,14 @@ class GRPOSource:
         sampler = DynamicSampler(self.prompts_per_rollout, G, grpo.max_sampling_rounds,
                                  fill=grpo.dynamic_sampling_fill)
         rounds = []
-        while not sampler.done:
+
+        def one_round(r):
             batch, rewards_R, metrics = self._sample_round(params)
-            R = len(rewards_R)
-            sampler.add(rewards_R, {"round": np.full(R, len(rounds)), "row": np.arange(R)})
             rounds.append((batch, metrics))
-        rewards_R, picked, info = sampler.result()
+            R = len(rewards_R)
+            return rewards_R, {"round": np.full(R, r), "row": np.arange(R)}
+
+        rewards_R, picked, info = dynamic_sample(one_round, sampler)
         widths = [_rollout_widths(b) for b, _ in rounds]
         P, C = max(w[0] for w in widths), max(w[1] for w in widths)
         padded = [_pad_rollout(b, P, C, self.pad_id) for b, _ in rounds]
@@ -579,15 +586,13 @@ def make_grpo_loss_fn(graphdef, grpo: GRPOSection, *, impl: str, with_entropy: b
         if "prefix_lengths" in mb:
             # The prefix NLL reuses the rollout log-probs, i.e. at the sampling temperature
             # (exactly the NLL when temperature = 1).
-            prefix_nll = -jnp.sum(lp_RC * prefix_mask_RC) / jnp.maximum(
-                stats["prefix_tokens"], 1.0)
+            prefix_nll = sft_nll(lp_RC, prefix_mask_RC, stats["prefix_tokens"])
             loss = loss + grpo.prefix_sft_weight * prefix_nll
             metrics["prefix_sft_loss"] = prefix_nll
         if "demo_input_ids" in mb:
             demo = {k[5:]: v for k, v in mb.items() if k.startswith("demo_")}
             lp_demo, _ = completion_token_logprobs(model, demo, impl=impl)
-            nll = -jnp.sum(lp_demo * demo["completion_mask"]) / jnp.maximum(
-                stats["demo_tokens"], 1e-6)
+            nll = sft_nll(lp_demo, demo["completion_mask"], stats["demo_tokens"], 1e-6)
             loss = loss + stats["sft_weight"] * nll
             metrics["sft_loss"] = nll
             metrics["sft_weight"] = stats["sft_weight"] * share
@@ -620,7 +625,8 @@ def make_batch_stats(grpo: GRPOSection):
             out["sft_weight"] = w
             out["demo_tokens"] = jnp.sum(batch["demo_completion_mask"])
             if kind == "warmup_then_rl":
-                out["rl_weight"] = (state.step >= grpo.sft_warmup_steps).astype(jnp.float32)
+                out["rl_weight"] = rl_weight_schedule(state.step, kind,
+                                                      warmup_steps=grpo.sft_warmup_steps)
         return out
 
     return stats

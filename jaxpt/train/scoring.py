@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxpt.data.pipeline import INDEX_KEY
 from jaxpt.sharding import replicated
 from jaxpt.train.rollout import (
     FLAT_SEQUENCE_KEYS,
@@ -31,8 +32,6 @@ from jaxpt.train.rollout import (
     grouped_completion_logprobs,
 )
 from jaxpt.train.state import put_batch
-
-INDEX_KEY = "example_index"
 
 
 def score_rows(
