@@ -26,7 +26,7 @@ them in :class:`DataStats`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -102,6 +102,29 @@ class Record:
 def records_from_rows(rows: Iterable[dict[str, Any]], source: str = "<memory>") -> list[Record]:
     """Wrap in-memory rows as records numbered from 1 (for tests and Python callers)."""
     return [Record(data=r, source=source, row=i) for i, r in enumerate(rows, start=1)]
+
+
+def convert_records(
+    records: Iterable[Record],
+    fn: Callable[[dict[str, Any]], dict[str, Any]],
+    *,
+    skip_invalid: bool = False,
+    stats: DataStats | None = None,
+    skip_reason: str = "invalid row",
+) -> list[Record]:
+    """``fn`` applied to every record's row, keeping source and row; a row where ``fn``
+    raises DataError raises it again naming file and row, or with ``skip_invalid`` is
+    skipped and counted in ``stats`` under ``skip_reason``."""
+    out = []
+    for rec in records:
+        try:
+            out.append(Record(fn(rec.data), rec.source, rec.row))
+        except DataError as e:
+            if not skip_invalid:
+                raise e.at(rec.source, rec.row) from None
+            if stats is not None:
+                stats.skip(skip_reason)
+    return out
 
 
 @dataclass

@@ -18,7 +18,7 @@ import re
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from jaxpt.data.formats import DataError, DataStats, Record
+from jaxpt.data.formats import DataError, DataStats, Record, convert_records
 
 DEFAULT_INSTRUCTION = (
     "Solve the problem step by step, then give the final answer on the last line as "
@@ -107,13 +107,5 @@ def convert_gsm8k(
     """Convert GSM8K records (keeping source and row) with :func:`gsm8k_to_sft` or
     :func:`gsm8k_to_prompt`; bad rows raise DataError with file and row, or are skipped."""
     fn = {"sft": gsm8k_to_sft, "prompt": gsm8k_to_prompt}[mode]
-    out = []
-    for rec in records:
-        try:
-            out.append(Record(fn(rec.data, **kwargs), rec.source, rec.row))
-        except DataError as e:
-            if not skip_invalid:
-                raise e.at(rec.source, rec.row) from None
-            if stats is not None:
-                stats.skip("invalid gsm8k row")
-    return out
+    return convert_records(records, lambda row: fn(row, **kwargs), skip_invalid=skip_invalid,
+                           stats=stats, skip_reason="invalid gsm8k row")

@@ -25,7 +25,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from jaxpt.data.formats import DataError, DataStats, Record
+from jaxpt.data.formats import DataError, DataStats, Record, convert_records
 
 _TURN = re.compile(r"\n\n(Human|Assistant):")
 _ROLES = {"Human": "user", "Assistant": "assistant"}
@@ -77,13 +77,5 @@ def convert_hh_rlhf(
     records: Sequence[Record], *, skip_invalid: bool = False, stats: DataStats | None = None
 ) -> list[Record]:
     """Convert records (keeping source and row); malformed rows raise or are skipped + counted."""
-    out = []
-    for rec in records:
-        try:
-            out.append(Record(hh_rlhf_to_preference(rec.data), rec.source, rec.row))
-        except DataError as e:
-            if not skip_invalid:
-                raise e.at(rec.source, rec.row) from None
-            if stats is not None:
-                stats.skip("invalid hh-rlhf transcript")
-    return out
+    return convert_records(records, hh_rlhf_to_preference, skip_invalid=skip_invalid,
+                           stats=stats, skip_reason="invalid hh-rlhf transcript")

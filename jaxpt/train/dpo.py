@@ -77,7 +77,6 @@ from jaxpt.data.tokenize import TokenizedPreference
 from jaxpt.losses.dpo import LOSS_TYPES, DPOLossConfig, dpo_loss, needs_reference
 from jaxpt.models.config import decoder_forward_flops
 from jaxpt.sharding import check_batch_size, replicated
-from jaxpt.train.checkpoint import StopFlag
 from jaxpt.train.common import (
     build_mesh,
     build_train_state,
@@ -86,8 +85,8 @@ from jaxpt.train.common import (
     read_data_records,
 )
 from jaxpt.train.logprobs import hidden_token_logprobs, sequence_token_logprobs
-from jaxpt.train.loop import LoopResult, Trainer, count_tokens, run
-from jaxpt.train.registry import register_trainer
+from jaxpt.train.loop import Trainer, count_tokens
+from jaxpt.train.registry import register_builder
 from jaxpt.train.scoring import precompute_ref_table
 from jaxpt.train.state import (
     batch_shardings,
@@ -690,12 +689,4 @@ def make_eval_fn(
     return eval_fn
 
 
-@register_trainer("dpo")
-def train_dpo(
-    cfg: RunConfig,
-    *,
-    callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
-    stop: StopFlag | None = None,
-) -> LoopResult:
-    trainer = build_dpo_trainer(cfg)
-    return run(trainer, callbacks=callbacks, stop=stop)
+train_dpo = register_builder("dpo", build_dpo_trainer)

@@ -32,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
@@ -57,7 +56,6 @@ from jaxpt.rewards.advantages import DynamicSampler, compute_advantages, dynamic
 from jaxpt.rewards.registry import get_reward_function
 from jaxpt.sampling import Sampler
 from jaxpt.sharding import batch_divisor, decode_sharding
-from jaxpt.train.checkpoint import StopFlag
 from jaxpt.train.common import (
     build_mesh,
     build_train_state,
@@ -65,8 +63,8 @@ from jaxpt.train.common import (
     load_model_bundle,
     read_data_records,
 )
-from jaxpt.train.loop import LoopResult, Trainer, run
-from jaxpt.train.registry import register_trainer
+from jaxpt.train.loop import Trainer
+from jaxpt.train.registry import register_builder
 from jaxpt.train.rollout import (
     FLAT_SEQUENCE_KEYS,
     GROUP_KEYS,
@@ -796,16 +794,10 @@ def _use_shared_prompt(cfg: RunConfig, grpo: GRPOSection, mesh) -> bool:
     return True
 
 
-@register_trainer("grpo")
-def train_grpo(
-    cfg: RunConfig,
-    *,
-    callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
-    stop: StopFlag | None = None,
-) -> LoopResult:
-    trainer = build_grpo_trainer(cfg)
-    result = run(trainer, callbacks=callbacks, stop=stop)
+def _print_summary(cfg: RunConfig) -> None:
     from jaxpt.train.report import print_run_summary
 
     print_run_summary(cfg.out_dir, curve_key="reward", eval_key="eval_accuracy")
-    return result
+
+
+train_grpo = register_builder("grpo", build_grpo_trainer, after=_print_summary)

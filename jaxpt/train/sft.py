@@ -18,8 +18,6 @@ the same target tokens.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +27,6 @@ from jaxpt.config import RunConfig, SFTConfig
 from jaxpt.data import BATCH_KEYS, DataStats, prepare_sft, sft_loader
 from jaxpt.losses.sft import sft_loss
 from jaxpt.sharding import check_batch_size, replicated
-from jaxpt.train.checkpoint import StopFlag
 from jaxpt.train.common import (
     build_mesh,
     build_train_state,
@@ -38,8 +35,8 @@ from jaxpt.train.common import (
     read_data_records,
 )
 from jaxpt.train.logprobs import sequence_token_logprobs
-from jaxpt.train.loop import IteratorSource, LoopResult, Trainer, run
-from jaxpt.train.registry import register_trainer
+from jaxpt.train.loop import IteratorSource, Trainer
+from jaxpt.train.registry import register_builder
 from jaxpt.train.state import (
     batch_shardings,
     compile_step,
@@ -288,12 +285,4 @@ def make_eval_fn(eval_step, loader, batch_sh, max_batches: int | None):
     return eval_fn
 
 
-@register_trainer("sft")
-def train_sft(
-    cfg: RunConfig,
-    *,
-    callbacks: Sequence[Callable[[int, dict[str, Any]], None]] = (),
-    stop: StopFlag | None = None,
-) -> LoopResult:
-    trainer = build_sft_trainer(cfg)
-    return run(trainer, callbacks=callbacks, stop=stop)
+train_sft = register_builder("sft", build_sft_trainer)
