@@ -5,6 +5,7 @@ wrong answer must never score 1. The mutation test at the end swaps the answer-s
 rule for a plausible wrong one and checks that the table notices.
 """
 
+# ruff: noqa: E501  (one labelled case per line)
 from __future__ import annotations
 
 import pytest
