@@ -64,6 +64,9 @@ CASES = [
     (M, "\\boxed{5} or maybe \\boxed{6}", "5", 0.0, "the last box counts"),
     (M, "\\boxed{5} is wrong, the answer is 6", "6", 0.0, "a box beats a statement"),
     (M, "The answer is 007.", "7", 1.0, "leading zeros"),
+    (M, "#### 3500001", "3,500,000", 0.0, "large integers compare exactly, no relative tolerance"),
+    (M, "\\boxed{1234567.5}", "1234568", 0.0, "a rounded decimal is not the answer"),
+    (M, "\\boxed{0.3333333}", "\\frac{1}{3}", 1.0, "a decimal approximation of a repeating fraction"),
     (M, "The answer is 1.5 hours, and then we rest for 2 more.", "1.5", 1.0, "number then words, then a clause"),
     # --- the wrong-answer examples ---------------------------------------------------
     (M, "\\boxed{10}", "x^2 + 7x + 10", 0.0, "the reference is one expression, not its last number"),

@@ -79,8 +79,12 @@ def test_answers_match_rules():
     assert answers_match("\\frac{3}{4}", "0.75")
     assert answers_match("$1,080", "1080")
     assert answers_match("18 dollars", "18.00")
-    assert answers_match("1e-10", "0")  # abs tol 1e-9
-    assert answers_match("1000000.5", "1000000")  # rel tol 1e-6
+    # exact decimals compare exactly; a tolerance only where one side does not terminate
+    assert not answers_match("1e-10", "0")
+    assert not answers_match("1000000.5", "1000000")
+    assert not answers_match("3500001", "3500000")
+    assert answers_match("0.3333333", "1/3")
+    assert not answers_match("0.33", "1/3")
     assert not answers_match("1000002", "1000000")
     assert not answers_match("5", "6")
     assert answers_match("\\frac{\\pi}{2}", "\\frac{\\pi}{2}")  # string equality fallback

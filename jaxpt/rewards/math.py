@@ -28,9 +28,11 @@ never reduced to its last number (``x^2 + 7x + 10`` is a polynomial, not ``10``)
 
 * fast path, when both answers are plain numbers (:func:`parse_number`: integers, decimals,
   ``1,234``, ``$1,000,000``, fractions ``3/4`` / ``\\frac{3}{4}``, mixed numbers, scientific
-  notation, with units, ``%``, degree marks and ``x =`` dropped): equal within
-  ``rel_tol=1e-6`` / ``abs_tol=1e-9``; a side written with ``%`` also matches its value / 100
-  (``25%`` = ``0.25``, as math-verify). This is most of the volume (GSM8K) and costs
+  notation, with units, ``%``, degree marks and ``x =`` dropped), read as exact fractions:
+  equal when exactly equal (``3500001`` is not ``3500000``, ``1e-10`` is not ``0``), or,
+  when one side has no finite decimal expansion (``1/3``), within ``rel_tol=1e-6`` /
+  ``abs_tol=1e-9`` (``0.333333`` = ``1/3``); a side written with ``%`` also matches its
+  value / 100 (``25%`` = ``0.25``, as math-verify). This is most of the volume (GSM8K) and costs
   microseconds; no sympy is involved;
 * otherwise, equal normalized strings, else ``math-verify`` (:mod:`jaxpt.rewards.verify`)
   with a per-call time limit (``timeout_s``; a timeout scores 0): symbolic and numeric
@@ -49,9 +51,9 @@ Where jaxpt deliberately differs from math-verify:
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 from jaxpt.rewards.text import completion_text
@@ -328,19 +330,29 @@ def normalize_answer(answer: str) -> str:
 _FLOAT_RE = re.compile(r"^[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?$")
 
 
-def _to_float(s: str) -> float | None:
-    return float(s) if _FLOAT_RE.match(s) else None
+def _to_fraction(s: str) -> Fraction | None:
+    m = _FLOAT_RE.match(s)
+    if not m:
+        return None
+    exponent = re.search(r"[eE]([+-]?\d+)$", s)
+    if exponent and abs(int(exponent.group(1))) > 400:  # not a plain number: math-verify
+        return None
+    try:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError, OverflowError):
+        return None
 
 
-def _ratio(num: str, den: str) -> float | None:
-    n, d = _to_float(num), _to_float(den)
+def _ratio(num: str, den: str) -> Fraction | None:
+    n, d = _to_fraction(num), _to_fraction(den)
     if n is None or d is None or d == 0:
         return None
     return n / d
 
 
-def _parse_normalized(s: str) -> float | None:
-    if not s:
+def _parse_normalized(s: str) -> Fraction | None:
+    """The exact value of a normalized plain-number answer, or None."""
+    if not s or len(s) > 100:
         return None
     m = re.match(r"^(-?)(\d+)\s*\\frac\{([^{}]+)\}\{([^{}]+)\}$", s) or re.match(
         r"^(-?)(\d+)\s+(\d+)\s*/\s*(\d+)$", s
@@ -349,12 +361,12 @@ def _parse_normalized(s: str) -> float | None:
         frac = _ratio(m.group(3).strip(), m.group(4).strip())
         if frac is None:
             return None
-        value = float(m.group(2)) + frac
+        value = int(m.group(2)) + frac
         return -value if m.group(1) else value
     compact = s.replace(" ", "")
-    sign = 1.0
+    sign = 1
     if compact.startswith("-"):
-        sign, compact = -1.0, compact[1:]
+        sign, compact = -1, compact[1:]
     m = re.match(r"^\\frac\{([^{}]+)\}\{([^{}]+)\}$", compact) or re.match(
         r"^\\frac(\d)(\d)$", compact
     )
@@ -365,7 +377,7 @@ def _parse_normalized(s: str) -> float | None:
     if m:
         value = _ratio(m.group(1), m.group(2))
         return None if value is None else sign * value
-    value = _to_float(compact)
+    value = _to_fraction(compact)
     return None if value is None else sign * value
 
 
@@ -376,11 +388,30 @@ def parse_number(answer: str) -> float | None:
     ``3/4``, ``\\frac{3}{4}``, ``-\\frac{3}{4}``, ``\\frac34``, mixed numbers ``2 1/2`` and
     ``2\\frac{1}{2}``, with units, ``%`` and degree marks dropped.
     """
-    return _parse_normalized(normalize_answer(answer))
+    value = _parse_normalized(normalize_answer(answer))
+    return None if value is None else float(value)
 
 
 def _has_percent(answer: str) -> bool:
     return "%" in answer
+
+
+def _terminates(x: Fraction) -> bool:
+    """True when ``x`` has a finite decimal expansion (its denominator is 2^a 5^b)."""
+    d = x.denominator
+    for p in (2, 5):
+        while d % p == 0:
+            d //= p
+    return d == 1
+
+
+def _numbers_equal(p: Fraction, r: Fraction, rel_tol: float, abs_tol: float) -> bool:
+    if p == r:
+        return True
+    if _terminates(p) and _terminates(r):  # both exact decimals (GSM8K): no tolerance
+        return False
+    # 0.333333 vs 1/3, as math.isclose but in exact arithmetic (no float overflow)
+    return abs(p - r) <= max(Fraction(rel_tol) * max(abs(p), abs(r)), Fraction(abs_tol))
 
 
 def answers_match(
@@ -400,7 +431,7 @@ def answers_match(
         return False
     p, r = _parse_normalized(np_), _parse_normalized(nr)
     if p is not None and r is not None:
-        close = lambda a, b: math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol)
+        close = lambda a, b: _numbers_equal(a, b, rel_tol, abs_tol)
         return (
             close(p, r)
             or (_has_percent(predicted) and close(p / 100, r))
