@@ -45,6 +45,7 @@ CASES = [
     (M, "Final answer: 42 cookies", "42", 1.0, "final answer label with a unit"),
     (M, "The answer is that she has 5 left.", "5", 1.0, "prose holding one number"),
     (M, "The answer is not 5.", "5", 0.0, "a negated statement"),
+    (M, "The answer is the number of eggs she sells. She sells 9 eggs.", "9", 1.0, "a prose statement without a number is skipped"),
     (M, "The answer is 5 or 6.", "5", 0.0, "a hedge of two answers"),
     (M, "The answer is 7, not 6.", "6", 0.0, "the clause after the comma is not the answer"),
     (S, "The answer is 7, not 6.", "7", 1.0, "the answer before the clause"),

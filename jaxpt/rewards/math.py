@@ -8,8 +8,10 @@
    the end of its sentence or clause (``The answer is 7, not 6.`` -> ``7``); a math span
    right after the marker (``$...$``, ``\\(...\\)``) is taken whole; ``9 - 3 = 6`` gives
    the part after the last ``=``; a number followed only by words gives the number
-   (``18 dollars`` -> ``18``). A statement always wins over what follows it in the text,
-   even when what it states cannot be read (then nothing is credited);
+   (``18 dollars`` -> ``18``), prose holding exactly one number gives it (``she has 5
+   left``) unless negated (``not 5``: no credit). A statement whose span is prose without
+   a digit or LaTeX (``the answer is the number of eggs``) is skipped. A readable statement
+   wins over every number after it, and a hedge (``5 or 6``) is compared whole (no credit);
 3. the whole completion, when it is nothing but an answer (``6``, ``**6**``, ``6 coins``,
    ``$\\frac{1}{2}$``);
 4. non-strict mode only (``math``): the last number in the text (``1,234.5``, ``-7``,
