@@ -416,6 +416,27 @@ def _numbers_equal(p: Fraction, r: Fraction, rel_tol: float, abs_tol: float) -> 
     return abs(p - r) <= max(Fraction(rel_tol) * max(abs(p), abs(r)), Fraction(abs_tol))
 
 
+_ARITH_OPS = (("\\times", "*"), ("\\cdot", "*"), ("\\div", "/"), ("×", "*"), ("÷", "/"))
+
+
+def _is_unevaluated_arithmetic(answer: str) -> bool:
+    """True for numbers joined by + - * / (``13 + 6``, ``6 \\times 3``, ``(4+5)*2``).
+
+    Against a plain-number reference such an answer restates the computation instead of
+    doing it, and crediting it is a reward hack a policy finds within a few steps: the
+    arithmetic demo's policy learned to reply "The answer is 13 + 6" to "Calculate
+    13 + 6." (held-out accuracy 1.0, every answer the question echoed). math-verify, and so
+    TRL's accuracy_reward, evaluates the sum and credits it; jaxpt scores it 0. Powers
+    (``2^{10}``) and symbols (``\\sqrt{2}``) still go to math-verify."""
+    s = answer
+    for latex, op in _ARITH_OPS:
+        s = s.replace(latex, op)
+    s = s.replace("{", "(").replace("}", ")")
+    if not re.fullmatch(r"[\d\s.()+\-*/]+", s):
+        return False
+    return re.search(r"[\d)]\s*[+\-*/]\s*[\d(+\-]", s) is not None
+
+
 def answers_match(
     predicted: str | None,
     reference: str | None,
@@ -441,6 +462,8 @@ def answers_match(
         )
     if np_.replace(" ", "").lower() == nr.replace(" ", "").lower():
         return True
+    if r is not None and _is_unevaluated_arithmetic(np_):
+        return False
     return symbolic_equal(predicted, reference, timeout_s=timeout_s)
 
 
