@@ -17,7 +17,7 @@ import pytest
 import yaml
 from flax import nnx
 from tolerances import assert_reordered_close, assert_trees_reordered_close, rejects, run_depth
-from train_utils import make_tiny_model_dir, make_tiny_tokenizer, read_metrics
+from train_utils import make_tiny_tokenizer_and_model, read_metrics
 
 from jaxpt.config import ConfigError, load_config
 from jaxpt.data.packing import (
@@ -52,8 +52,7 @@ def hh_path(data_dir):
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("tiny_dpo")
-    tok = make_tiny_tokenizer(root / "tok", data_dir)
-    model_dir = make_tiny_model_dir(root / "model", tok)
+    model_dir = make_tiny_tokenizer_and_model(root, data_dir)
     return model_dir, data_dir
 
 

@@ -21,8 +21,7 @@ import pytest
 from conftest import run_with_devices
 from tolerances import assert_reordered_close, run_depth
 from train_utils import (
-    make_tiny_model_dir,
-    make_tiny_tokenizer,
+    make_tiny_tokenizer_and_model,
     read_metrics,
     tiny_run_config,
     train_losses,
@@ -214,8 +213,7 @@ STEPS = 16
 @pytest.fixture(scope="module")
 def config(tmp_path_factory, data_dir) -> Path:
     root = tmp_path_factory.mktemp("multihost")
-    tok = make_tiny_tokenizer(root / "tok", data_dir)
-    model_dir = make_tiny_model_dir(root / "model", tok)
+    model_dir = make_tiny_tokenizer_and_model(root, data_dir)
     return tiny_run_config(
         root / "run.yaml",
         model_dir,

@@ -11,8 +11,7 @@ import jax
 import numpy as np
 import pytest
 from train_utils import (
-    make_tiny_model_dir,
-    make_tiny_tokenizer,
+    make_tiny_tokenizer_and_model,
     read_metrics,
     tiny_model_config,
     tiny_run_config,
@@ -25,8 +24,7 @@ from jaxpt.config import load_config
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("tiny")
-    tok = make_tiny_tokenizer(root / "tok", data_dir)
-    model_dir = make_tiny_model_dir(root / "model", tok)
+    model_dir = make_tiny_tokenizer_and_model(root, data_dir)
     return root, model_dir, data_dir
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from flax import nnx
 from tolerances import assert_reordered_close
-from train_utils import make_tiny_model_dir, make_tiny_tokenizer, read_metrics, tiny_run_config
+from train_utils import make_tiny_tokenizer_and_model, read_metrics, tiny_run_config
 
 from jaxpt.cli import main as cli_main
 from jaxpt.config import load_config
@@ -25,8 +25,7 @@ from jaxpt.train.sft import build_sft_trainer
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("tiny")
-    tok = make_tiny_tokenizer(root / "tok", data_dir)
-    model_dir = make_tiny_model_dir(root / "model", tok)
+    model_dir = make_tiny_tokenizer_and_model(root, data_dir)
     return root, model_dir, data_dir
 
 

@@ -12,8 +12,7 @@ import time
 
 import pytest
 from train_utils import (
-    make_tiny_model_dir,
-    make_tiny_tokenizer,
+    make_tiny_tokenizer_and_model,
     read_metrics,
     start_training,
     tiny_run_config,
@@ -26,8 +25,7 @@ TIMEOUT = 240
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, data_dir):
     root = tmp_path_factory.mktemp("resume")
-    tok = make_tiny_tokenizer(root / "tok", data_dir)
-    model_dir = make_tiny_model_dir(root / "model", tok)
+    model_dir = make_tiny_tokenizer_and_model(root, data_dir)
     config = tiny_run_config(
         root / "run.yaml",
         model_dir,

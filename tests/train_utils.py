@@ -75,6 +75,12 @@ def tiny_model_config(vocab_size: int, **kw):
     return ModelConfig(**{**base, **kw})
 
 
+def make_tiny_tokenizer_and_model(root: Path, data_dir: Path) -> Path:
+    """The tiny tokenizer (root/tok) and a tiny random model that uses it (root/model);
+    returns the model dir, which holds both."""
+    return make_tiny_model_dir(root / "model", make_tiny_tokenizer(root / "tok", data_dir))
+
+
 def make_tiny_model_dir(out_dir: Path, tokenizer, seed: int = 0, **kw) -> Path:
     """A random tiny llama saved as an HF checkpoint dir with the tokenizer."""
     from jaxpt.models.decoder import init_model

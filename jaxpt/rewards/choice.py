@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from jaxpt.rewards.math import extract_boxed, extract_stated_span
-from jaxpt.rewards.text import completion_text
+from jaxpt.rewards.text import score_against_answers
 
 __all__ = ["parse_choice", "extract_choice", "ChoiceReward", "choice_reward"]
 
@@ -71,22 +71,11 @@ class ChoiceReward:
     def __call__(
         self, prompts=None, completions=None, answer=None, **kwargs
     ) -> list[float | None]:
-        if completions is None:
-            raise ValueError("choice_reward needs completions.")
-        if answer is None:
-            raise ValueError(
-                "choice_reward needs a dataset column 'answer' (the letter of the right "
-                f"option); the columns passed were: {sorted(kwargs)}."
-            )
-        out: list[float | None] = []
-        for completion, ref in zip(completions, answer, strict=True):
-            reference = parse_choice(ref)
-            if reference is None:
-                out.append(None)
-                continue
-            predicted = extract_choice(completion_text(completion))
-            out.append(1.0 if predicted == reference else 0.0)
-        return out
+        return score_against_answers(
+            self.__name__, completions, answer, kwargs, parse_choice,
+            lambda text, ref: 1.0 if extract_choice(text) == ref else 0.0,
+            what="the letter of the right option",
+        )
 
 
 choice_reward = ChoiceReward()

@@ -58,7 +58,7 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
-from jaxpt.rewards.text import completion_text
+from jaxpt.rewards.text import completion_text, score_against_answers
 from jaxpt.rewards.verify import DEFAULT_TIMEOUT_S, symbolic_equal
 
 __all__ = [
@@ -548,22 +548,10 @@ class MathReward:
         answer: list | None = None,
         **kwargs,
     ) -> list[float | None]:
-        if completions is None:
-            raise ValueError(f"{self.__name__} needs completions.")
-        if answer is None:
-            raise ValueError(
-                f"{self.__name__} needs a dataset column 'answer' (the reference answer of "
-                f"each row); the columns passed were: {sorted(kwargs)}."
-            )
-        rewards: list[float | None] = []
-        for completion, ref_raw in zip(completions, answer, strict=True):
-            reference = parse_reference(ref_raw)
-            if reference is None:
-                rewards.append(None)
-                continue
-            predicted = select_answer(completion_text(completion), strict=self.strict)
-            rewards.append(1.0 if self.match(predicted, reference) else 0.0)
-        return rewards
+        return score_against_answers(
+            self.__name__, completions, answer, kwargs, parse_reference,
+            lambda text, ref: 1.0 if self.match(select_answer(text, self.strict), ref) else 0.0,
+        )
 
     def __repr__(self) -> str:
         return (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -39,3 +40,29 @@ def completion_text(completion: Any) -> str:
     raise TypeError(
         f"a completion must be a str or a list of messages; got {type(completion).__name__}"
     )
+
+
+def score_against_answers(
+    name: str,
+    completions: list | None,
+    answer: list | None,
+    columns: dict,
+    parse_reference: Callable[[Any], Any],
+    score: Callable[[str, Any], float],
+    what: str = "the reference answer of each row",
+) -> list[float | None]:
+    """The loop of a reward that checks each completion against the ``answer`` column:
+    ``score(completion text, parsed reference)`` per row, None where the reference does
+    not parse. Missing completions or ``answer`` are errors naming the reward."""
+    if completions is None:
+        raise ValueError(f"{name} needs completions.")
+    if answer is None:
+        raise ValueError(
+            f"{name} needs a dataset column 'answer' ({what}); the columns passed were: "
+            f"{sorted(columns)}."
+        )
+    out: list[float | None] = []
+    for completion, raw in zip(completions, answer, strict=True):
+        reference = parse_reference(raw)
+        out.append(None if reference is None else score(completion_text(completion), reference))
+    return out
