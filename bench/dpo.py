@@ -109,8 +109,8 @@ def run_jaxpt(args) -> dict:
     import jax
     import yaml
 
+    from jaxpt.algorithms.dpo import build_dpo_trainer
     from jaxpt.config import load_config
-    from jaxpt.train.dpo import build_dpo_trainer
 
     cfg_path = Path(args.workdir) / "jaxpt.yaml"
     cfg_path.write_text(
@@ -156,13 +156,12 @@ def run_jaxpt(args) -> dict:
             flush=True,
         )
     info = {"peak_rss_self": _self_peak_rss()}  # before the extra compile below
-    info["shared_prompt"] = "shared_input_ids" in trainer.extras["sequence_keys"]
+    info["shared_prompt"] = trainer.parts.layout.shared
     if info["shared_prompt"]:
-        info["shared_row_shape"] = list(host["shared_input_ids"].shape)
+        info["shared_row_shape"] = list(host.pairs.input_ids.shape)
     try:
-        keys = trainer.extras["step_keys"]
         batch = trainer.put_batch(source.next(state))
-        compiled = trainer.step_fn.lower(state, {k: batch[k] for k in keys}).compile()
+        compiled = trainer.step_fn.lower(state, batch).compile()
         ma = compiled.memory_analysis()
         info["step_temp_bytes"] = int(ma.temp_size_in_bytes)
     except Exception as e:  # memory_analysis is backend-dependent; informational only

@@ -7,7 +7,7 @@ Both sides take (grads, params, optimizer state) and return the new params and s
 donated, as the train step does: global-norm clipping at 1.0, AdamW with weight
 decay on all but norms, and nothing applied on a non-finite step.
 
-  jaxpt  ``FusedAdamW.apply`` (``jaxpt.train.adamw``): two elementwise passes per leaf
+  jaxpt  ``FusedAdamW.apply`` (``jaxpt.engine.adamw``): two elementwise passes per leaf
   peer   ``tx.update`` + ``optax.apply_updates`` + ``jnp.where(finite, new, old)`` over
          params and state: what the step ran before the fused update
 
@@ -33,9 +33,9 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 
 from jaxpt.config import OptimConfig  # noqa: E402
+from jaxpt.engine.state import make_optimizer  # noqa: E402
 from jaxpt.models import hub  # noqa: E402
 from jaxpt.models.decoder import abstract_model  # noqa: E402
-from jaxpt.train.state import make_optimizer  # noqa: E402
 
 
 def optax_update(tx):

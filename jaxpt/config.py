@@ -18,8 +18,14 @@ Sections are frozen dataclasses. The common ones (`model`, `data`, `optim`, `tra
 `lora`, `checkpoint`, `mesh`, `logging`) are fields of :class:`RunConfig`; each algorithm
 adds its own section (`sft:`, `dpo:`, `grpo:` ...) with :func:`register_section`, and reads
 it back with ``cfg.section("dpo")`` (or ``cfg.dpo``). A section that is not registered yet
-is looked up by importing ``jaxpt.train.<name>`` (the trainer module registers it), so a
+is looked up by importing ``jaxpt.algorithms.<name>`` (the trainer module registers it), so a
 new algorithm plugs in without touching the loader.
+
+``algorithm:`` names jaxpt's own algorithms by name (``sft`` -> ``jaxpt.algorithms.sft``) and
+any other by import path (``algorithm: mypkg.my_algo``): that module is imported when the
+config loads, so the sections it registers are known to the loader (an import path that
+does not import is an error naming the key), and it registers its trainer under its
+import path (``register_builder(__name__, build)``, see ``jaxpt.algorithms.registry``).
 
 Every key is checked: an unknown key, or a value of the wrong type, is an error naming the
 file (or ``command line``) and the dotted key path, with a did-you-mean suggestion.
@@ -79,6 +85,9 @@ class ModelSection:
     # from q and k, as a flash-attention kernel does), "full" / "dots" (per layer). Every
     # policy but "none" uses the decoder's written-out attention backward.
     remat: Literal["none", "attention", "full", "dots"] = "attention"
+    # Attention without the T x T scores: jax's splash kernel on TPU, cuDNN on GPU; auto
+    # picks by the mesh's devices (xla on CPU). jaxpt/kernels/attention.py: what each covers.
+    attention: Literal["auto", "xla", "splash", "cudnn"] = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,20 +214,50 @@ def register_section(name: str, cls: type | None = None):
     return do(cls) if cls is not None else do
 
 
-# sections registered outside jaxpt.train
+# sections registered outside jaxpt.algorithms
 _SECTION_MODULES = {"distributed": "jaxpt.distributed"}
+_NAME = re.compile(r"[a-z_][a-z0-9_]*")
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
+def _import_if_present(module: str) -> bool:
+    """Import `module`; False when it (or a package above it) does not exist. A missing
+    module that `module` itself imports is raised as it is."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
+            raise
+        return False
+    return True
+
+
+def algorithm_module(name: str) -> str | None:
+    """The module that defines algorithm `name`: ``jaxpt.algorithms.<name>`` for a plain
+    name, `name` itself for an import path (``mypkg.my_algo``), None for anything else."""
+    if _IMPORT_PATH.fullmatch(name):
+        return name
+    return f"jaxpt.algorithms.{name}" if _NAME.fullmatch(name) else None
+
+
+def import_algorithm(name: str, where: str = "algorithm") -> None:
+    """Import the module of algorithm `name` (it registers its trainer and sections). A
+    plain name with no module in ``jaxpt.algorithms`` is left to the trainer lookup; an
+    import path that does not import is a ConfigError starting with `where`."""
+    module = algorithm_module(name)
+    if module is not None and not _import_if_present(module) and module == name:
+        raise ConfigError(
+            f"{where}: {name!r} is not a jaxpt algorithm and no module {name!r} can be "
+            "imported (an algorithm outside jaxpt is named by the import path of its "
+            "module; is its package installed or on PYTHONPATH?)"
+        )
 
 
 def section_class(name: str) -> type | None:
-    """The registered dataclass for section `name`, importing ``jaxpt.train.<name>`` once
+    """The registered dataclass for section `name`, importing ``jaxpt.algorithms.<name>`` once
     if it is not registered yet (trainer modules register their sections)."""
-    if name not in _SECTIONS and re.fullmatch(r"[a-z_][a-z0-9_]*", name):
-        module = _SECTION_MODULES.get(name, f"jaxpt.train.{name}")
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+    if name not in _SECTIONS and _NAME.fullmatch(name):
+        _import_if_present(_SECTION_MODULES.get(name, f"jaxpt.algorithms.{name}"))
     return _SECTIONS.get(name)
 
 
@@ -448,6 +487,10 @@ def build_config(tree: Mapping, origins: _Origins | None = None, source: str = "
     hints = typing.get_type_hints(RunConfig)
     kwargs: dict[str, Any] = {}
     sections: dict[str, Any] = {}
+    algorithm = tree.get("algorithm")
+    if isinstance(algorithm, str) and "." in algorithm:
+        # first: the module registers the sections the keys below may name
+        import_algorithm(algorithm, where=f"{origins.of('algorithm')}: algorithm")
     for key, value in tree.items():
         key = str(key)
         if key in _COMMON_FIELDS:

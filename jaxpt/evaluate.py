@@ -1,6 +1,7 @@
-"""Verifiable evaluation: sample completions, verify them, report pass@1, pass@k and maj@k.
+"""Verifiable evaluation: sample completions of prompt rows, verify them, report pass@1,
+pass@k and maj@k (the metrics and the files written are in :mod:`jaxpt.eval_report`).
 
-Axis legend: N prompts, K samples per prompt (``num_samples``), R decoded rows.
+Axis legend: N prompts, K samples per prompt (``num_samples``).
 
 Flow (``evaluate``)::
 
@@ -9,102 +10,37 @@ Flow (``evaluate``)::
                       sampler=Sampler(temperature=0.7), max_new_tokens=256)
     result.metrics  # {"pass@1": ..., "pass@4": ..., "maj@4": ..., ...}
 
-* Generation: prompts are decoded in batches of ``batch_size`` prompts (``batch_size * K``
-  rows, K samples share one prefill), in order of prompt length so a batch holds prompts
-  of similar length; results are put back in prompt order (``result.samples[i]`` belongs
-  to ``prompts[i]``).
+* Generation (:func:`jaxpt.sampling.text.sample_completions`): prompts are decoded in
+  batches of ``batch_size`` prompts (``batch_size * K`` rows, K samples share one
+  prefill), in order of prompt length so a batch holds prompts of similar length; results
+  are put back in prompt order (``result.samples[i]`` belongs to ``prompts[i]``).
 * Verification: every completion is scored with the verifier (a reward function: the
   built-in ``"math"``, a ``"package.module:function"`` path, or a callable; called as TRL
   calls reward functions, with the prompt's dataset columns, e.g. ``answer``). A sample is
   *correct* when its reward is ``>= threshold`` (default 1.0, full credit).
-* Metrics, over prompts (each prompt weighs the same):
 
-  - ``pass@1``: mean over prompts of ``c_i / K`` (``c_i`` correct of K samples). With one
-    greedy sample this is plain accuracy; with K samples it is the unbiased estimate of
-    the one-sample success rate.
-  - ``pass@k`` for k in ``ks`` (default 1, 2, 4, ... up to K, and K): the unbiased
-    estimator of Chen et al. (2021), ``1 - C(K - c, k) / C(K, k)``
-    (:func:`jaxpt.rewards.passk.pass_at_k`).
-  - ``maj@K`` (math verifier only): the majority final answer of the K samples
-    (:func:`jaxpt.rewards.passk.majority_answer`) matches the reference
-    (``jaxpt.rewards.math.parse_reference`` of the ``answer`` column).
-  - ``answer_rate``: completions with an extractable final answer; ``mean_tokens``;
-    ``clipped_ratio``: completions that hit ``max_new_tokens`` without a stop token.
-
-``sample_and_verify`` is the same machinery with a per-prompt sample count (zero allowed),
-used by rejection-sampling fine-tuning (``jaxpt.train.rft``).
+``sample_and_verify`` is the sampling and verification with a per-prompt sample count
+(zero allowed) and no metrics: rejection sampling (``jaxpt.rl.rejection``) and GRPO's
+held-out evaluation call it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from jaxpt.data.pipeline import PromptExample
-from jaxpt.rewards.math import answers_match, extract_answer, parse_reference
-from jaxpt.rewards.passk import majority_answer, mean_pass_at_k
+from jaxpt.eval_report import EvalError, EvalResult, EvalSample, summarize
+from jaxpt.rewards.math import extract_answer, parse_reference
 from jaxpt.rewards.registry import compute_rewards, get_reward_function
-from jaxpt.sampling import FINISH_REASONS, FINISH_STOP
 from jaxpt.sampling.samplers import Sampler
-from jaxpt.sampling.text import default_stop_ids, iter_generate_ids
+from jaxpt.sampling.text import Sampled, default_stop_ids, sample_completions, stop_and_pad_ids
 
-__all__ = [
-    "EvalError",
-    "EvalResult",
-    "EvalSample",
-    "default_ks",
-    "evaluate",
-    "load_eval_model",
-    "load_eval_prompts",
-    "sample_and_verify",
-    "summarize",
-    "write_completions",
-]
-
-
-class EvalError(ValueError):
-    """Bad evaluation inputs; the message names the file, row or argument."""
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalSample:
-    """One verified completion of ``prompts[index]``."""
-
-    index: int  # position of the prompt in the evaluated list
-    row: int  # the prompt's 1-based row in its source file
-    sample: int  # sample number for this prompt (0-based)
-    text: str  # decoded without the stop token, special tokens skipped
-    token_ids: tuple[int, ...]  # new tokens, including the stop token if any
-    answer: str | None  # final answer extracted from the text (math extractor)
-    reward: float  # verifier value (NaN when the verifier returned None)
-    correct: bool  # reward >= threshold
-    finish_reason: str  # "stop" | "length"
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-
-@dataclasses.dataclass
-class EvalResult:
-    """``samples[i]`` holds the samples of ``prompts[i]`` (prompt order, not batch order)."""
-
-    samples: list[list[EvalSample]]
-    references: list[str | None]  # parsed reference answer of each prompt (None: none)
-    metrics: dict[str, float]
-
-    @property
-    def num_prompts(self) -> int:
-        return len(self.samples)
-
-    def correct(self) -> list[list[bool]]:
-        return [[s.correct for s in row] for row in self.samples]
+__all__ = ["evaluate", "load_eval_model", "load_eval_prompts", "sample_and_verify"]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -179,8 +115,8 @@ def load_eval_model(spec: str | Path, *, dtype: str | None = None):
         or (path.name == "checkpoints")
     )
     if is_ckpt:
+        from jaxpt.engine.export import restore_model_params
         from jaxpt.models.decoder import abstract_model
-        from jaxpt.train.export import restore_model_params
 
         params, bundle, step = restore_model_params(path)
         graphdef, model_cfg = bundle.graphdef, bundle.model_cfg
@@ -197,31 +133,7 @@ def load_eval_model(spec: str | Path, *, dtype: str | None = None):
     return graphdef, params, tokenizer, eos, str(spec)
 
 
-def default_ks(num_samples: int) -> tuple[int, ...]:
-    """1, 2, 4, ... up to ``num_samples``, and ``num_samples`` itself."""
-    ks, k = [], 1
-    while k <= num_samples:
-        ks.append(k)
-        k *= 2
-    if ks[-1] != num_samples:
-        ks.append(num_samples)
-    return tuple(ks)
-
-
-# ----------------------------------------------------------------------------- core
-
-
-def _decode_rows(tokenizer, tokens_RM, lengths_R, finish_R) -> list[tuple[str, tuple, str]]:
-    """(text, token ids incl. stop token, finish reason) per row."""
-    ids, keep = [], []
-    for t, n, f in zip(tokens_RM, lengths_R, finish_R, strict=True):
-        toks = tuple(int(x) for x in t[: int(n)])
-        ids.append(toks)
-        keep.append(list(toks[:-1] if int(f) == FINISH_STOP else toks))
-    texts = tokenizer.batch_decode(keep, skip_special_tokens=True)
-    return [
-        (txt, i, FINISH_REASONS[int(f)]) for txt, i, f in zip(texts, ids, finish_R, strict=True)
-    ]
+# ---------------------------------------------------------------- sampling + verification
 
 
 def _completion(prompt, text: str):
@@ -231,90 +143,26 @@ def _completion(prompt, text: str):
     return text
 
 
-def _verify(prompts, items, verifier, timeout_s) -> list[float]:
-    """Rewards for (prompt index, sample, text, ids, finish) items; None -> error."""
+def _verify(prompts, batch: list[Sampled], verifier, timeout_s) -> list[float]:
+    """Rewards of a batch of completions; None -> NaN."""
     cols: dict[str, list] = {}
     names: list[str] = []
-    for i, *_ in items:
-        names.extend(k for k in prompts[i].columns if k not in names and k != "prompt")
+    for x in batch:
+        names.extend(k for k in prompts[x.index].columns if k not in names and k != "prompt")
     for k in names:
-        cols[k] = [prompts[i].columns.get(k) for i, *_ in items]
-    prompt_vals = [prompts[i].columns.get("prompt") for i, *_ in items]
+        cols[k] = [prompts[x.index].columns.get(k) for x in batch]
+    prompt_vals = [prompts[x.index].columns.get("prompt") for x in batch]
     rewards, _, _ = compute_rewards(
         [verifier],
         None,
         prompt_vals,
-        [_completion(p, it[2]) for p, it in zip(prompt_vals, items, strict=True)],
-        [list(it[3]) for it in items],
+        [_completion(p, x.completion.text) for p, x in zip(prompt_vals, batch, strict=True)],
+        [list(x.completion.token_ids) for x in batch],
         cols,
-        [prompts[i].row for i, *_ in items],
+        [prompts[x.index].row for x in batch],
         timeout_s=timeout_s,
     )
     return [float(r) for r in rewards]
-
-
-def _iter_samples(
-    graphdef,
-    params,
-    tokenizer,
-    prompts: Sequence[PromptExample],
-    counts: Sequence[int],
-    *,
-    uniform: int | None,
-    sampler: Sampler,
-    max_new_tokens: int,
-    eos_ids: Sequence[int],
-    pad_id: int,
-    batch_size: int,
-    seed: int,
-    shardings,
-) -> Iterator[tuple[int, list[tuple[int, int, str, tuple, str]]]]:
-    """Yield (batches total, items) per decoded batch; an item is (prompt index, sample
-    number, text, token ids, finish reason)."""
-    ids = [np.asarray(p.prompt_ids).tolist() for p in prompts]
-    if uniform is not None:
-        jobs = list(range(len(prompts)))
-        sample_no = [0] * len(jobs)
-        per_row = uniform
-    else:
-        jobs, sample_no = [], []
-        for i, c in enumerate(counts):
-            jobs += [i] * c
-            sample_no += list(range(c))
-        per_row = 1
-    if not jobs:
-        return
-    total = -(-len(jobs) // batch_size)
-    batches = iter_generate_ids(
-        graphdef,
-        params,
-        [ids[i] for i in jobs],
-        sampler=sampler,
-        max_new_tokens=max_new_tokens,
-        eos_ids=tuple(eos_ids),
-        pad_id=pad_id,
-        seed=seed,
-        num_samples=per_row,
-        batch_size=batch_size,
-        shardings=shardings,
-    )
-    for idx, result in batches:
-        decoded = _decode_rows(tokenizer, result.tokens, result.lengths, result.finish_reason)
-        items = []
-        for j, job in enumerate(idx):
-            for s in range(per_row):
-                text, toks, finish = decoded[j * per_row + s]
-                items.append((jobs[job], sample_no[job] + s, text, toks, finish))
-        yield total, items
-
-
-def _defaults(tokenizer, eos_ids, pad_id):
-    eos = tuple(int(e) for e in (default_stop_ids(tokenizer) if eos_ids is None else eos_ids))
-    if pad_id is None:
-        pad_id = tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = eos[0] if eos else 0
-    return eos, int(pad_id)
 
 
 def sample_and_verify(
@@ -370,54 +218,53 @@ def sample_and_verify(
             "set a temperature > 0 or one sample"
         )
     verifier_fn = get_reward_function(verifier)
-    eos, pad = _defaults(tokenizer, eos_ids, pad_id)
-    out: list[list[EvalSample | None]] = [[None] * c for c in count_list]
-    it = _iter_samples(
+    eos, pad = stop_and_pad_ids(tokenizer, eos_ids, pad_id)
+    total, batches = sample_completions(
         graphdef,
         params,
         tokenizer,
-        prompts,
-        count_list,
-        uniform=uniform,
+        [np.asarray(p.prompt_ids).tolist() for p in prompts],
+        count_list if uniform is None else uniform,
         sampler=sampler,
         max_new_tokens=max_new_tokens,
         eos_ids=eos,
         pad_id=pad,
-        batch_size=batch_size,
         seed=seed,
+        batch_size=batch_size,
         shardings=shardings,
     )
     bar = None
-    solved = total_samples = 0
-    for total, items in it:
-        if progress and bar is None:
-            from tqdm.auto import tqdm
+    if progress and total:
+        from tqdm.auto import tqdm
 
-            desc = progress if isinstance(progress, str) else "eval"
-            bar = tqdm(total=total, desc=desc, unit="batch")
-        rewards = _verify(prompts, items, verifier_fn, reward_timeout_s)
+        desc = progress if isinstance(progress, str) else "eval"
+        bar = tqdm(total=total, desc=desc, unit="batch")
+    out: list[list[EvalSample | None]] = [[None] * c for c in count_list]
+    solved = total_samples = 0
+    for batch in batches:
+        rewards = _verify(prompts, batch, verifier_fn, reward_timeout_s)
         batch_samples = []
-        for (i, s, text, toks, finish), r in zip(items, rewards, strict=True):
+        for x, r in zip(batch, rewards, strict=True):
             if math.isnan(r):
-                p = prompts[i]
+                p = prompts[x.index]
                 raise EvalError(
                     f"{p.source}: row {p.row}: the verifier returned None (not applicable); "
                     "does the row have its reference answer (column 'answer')?"
                 )
             sample = EvalSample(
-                index=i,
-                row=prompts[i].row,
-                sample=s,
-                text=text,
-                token_ids=toks,
-                answer=extract_answer(text),
+                index=x.index,
+                row=prompts[x.index].row,
+                sample=x.sample,
+                text=x.completion.text,
+                token_ids=x.completion.token_ids,
+                answer=extract_answer(x.completion.text),
                 reward=r,
                 correct=bool(r >= threshold),
-                finish_reason=finish,
+                finish_reason=x.completion.finish_reason,
             )
-            out[i][s] = sample
+            out[x.index][x.sample] = sample
             batch_samples.append(sample)
-        solved += sum(x.correct for x in batch_samples)
+        solved += sum(s.correct for s in batch_samples)
         total_samples += len(batch_samples)
         if on_batch is not None:
             on_batch(batch_samples)
@@ -427,48 +274,6 @@ def sample_and_verify(
     if bar is not None:
         bar.close()
     return out  # type: ignore[return-value]
-
-
-def summarize(
-    samples: Sequence[Sequence[EvalSample]],
-    references: Sequence[str | None],
-    *,
-    ks: Sequence[int] | None = None,
-    with_majority: bool = True,
-) -> dict[str, float]:
-    """Metrics of verified samples (module doc). Every prompt needs the same K >= 1."""
-    n = len(samples)
-    if n == 0:
-        raise EvalError("no prompts to summarize")
-    sizes = {len(s) for s in samples}
-    if len(sizes) != 1 or 0 in sizes:
-        raise EvalError(
-            f"every prompt needs the same number (>= 1) of samples; got {sorted(sizes)}"
-        )
-    K = sizes.pop()
-    ks = default_ks(K) if ks is None else tuple(ks)
-    for k in ks:
-        if not 1 <= k <= K:
-            raise EvalError(f"pass@{k} needs 1 <= k <= num_samples={K}")
-    correct = [[x.correct for x in row] for row in samples]
-    flat = [x for row in samples for x in row]
-    metrics: dict[str, float] = {
-        "num_prompts": float(n),
-        "num_samples": float(K),
-        "pass@1": float(np.mean([np.mean(c) for c in correct])),
-    }
-    for k in ks:
-        metrics[f"pass@{k}"] = mean_pass_at_k(correct, k) if k > 1 else metrics["pass@1"]
-    if with_majority and all(r is not None for r in references):
-        votes = [majority_answer([x.answer for x in row]) for row in samples]
-        metrics[f"maj@{K}"] = float(
-            np.mean([answers_match(v, r) for v, r in zip(votes, references, strict=True)])
-        )
-    metrics["num_correct"] = float(sum(x.correct for x in flat))
-    metrics["answer_rate"] = float(np.mean([x.answer is not None for x in flat]))
-    metrics["mean_tokens"] = float(np.mean([x.num_tokens for x in flat]))
-    metrics["clipped_ratio"] = float(np.mean([x.finish_reason == "length" for x in flat]))
-    return metrics
 
 
 def evaluate(
@@ -528,47 +333,3 @@ def evaluate(
     metrics["seconds"] = seconds
     metrics["tokens_per_second"] = n_tokens / max(seconds, 1e-9)
     return EvalResult(samples=samples, references=references, metrics=metrics)
-
-
-# ----------------------------------------------------------------------------- outputs
-
-
-def completion_rows(result: EvalResult, prompts: Sequence[PromptExample]) -> Iterator[dict]:
-    """One JSON-ready dict per completion, prompt order then sample order."""
-    for i, row in enumerate(result.samples):
-        for x in row:
-            yield {
-                "index": i,
-                "row": x.row,
-                "sample": x.sample,
-                "prompt": prompts[i].columns.get("prompt"),
-                "completion": x.text,
-                "answer": x.answer,
-                "reference": result.references[i],
-                "reward": x.reward,
-                "correct": x.correct,
-                "num_tokens": x.num_tokens,
-                "finish_reason": x.finish_reason,
-            }
-
-
-def write_completions(result: EvalResult, prompts: Sequence[PromptExample], path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
-        for row in completion_rows(result, prompts):
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return path
-
-
-def format_metrics(metrics: dict[str, float]) -> str:
-    """One line per metric, rates with 4 decimals."""
-    lines = []
-    for k, v in metrics.items():
-        if k.startswith(("pass@", "maj@")) or k in ("answer_rate", "clipped_ratio"):
-            lines.append(f"{k:<18} {v:.4f}")
-        elif k in ("num_prompts", "num_samples", "num_correct"):
-            lines.append(f"{k:<18} {int(v)}")
-        else:
-            lines.append(f"{k:<18} {v:.4g}")
-    return "\n".join(lines)

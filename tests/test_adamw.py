@@ -11,7 +11,7 @@ import pytest
 from tolerances import assert_reordered_close
 
 from jaxpt.config import OptimConfig
-from jaxpt.train.state import make_optimizer
+from jaxpt.engine.state import make_optimizer
 
 
 def _params(key):
@@ -102,6 +102,19 @@ def test_fused_apply_skips_an_update_that_would_be_nonfinite(lr):
     assert not all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(ref_p))
 
 
+@pytest.mark.parametrize("lr", [0.05, float("nan")], ids=["lr-finite", "lr-nan"])
+def test_update_is_finite_says_whether_apply_checked_applies(lr):
+    """What a GroupOptimizer decides for all groups before applying any (engine/update.py)."""
+    tx, _ = make_optimizer(OptimConfig(lr=lr), total_steps=6)
+    params = _params(jax.random.key(0))
+    grads = jax.tree.map(lambda x: 3.0 * jnp.ones_like(x), params)
+    state = tx.init(params)
+    norm = optax.global_norm(grads)
+    _, _, applied = tx.apply_checked(grads, state, params, grad_norm=norm, finite=jnp.bool_(True))
+    assert bool(tx.update_is_finite(state, norm)) == bool(applied) == (lr == lr)
+    assert not bool(tx.update_is_finite(state, jnp.float32(jnp.nan)))  # clip scale 1 / nan
+
+
 def test_fused_adamw_refuses_eps_zero():
     """eps 0 divides 0 by 0 on a param whose gradients were all zero (unused rows)."""
     with pytest.raises(ValueError, match="eps must be > 0"):
@@ -110,7 +123,7 @@ def test_fused_adamw_refuses_eps_zero():
 
 def test_optax_fallback_step_checks_the_updated_tree():
     """A step built on a plain optax transform checks the new params and state."""
-    from jaxpt.train.state import TrainState, make_train_step
+    from jaxpt.engine.state import TrainState, make_train_step
 
     # float32 also under JAX_ENABLE_X64, where 3e38 would not overflow
     params = jax.tree.map(lambda x: x.astype(jnp.float32), _params(jax.random.key(0)))

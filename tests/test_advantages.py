@@ -6,12 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxpt.rewards.advantages import (
-    DynamicSampler,
-    compute_advantages,
-    dynamic_sample,
-    groups_with_signal,
-)
+from jaxpt.rewards.advantages import compute_advantages
 from jaxpt.rewards.passk import (
     maj_at_k,
     majority_answer,
@@ -20,6 +15,7 @@ from jaxpt.rewards.passk import (
     pass_at_k,
     pass_at_k_per_problem,
 )
+from jaxpt.rl.dynamic_sampling import DynamicSampler, dynamic_sample, groups_with_signal
 
 # two groups of 4: the first has signal, the second all agree
 REWARDS = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0], np.float32)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from jaxpt.algorithms.registry import get_trainer
 from jaxpt.config import (
     ConfigError,
     RunConfig,
@@ -17,7 +18,6 @@ from jaxpt.config import (
     parse_override,
     register_section,
 )
-from jaxpt.train.registry import get_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 

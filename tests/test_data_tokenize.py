@@ -1,13 +1,17 @@
 """Token ids and loss masks: SmolLM2, Qwen2.5-style and other chat templates."""
 
 import copy
+import dataclasses
+import functools
 
 import numpy as np
 import pytest
 
-from jaxpt.data.formats import ChatTemplateError, DataError
+from jaxpt.data.formats import ChatTemplateError, DataError, DataStats
+from jaxpt.data.packing import truncate_example, truncate_preference, truncate_prompt
 from jaxpt.data.tokenize import (
     TokenizedExample,
+    char_bound,
     tokenize_preference,
     tokenize_prompt,
     tokenize_sft,
@@ -234,3 +238,196 @@ def test_prompt_tokenization(tok):
         SMOL_SYSTEM + "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
     )
     assert tokenize_prompt(tok, {"prompt": "2+2="}).tolist() == tok("2+2=")["input_ids"]
+
+
+# -- bounded tokenizing: text that cannot survive truncation is cut first -------------------
+
+ML = 64  # a small max_length keeps the bound (and tokenizing whole rows) cheap
+
+
+class SeenLengths:
+    """The tokenizer, recording the longest text it was asked to tokenize."""
+
+    def __init__(self, tok, vocab=None):
+        self.tok, self.vocab, self.longest = tok, vocab, 0
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def __call__(self, text, **kw):
+        self.longest = max(self.longest, len(text))
+        return self.tok(text, **kw)
+
+    def get_vocab(self):
+        return self.vocab if self.vocab is not None else self.tok.get_vocab()
+
+
+def _prose(n: int, seed: int) -> str:
+    """``n`` characters of words, numbers, punctuation, newlines, space runs and non-ASCII."""
+    if n > 100_000:
+        return (_prose(100_000, seed) * (n // 100_000 + 1))[:n]
+    rng = np.random.RandomState(seed)
+    words = ["the", "answer", "is", "12", "3,450", "Natalia", "sold", "clips", "=", "(a+b)",
+             "é", "中文", "naïve", "\n", "\n\n", "  ", "<<48/2=24>>", "####", "....", "x" * 40]
+    out, size = [], 0
+    while size < n:
+        w = words[rng.randint(len(words))] + (" " if rng.rand() < 0.8 else "")
+        out.append(w)
+        size += len(w)
+    return "".join(out)[:n]
+
+
+def _texts(bound: int):
+    """(name, text) just under, at and over the bound, in prose and in hard cases: a run
+    with no whitespace (one huge pre-token), digits, whitespace."""
+    for n in (bound - 1, bound, bound + 1, bound + 700, 3 * bound):
+        yield f"prose{n - bound:+d}", _prose(n, seed=n)
+    for n in (bound + 1, 2 * bound):
+        yield f"x{n - bound:+d}", "x" * n
+        yield f"digits{n - bound:+d}", ("1234567890" * n)[:n]
+        yield f"spaces{n - bound:+d}", "a" + " " * (n - 2) + "b"
+
+
+def _same(a, b):
+    if a is None or b is None:
+        assert a is None and b is None
+        return
+    for x, y in zip(dataclasses.astuple(a), dataclasses.astuple(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@functools.cache
+def _seen(tok) -> SeenLengths:
+    return SeenLengths(tok)  # one per tokenizer: its vocabulary is measured once
+
+
+def _both_paths(tok, tokenize, truncate):
+    """Today's path (tokenize whole, then truncate) and the bounded one, with their stats;
+    asserts the bounded tokenizer never saw much more than the bound."""
+    seen = _seen(tok)
+    seen.longest = 0
+    full_stats, cut_stats = DataStats(), DataStats()
+    full = truncate(tokenize(tok, None), full_stats)
+    cut = truncate(tokenize(seen, ML), cut_stats)
+    assert seen.longest <= 2 * char_bound(tok, ML) + 200
+    return (full, full_stats), (cut, cut_stats)
+
+
+def _check(tok, tokenize, truncate):
+    (full, fs), (cut, cs) = _both_paths(tok, tokenize, truncate)
+    _same(full, cut)
+    assert fs == cs
+    return cut, cs
+
+
+@pytest.mark.parametrize("truncation", ["keep_start", "drop"])
+def test_bounded_sft_rows_keep_exactly_the_tokens_truncation_keeps(tok, truncation):
+    bound = char_bound(tok, ML)
+    trunc = lambda ex, st: truncate_example(ex, ML, truncation, st)
+    for name, text in _texts(bound):
+        rows = {
+            "text": {"text": text},
+            "prompt": {"prompt": text, "completion": " done"},
+            "completion": {"prompt": "Q: ", "completion": text},
+            "chat_user": {"messages": [{"role": "user", "content": text}, CONV[1]]},
+            "chat_assistant": {"messages": [CONV[0], {"role": "assistant", "content": text}]},
+            "chat_middle": {"messages": [CONV[0], {"role": "assistant", "content": text},
+                                         *CONV[2:4]]},
+            "chat_completion": {"prompt": CONV[:1],
+                                "completion": [{"role": "assistant", "content": text}]},
+        }
+        for kind, row in rows.items():
+            tokenize = lambda t, ml, row=row: tokenize_sft(t, row, max_length=ml)
+            try:
+                _, stats = _check(tok, tokenize, trunc)
+            except AssertionError as e:
+                raise AssertionError(f"{kind} {name}") from e
+            if len(text) > bound:
+                cut = stats.truncated + stats.dropped_too_long + stats.dropped_no_targets
+                assert cut == 1, (kind, name, stats)
+
+
+@pytest.mark.parametrize("truncation", ["keep_start", "drop"])
+def test_bounded_preference_pairs_keep_exactly_the_tokens_truncation_keeps(tok, truncation):
+    bound = char_bound(tok, ML)
+    trunc = lambda p, st: truncate_preference(p, ML, truncation, st)
+    for name, text in _texts(bound):
+        rows = {
+            "prompt": {"prompt": text, "chosen": " yes", "rejected": " no"},
+            "chosen": {"prompt": "Q: ", "chosen": text, "rejected": " no"},
+            "rejected": {"prompt": "Q: ", "chosen": " yes", "rejected": text + "!"},
+            "chat_prompt": {"prompt": [{"role": "user", "content": text}],
+                            "chosen": CONV[1:2], "rejected": CONV[3:4]},
+            "chat_chosen": {"prompt": CONV[:1], "rejected": CONV[3:4],
+                            "chosen": [{"role": "assistant", "content": text}]},
+        }
+        for kind, row in rows.items():
+            tokenize = lambda t, ml, row=row: tokenize_preference(t, row, max_length=ml)
+            try:
+                _, stats = _check(tok, tokenize, trunc)
+            except AssertionError as e:
+                raise AssertionError(f"{kind} {name}") from e
+            if len(text) > bound:
+                assert stats.truncated + stats.dropped_too_long == 1, (kind, name, stats)
+
+
+@pytest.mark.parametrize("truncation", ["keep_end", "drop"])
+def test_bounded_prompts_keep_exactly_the_tokens_truncation_keeps(tok, truncation):
+    bound = char_bound(tok, ML)
+    trunc = lambda ids, st: truncate_prompt(ids, ML, truncation, st)
+    for name, text in _texts(bound):
+        for kind, prompt in (("string", text), ("chat", [{"role": "user", "content": text}])):
+            row = {"prompt": prompt, "answer": "4"}
+            tokenize = lambda t, ml, row=row: tokenize_prompt(t, row, max_length=ml)
+            (full, fs), (cut, cs) = _both_paths(tok, tokenize, trunc)
+            assert fs == cs, (kind, name)
+            assert (full is None) == (cut is None), (kind, name)
+            if full is not None:
+                np.testing.assert_array_equal(full, cut, err_msg=f"{kind} {name}")
+
+
+def test_a_wrong_chars_per_token_bound_falls_back_to_the_whole_text(tok):
+    """A vocabulary that claims 1 character per token (as a normalizer that shortens text
+    would make it): the cut part gives too few tokens, so the whole text is tokenized."""
+    text = _prose(3 * char_bound(tok, ML), seed=1)
+    liar = SeenLengths(tok, vocab={"a": 0})
+    ex = tokenize_sft(liar, {"text": text}, max_length=ML)
+    assert liar.longest == len(text)
+    _same(ex, tokenize_sft(tok, {"text": text}))
+
+
+def test_a_5_mb_row_is_cut_before_tokenizing(tok):
+    text = _prose(5_000_000, seed=5)
+    bound = char_bound(tok, 128)
+    seen = SeenLengths(tok)
+    stats = DataStats()
+    ex = truncate_example(tokenize_sft(seen, {"text": text}, max_length=128), 128, stats=stats)
+    assert seen.longest == bound and stats.truncated == 1 and len(ex) == 128
+    # The kept tokens are those of the whole row: the row cut far past the bound agrees.
+    _same(ex, truncate_example(tokenize_sft(tok, {"text": text[: 3 * bound]}), 128))
+    pair = {"prompt": "Q: ", "chosen": text, "rejected": text[::-1]}
+    kept = truncate_preference(tokenize_preference(seen, pair, max_length=128), 128)
+    assert len(kept.prompt_ids) + len(kept.chosen_ids) == 128 and seen.longest == bound
+    ids = tokenize_prompt(seen, {"prompt": text}, max_length=128)
+    assert len(ids) > 128 and seen.longest <= 2 * bound
+
+
+def test_the_pipelines_pass_max_length_so_long_rows_are_cut(tok):
+    """``prepare_sft`` / ``prepare_preference`` / ``prepare_prompts`` (what the trainers call)
+    hand their length limit to the tokenizers: a long row is cut before tokenizing."""
+    from jaxpt.data.formats import Record
+    from jaxpt.data.pipeline import prepare_preference, prepare_prompts, prepare_sft
+
+    text = _prose(40 * char_bound(tok, 64), seed=7)
+    bound = char_bound(tok, 64)
+    rec = lambda data: Record(data, "rows.jsonl", 1)  # noqa: E731
+    seen = SeenLengths(tok)
+    (ex,), stats = prepare_sft([rec({"text": text})], seen, max_length=64)
+    assert seen.longest == bound and len(ex) == 64 and stats.truncated == 1
+    seen = SeenLengths(tok)
+    prepare_preference([rec({"prompt": "Q: ", "chosen": text, "rejected": "no"})], seen,
+                       max_length=64)
+    assert seen.longest == bound
+    seen = SeenLengths(tok)
+    prepare_prompts([rec({"prompt": text})], seen, max_prompt_length=64, skip_invalid=True)
+    assert seen.longest <= 2 * bound

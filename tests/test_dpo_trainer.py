@@ -8,6 +8,8 @@ Tiny runs use the tiny random llama + BPE tokenizer of ``train_utils`` on real h
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 
 import jax
@@ -19,27 +21,28 @@ from flax import nnx
 from tolerances import assert_reordered_close, assert_trees_reordered_close, rejects, run_depth
 from train_utils import make_tiny_tokenizer_and_model, read_metrics
 
+from jaxpt.algorithms.dpo import (
+    DPOBatch,
+    DPOSection,
+    build_dpo_trainer,
+    dpo_batch_stats,
+    make_dpo_loss_fn,
+)
 from jaxpt.config import ConfigError, load_config
 from jaxpt.data.packing import (
-    SHARED_PAIR_KEYS,
     collate_preference,
     collate_preference_shared,
     shared_pair_shape,
 )
+from jaxpt.data.pairs import PairRows, SharedPairRows, choose_layout
 from jaxpt.data.tokenize import TokenizedPreference
+from jaxpt.engine.logprobs import pair_logps, sequence_token_logprobs
+from jaxpt.engine.loop import run
+from jaxpt.engine.state import accumulate_grads
 from jaxpt.losses.dpo import DPOLossConfig
+from jaxpt.models.config import decoder_forward_flops
 from jaxpt.models.decoder import init_model
-from jaxpt.train.dpo import (
-    PAIR_KEYS,
-    build_dpo_trainer,
-    dpo_batch_stats,
-    make_dpo_loss_fn,
-    pair_layout,
-    pair_logps,
-)
-from jaxpt.train.logprobs import sequence_token_logprobs
-from jaxpt.train.loop import run
-from jaxpt.train.state import accumulate_grads
+from jaxpt.rl.scoring import RefLogps
 from jaxpt.tree import path_names
 
 LOG2 = math.log(2.0)
@@ -113,7 +116,7 @@ def test_concatenated_forward_equals_two_separate_forwards():
     rng = np.random.RandomState(0)
     pairs = random_pairs(rng, 97, 3)
     batch = collate_preference(pairs, 24, pad_id=0)
-    out = jax.jit(lambda b: pair_logps(model, b))(batch)
+    out = jax.jit(lambda b: pair_logps(model, b))(PairRows.from_dict(batch))
     for side in ("chosen", "rejected"):
         one = {
             k: batch[f"{side}_{k}"] for k in ("input_ids", "targets", "positions", "segment_ids")
@@ -144,11 +147,11 @@ def test_shared_prefix_rows_give_the_padded_rows_logps_and_gradients():
         TokenizedPreference([5], [13, 14], [13, 14]),  # identical completions
         TokenizedPreference([5, 6], [15], [15, 16, 17]),  # chosen is a prefix of rejected
     ]
-    flat = collate_preference(pairs, 20, pad_id=0)
+    flat = PairRows.from_dict(collate_preference(pairs, 20, pad_id=0))
     shapes = np.asarray([shared_pair_shape(p) for p in pairs])
     length, width = int(shapes[:, 0].max()) + 2, int(shapes[:, 1].max()) + 1
-    shared = collate_preference_shared(pairs, length, width, pad_id=0)
-    assert shared["shared_input_ids"].shape[1] < 2 * 20
+    shared = SharedPairRows.from_dict(collate_preference_shared(pairs, length, width, pad_id=0))
+    assert shared.input_ids.shape[1] < 2 * 20
 
     def logps(params, batch):
         out = pair_logps(
@@ -173,12 +176,13 @@ def test_shared_prefix_rows_give_the_padded_rows_logps_and_gradients():
     assert_trees_reordered_close(got_g, want_g, n=83, depth=6)
     # Mutation: the rejected side reading the chosen side's tokens (shared rows whose
     # segments no longer separate the two answers) must fail.
-    seg = np.asarray(shared["shared_segment_ids"])
-    leaky = dict(shared, shared_segment_ids=np.where(seg > 0, 1, 0).astype(seg.dtype))
+    seg = np.asarray(shared.segment_ids)
+    leaky = dataclasses.replace(shared, segment_ids=np.where(seg > 0, 1, 0).astype(seg.dtype))
     (_, bad), _ = grad_fn(params, leaky)
     assert rejects(assert_reordered_close, bad["rejected_logps"], want["rejected_logps"],
                    n=83, depth=5)
-    stats_flat, stats_shared = dpo_batch_stats(None, flat), dpo_batch_stats(None, shared)
+    stats_flat = dpo_batch_stats(None, DPOBatch(flat))
+    stats_shared = dpo_batch_stats(None, DPOBatch(shared))
     for k in stats_flat:
         np.testing.assert_allclose(stats_shared[k], stats_flat[k], err_msg=k)
 
@@ -191,9 +195,9 @@ def test_accumulated_micro_batches_equal_full_batch_with_mixed_losses():
     graphdef, params = nnx.split(init_model(cfg, seed=2))
     params = params.to_pure_dict()
     rng = np.random.RandomState(1)
-    batch = collate_preference(random_pairs(rng, 61, 4), 20)
-    batch["ref_chosen_logps"] = rng.uniform(-40, -20, 4).astype(np.float32)
-    batch["ref_rejected_logps"] = rng.uniform(-40, -20, 4).astype(np.float32)
+    pairs = PairRows.from_dict(collate_preference(random_pairs(rng, 61, 4), 20))
+    ref_chosen = rng.uniform(-40, -20, 4).astype(np.float32)
+    batch = DPOBatch(pairs, RefLogps(ref_chosen, rng.uniform(-40, -20, 4).astype(np.float32)))
     loss_cfg = DPOLossConfig(loss_type=("sigmoid", "sft"), loss_weights=(1.0, 0.5))
     loss_fn = make_dpo_loss_fn(graphdef, loss_cfg, with_entropy=True, with_accuracy=True)
     stats = dpo_batch_stats(None, batch)
@@ -220,6 +224,25 @@ def test_accumulated_micro_batches_equal_full_batch_with_mixed_losses():
     assert_trees_reordered_close(acc[2], grads, n=64, depth=6)
 
 
+def test_reference_loss_on_a_batch_without_reference_logps_fails_naming_the_types():
+    """A config whose loss needs the reference (sigmoid) refuses a batch whose ``ref`` is
+    None, naming the loss types that need it; a reference-free config trains on it."""
+    from train_utils import tiny_model_config
+
+    graphdef, params = nnx.split(init_model(tiny_model_config(61), seed=2))
+    params = params.to_pure_dict()
+    pairs = collate_preference(random_pairs(np.random.RandomState(2), 61, 2), 20)
+    batch = DPOBatch(PairRows.from_dict(pairs))
+    assert batch.ref is None
+    stats, key = dpo_batch_stats(None, batch), jax.random.PRNGKey(0)
+    with pytest.raises(ValueError, match=r"\['sigmoid'\] need reference log-probs"):
+        make_dpo_loss_fn(graphdef, DPOSection(loss_type=["sigmoid", "sft"]))(
+            params, batch, key, stats
+        )
+    loss, _ = make_dpo_loss_fn(graphdef, DPOSection(loss_type="simpo"))(params, batch, key, stats)
+    assert np.isfinite(float(loss))
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -238,9 +261,9 @@ def test_precomputed_reference_gives_the_online_losses(tiny, tmp_path):
     pre = build_dpo_trainer(pre_cfg)
     # Online full FT keeps a reference copy; precomputed keeps no reference at all.
     assert online.state.frozen is not None and pre.state.frozen is None
-    assert "ref_chosen_logps" in online.extras["step_keys"]
-    table = pre.extras["ref_tables"]["train"]
-    assert table.shape == (len(pre.extras["train_pairs"]), 2) and np.all(table < 0)
+    assert online.parts.batch_sh.ref is not None
+    table = pre.parts.ref_tables["train"]
+    assert table.shape == (len(pre.parts.train_pairs), 2) and np.all(table < 0)
     run(online)
     run(pre)
     lo = rows_with(online_cfg.out_dir, "rewards/chosen")
@@ -279,7 +302,7 @@ def test_shared_prompt_rows_train_like_padded_rows(tiny, tmp_path):
             tiny, tmp_path, mode, dpo={"eval_holdout": 8, "share_prompt": mode}, train=train
         )
         trainer = build_dpo_trainer(cfg)
-        assert ("shared_input_ids" in trainer.extras["sequence_keys"]) == (mode == "always")
+        assert trainer.parts.layout.shared == (mode == "always")
         run(trainer)
         logged[mode] = (
             rows_with(cfg.out_dir, "rewards/chosen"),
@@ -303,11 +326,14 @@ def test_auto_shares_the_prompt_when_the_row_costs_less():
     ids = lambda n, start=1: list(range(start, start + n))  # noqa: E731
     long_prompt = [TokenizedPreference(ids(100), ids(10, 200), ids(12, 300))]
     long_answers = [TokenizedPreference(ids(4), ids(120, 200), ids(124, 400))]
-    layout = lambda mode, pairs: pair_layout(mode, cfg, pairs, max_length=128, pad_id=0)[0]  # noqa: E731
-    assert layout("auto", long_prompt) == SHARED_PAIR_KEYS  # 128 tokens instead of 2 x 128
-    assert layout("auto", long_answers) == PAIR_KEYS  # a 256-token row costs more
-    assert layout("always", long_answers) == SHARED_PAIR_KEYS
-    assert layout("never", long_prompt) == PAIR_KEYS
+    flops = functools.partial(decoder_forward_flops, cfg)
+    shared = lambda mode, pairs: choose_layout(  # noqa: E731
+        mode, pairs, max_length=128, pad_id=0, forward_flops=flops
+    ).shared
+    assert shared("auto", long_prompt)  # 128 tokens instead of 2 x 128
+    assert not shared("auto", long_answers)  # a 256-token row costs more
+    assert shared("always", long_answers)
+    assert not shared("never", long_prompt)
 
 
 def _nbytes(tree):
@@ -323,7 +349,7 @@ def test_lora_dpo_keeps_no_second_copy_and_base_is_the_reference(tiny, tmp_path)
         optim={"lr": 3.0e-2, "schedule": "constant"},
     )
     trainer = build_dpo_trainer(cfg)
-    bundle, state = trainer.extras["bundle"], trainer.state
+    bundle, state = trainer.parts.bundle, trainer.state
     # frozen IS the loaded base (the same buffers, no copy) ...
     base_leaves = jax.tree.leaves(bundle.params)
     assert [id(x) for x in jax.tree.leaves(state.frozen)] == [id(x) for x in base_leaves]
@@ -340,23 +366,21 @@ def test_lora_dpo_keeps_no_second_copy_and_base_is_the_reference(tiny, tmp_path)
     model = nnx.merge(bundle.graphdef, base_np)
     source = trainer.source
     batch = source.next(state)
-    keys = {k[len("chosen_") :] for k in PAIR_KEYS if k.startswith("chosen_")}
     want = {}
     for side in ("chosen", "rejected"):
-        lp_BT, _, _ = sequence_token_logprobs(
-            model, {k: batch[f"{side}_{k}"] for k in keys}, impl="reference"
-        )
-        mask = np.asarray(batch[f"{side}_loss_mask"]) > 0
+        rows = batch.pairs.side(side)
+        lp_BT, _, _ = sequence_token_logprobs(model, rows, impl="reference")
+        mask = np.asarray(rows["loss_mask"]) > 0
         want[side] = np.where(mask, np.asarray(lp_BT), 0.0).sum(-1)
-        assert_reordered_close(batch[f"ref_{side}_logps"], want[side], n=1000, depth=5)
+        assert_reordered_close(getattr(batch.ref, side), want[side], n=1000, depth=5)
 
     run(trainer)
     state = trainer.state
     ad_norm = sum(float(jnp.abs(x).sum()) for x in jax.tree.leaves(state.params))
     assert ad_norm > 0
-    ref = trainer.extras["ref_logps"](state.frozen, {k: batch[k] for k in PAIR_KEYS})
+    ref = trainer.parts.ref_logps(state.frozen, batch.pairs)
     for side in ("chosen", "rejected"):
-        assert_reordered_close(ref[f"ref_{side}_logps"], want[side], n=1000, depth=5)
+        assert_reordered_close(getattr(ref, side), want[side], n=1000, depth=5)
     rows = rows_with(cfg.out_dir, "rewards/chosen")
     assert rows[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
     assert rows[-1]["rewards/margins"] != 0.0  # adapters moved the policy off the base
@@ -373,7 +397,7 @@ def test_mixed_and_reference_free_loss_types_log_per_type_metrics(tiny, tmp_path
     trainer = build_dpo_trainer(cfg)
     # Reference-free: no reference params, no reference keys in the batch.
     assert trainer.state.frozen is None
-    assert not any(k.startswith("ref_") for k in trainer.extras["step_keys"])
+    assert trainer.parts.batch_sh.ref is None
     run(trainer)
     rows = rows_with(cfg.out_dir, "loss/simpo")
     assert [r["step"] for r in rows] == [1, 2]
@@ -490,8 +514,8 @@ def test_sharded_precomputed_run_matches_single_device_online(tiny, tmp_path):
         import json, jax
         from jaxpt.config import load_config
         from jaxpt.sharding import make_mesh
-        from jaxpt.train.dpo import build_dpo_trainer
-        from jaxpt.train.loop import run
+        from jaxpt.algorithms.dpo import build_dpo_trainer
+        from jaxpt.engine.loop import run
         single = make_mesh(1, 1, 1, devices=jax.devices()[:1])
         for name, path in {{"single": {str(paths["single"])!r},
                             "sharded": {str(paths["sharded"])!r}}}.items():

@@ -1,5 +1,6 @@
-"""`jaxpt.evaluate` and `jaxpt eval`: metrics against hand-computed values, plumbing and
-re-ordering on a tiny random model, and one end-to-end run of SmolLM2 on real GSM8K rows."""
+"""`jaxpt.evaluate`, `jaxpt.eval_report` and `jaxpt eval`: metrics against hand-computed
+values, plumbing and re-ordering on a tiny random model, and one end-to-end run of SmolLM2
+on real GSM8K rows."""
 
 from __future__ import annotations
 
@@ -14,19 +15,11 @@ import pytest
 from train_utils import make_tiny_model_dir, make_tiny_tokenizer
 
 from jaxpt.cli import main as cli_main
+from jaxpt.cli.eval import add_eval_parser
 from jaxpt.data.formats import records_from_rows
 from jaxpt.data.pipeline import prepare_prompts
-from jaxpt.eval_cli import add_eval_parser
-from jaxpt.evaluate import (
-    EvalError,
-    EvalSample,
-    default_ks,
-    evaluate,
-    load_eval_prompts,
-    sample_and_verify,
-    summarize,
-    write_completions,
-)
+from jaxpt.eval_report import EvalError, EvalSample, default_ks, summarize, write_completions
+from jaxpt.evaluate import evaluate, load_eval_prompts, sample_and_verify
 from jaxpt.sampling.samplers import Sampler
 
 

@@ -3,6 +3,9 @@ reference KL, the SFT+RL hybrid) and config errors."""
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -14,10 +17,11 @@ from tolerances import (
 )
 from train_utils import make_tiny_model_dir, make_tiny_tokenizer, read_metrics, tiny_run_config
 
+from jaxpt.algorithms.grpo import GRPOBatch
 from jaxpt.config import load_config
 from jaxpt.models.config import ModelConfig
 from jaxpt.models.decoder import init_model
-from jaxpt.train.rollout import completion_logprobs, rollout_sequences
+from jaxpt.rl.layout import GroupRows, completion_logprobs, rollout_sequences
 
 
 def test_rollout_sequences_hand_made():
@@ -26,19 +30,19 @@ def test_rollout_sequences_hand_made():
     comp = np.array([[7, 8, 0], [9, 0, 0]])
     cmask = np.array([[1, 1, 0], [1, 0, 0]])
     b = rollout_sequences(prompt, pmask, comp, cmask, pad_id=0)
-    np.testing.assert_array_equal(b["input_ids"], [[0, 5, 6, 7, 8, 0], [4, 5, 6, 9, 0, 0]])
-    np.testing.assert_array_equal(b["segment_ids"], [[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
-    np.testing.assert_array_equal(b["positions"][0, 1:5], [0, 1, 2, 3])
-    np.testing.assert_array_equal(b["positions"][1, :4], [0, 1, 2, 3])
+    np.testing.assert_array_equal(b.input_ids, [[0, 5, 6, 7, 8, 0], [4, 5, 6, 9, 0, 0]])
+    np.testing.assert_array_equal(b.segment_ids, [[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(b.positions[0, 1:5], [0, 1, 2, 3])
+    np.testing.assert_array_equal(b.positions[1, :4], [0, 1, 2, 3])
     # The completion's log-probs are read at positions P-1 .. P-1+C, whose targets are
     # exactly the completion tokens.
-    np.testing.assert_array_equal(completion_logprobs(b["targets"], 3), [[7, 8, 0], [9, 0, 0]])
+    np.testing.assert_array_equal(completion_logprobs(b.targets, 3), [[7, 8, 0], [9, 0, 0]])
     with pytest.raises(ValueError, match="left padded"):
         rollout_sequences(np.array([[5, 0]]), np.array([[1, 0]]), comp[:1], cmask[:1])
 
 
 def test_completion_logprobs_match_full_logits():
-    from jaxpt.train.logprobs import sequence_token_logprobs
+    from jaxpt.engine.logprobs import sequence_token_logprobs
 
     cfg = ModelConfig(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=64,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
@@ -47,12 +51,12 @@ def test_completion_logprobs_match_full_logits():
     pmask = np.array([[0, 0, 1, 1], [1, 1, 1, 1]])
     cmask = np.array([[1, 1, 1], [1, 1, 0]])
     b = rollout_sequences(rng.randint(1, 50, (2, 4)), pmask, rng.randint(1, 50, (2, 3)), cmask)
-    jb = {k: jnp.asarray(v) for k, v in b.items()}
+    jb = {k: jnp.asarray(v) for k, v in dataclasses.asdict(b).items()}
     lp, _, _ = sequence_token_logprobs(model, jb, impl="chunked")
     ours = np.asarray(completion_logprobs(lp, 3))
     # Independently: each row's real tokens alone, full logits, log-softmax, gather.
     for r in range(2):
-        real = b["input_ids"][r][b["segment_ids"][r] > 0]
+        real = b.input_ids[r][b.segment_ids[r] > 0]
         hidden, _ = model(jnp.asarray(real[None]))
         logp = np.asarray(jax_log_softmax(model.logits(hidden)[0]))
         n_prompt = int(pmask[r].sum())
@@ -72,10 +76,9 @@ def _flat_rollout(G=3, B=2, P=6, C=5, seed=0, V=50):
     cmask_RC = np.ones((B * G, C), int)
     for r in range(B * G):
         cmask_RC[r, rng.randint(1, C + 1):] = 0
-    flat = rollout_sequences(np.repeat(prompt_BP, G, 0), np.repeat(pmask_BP, G, 0),
+    rows = rollout_sequences(np.repeat(prompt_BP, G, 0), np.repeat(pmask_BP, G, 0),
                              rng.randint(1, V, (B * G, C)), cmask_RC)
-    flat["advantages"] = rng.randn(B * G).astype(np.float32)
-    return flat
+    return GRPOBatch(rows, rng.randn(B * G).astype(np.float32))
 
 
 def test_shared_prompt_rows_give_the_flat_rows_logprobs_and_grads():
@@ -84,31 +87,28 @@ def test_shared_prompt_rows_give_the_flat_rows_logprobs_and_grads():
     import jax
     from flax import nnx
 
-    from jaxpt.train.rollout import (
-        completion_token_logprobs,
-        group_rollout_rows,
-        grouped_completion_logprobs,
-    )
+    from jaxpt.rl.layout import completion_token_logprobs, to_shared_prompt
 
     cfg = ModelConfig(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=64,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
     graphdef, params = nnx.split(init_model(cfg, seed=2))
-    flat = _flat_rollout()
-    grouped = group_rollout_rows(flat, 3)
-    assert grouped["group_input_ids"].shape == (2, 6 + 3 * 5)
-    np.testing.assert_array_equal(grouped["advantages"].reshape(-1), flat["advantages"])
+    flat_batch = _flat_rollout()
+    grouped_batch = to_shared_prompt(flat_batch, 3)
+    flat, grouped = flat_batch.rows, grouped_batch.rows
+    assert grouped.input_ids.shape == (2, 6 + 3 * 5)
+    np.testing.assert_array_equal(grouped_batch.advantages.reshape(-1), flat_batch.advantages)
     weights_RC = jnp.asarray(np.random.RandomState(1).randn(6, 5), jnp.float32)
 
-    def objective(fn, batch):
+    def objective(fn, rows):
         def f(p):
-            lp, ent = fn(nnx.merge(graphdef, p), {k: jnp.asarray(v) for k, v in batch.items()},
+            lp, ent = fn(nnx.merge(graphdef, p), jax.tree.map(jnp.asarray, rows),
                          impl="chunked", with_entropy=True)
             return jnp.sum(lp * weights_RC) + 0.1 * jnp.sum(ent), (lp, ent)
         return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
 
     (_, (lp_f, ent_f)), g_f = objective(completion_token_logprobs, flat)
-    (_, (lp_g, ent_g)), g_g = objective(grouped_completion_logprobs, grouped)
-    mask = flat["completion_mask"] > 0
+    (_, (lp_g, ent_g)), g_g = objective(completion_token_logprobs, grouped)
+    mask = flat.completion_mask > 0
     assert np.all(np.asarray(lp_f)[mask] < 0)
     # Sums of <= 64 terms (hidden 32, MLP 64, vocab 50, 21 positions, 30 tokens), 2 layers
     # + head + softmax; the gradients one backward more.
@@ -117,18 +117,99 @@ def test_shared_prompt_rows_give_the_flat_rows_logprobs_and_grads():
     assert_trees_reordered_close(g_g, g_f, n=64, depth=5)
     # Mutation: completions that no longer see the shared prompt (its `shared` mask lost)
     # must fail.
-    blind = dict(grouped, group_shared=np.zeros_like(grouped["group_shared"]))
-    (_, (lp_x, _)), _ = objective(grouped_completion_logprobs, blind)
+    blind = dataclasses.replace(grouped, shared=np.zeros_like(grouped.shared))
+    (_, (lp_x, _)), _ = objective(completion_token_logprobs, blind)
     assert rejects(assert_reordered_close, lp_x, lp_f, n=64, depth=4)
 
 
-def test_group_rows_must_share_their_prompt():
-    from jaxpt.train.rollout import group_rollout_rows
+def _hybrid_batch(seed=0):
+    """A flat batch with every optional part (old / reference log-probs, prefixes,
+    demonstrations): 2 prompts x 3 completions."""
+    rows = _flat_rollout(seed=seed).rows
+    rng = np.random.RandomState(seed + 1)
+    R, C = rows.completion_mask.shape
+    P = rows.input_ids.shape[1] - C
+    lp_RC = -rng.rand(R, C).astype(np.float32)
+    demo = rollout_sequences(rows.input_ids[:, :P], rows.segment_ids[:, :P],
+                             rng.randint(1, 50, (R, 4)), np.arange(4)[None] < [[4], [3]] * 3)
+    demo = dataclasses.replace(demo, completion_mask=demo.completion_mask / 3)
+    return GRPOBatch(rows, rng.randn(R).astype(np.float32),
+                     old_logprobs=lp_RC + 0.2 * rng.randn(R, C).astype(np.float32),
+                     ref_logprobs=lp_RC, prefix_lengths=np.array([1, 0, 0, 2, 0, 0], np.int32),
+                     demo=demo)
 
-    flat = _flat_rollout()
-    flat["input_ids"][4, 3] += 1  # row 4 (group 1) gets a different prompt token
+
+@pytest.mark.parametrize("section", [
+    dict(loss_type="dapo", sft_weight=0.5),
+    dict(loss_type="grpo", importance_sampling_level="sequence", sft_weight=0.5,
+         sft_schedule="adaptive", sft_warmup_steps=1),
+])
+def test_flat_and_shared_prompt_batches_give_the_same_loss(section):
+    """The same rows in the flat layout and in the shared-prompt layout: the same loss,
+    metrics and gradients through make_batch_stats + the loss (every optional part on)."""
+    from flax import nnx
+
+    from jaxpt.algorithms.grpo import GRPOSection, make_batch_stats, make_grpo_loss_fn
+    from jaxpt.rl.layout import to_shared_prompt
+
+    grpo = GRPOSection(num_generations=3, beta=0.04, num_iterations=2, prefix_rft_ratio=0.25,
+                       **section)
+    cfg = ModelConfig(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=64,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
+    graphdef, params = nnx.split(init_model(cfg, seed=4))
+    loss_fn = make_grpo_loss_fn(graphdef, grpo, impl="chunked", with_entropy=True)
+    flat = _hybrid_batch()
+    if grpo.sft_schedule == "adaptive":
+        flat = dataclasses.replace(flat, sft_mode=np.zeros(6, np.float32))  # an RL step
+
+    class S:
+        step = jnp.asarray(0)
+
+    @jax.jit
+    def loss_and_grads(p, batch):
+        def f(p):
+            return loss_fn(p, batch, None, make_batch_stats(grpo)(S, batch))
+        return jax.value_and_grad(f, has_aux=True)(p)
+
+    (loss_f, m_f), g_f = loss_and_grads(params, jax.tree.map(jnp.asarray, flat))
+    grouped = to_shared_prompt(flat, 3)
+    assert isinstance(grouped.rows, GroupRows) and grouped.demo.input_ids.shape[:2] == (2, 3)
+    (loss_g, m_g), g_g = loss_and_grads(params, jax.tree.map(jnp.asarray, grouped))
+    assert set(m_f) == set(m_g) >= {"rl_loss", "kl", "entropy", "prefix_sft_loss", "sft_loss"}
+    assert float(m_f["prefix_sft_loss"]) > 0 and float(m_f["kl"]) > 0
+    # Sums of <= 64 terms (hidden 32, MLP 64, vocab 50), 2 layers + head + softmax; the
+    # gradients one backward more.
+    assert_reordered_close(loss_g, loss_f, n=64, depth=4)
+    for k in m_f:
+        assert_reordered_close(m_g[k], m_f[k], n=64, depth=4, err_msg=k)
+    assert_trees_reordered_close(g_g, g_f, n=64, depth=5)
+
+
+def test_a_batch_without_a_part_its_config_needs_is_refused():
+    from jaxpt.algorithms.grpo import GRPOSection, make_batch_stats, make_grpo_loss_fn
+
+    full = _hybrid_batch()
+    no_ref = dataclasses.replace(full, old_logprobs=None, prefix_lengths=None, demo=None,
+                                 ref_logprobs=None)
+    grpo = GRPOSection(num_generations=3, beta=0.1)
+    with pytest.raises(ValueError, match=r"GRPOBatch.ref_logprobs is missing: grpo.beta > 0"):
+        make_batch_stats(grpo)(None, no_ref)
+    with pytest.raises(ValueError, match=r"GRPOBatch.ref_logprobs is missing"):
+        make_grpo_loss_fn(None, grpo, impl="chunked", with_entropy=False)(None, no_ref, None, None)
+    # A part the config does not use would be ignored by the loss: refused too.
+    with pytest.raises(ValueError, match=r"GRPOBatch.old_logprobs is set, but the config does "
+                                         r"not use it \(that takes grpo.num_iterations"):
+        make_batch_stats(grpo)(None, dataclasses.replace(no_ref, ref_logprobs=full.ref_logprobs,
+                                                         old_logprobs=full.old_logprobs))
+
+
+def test_group_rows_must_share_their_prompt():
+    from jaxpt.rl.layout import group_rows
+
+    flat = _flat_rollout().rows
+    flat.input_ids[4, 3] += 1  # row 4 (group 1) gets a different prompt token
     with pytest.raises(ValueError, match="rows 3..5 do not share one prompt"):
-        group_rollout_rows(flat, 3)
+        group_rows(flat, 3)
 
 
 @pytest.mark.parametrize("remat", ["attention", "none"])
@@ -136,27 +217,25 @@ def test_prefix_block_attention_equals_dense_attention_on_the_shared_layout(rema
     """Decoder(prefix_blocks=(P, C)) on shared-prompt rows: the same hidden states at every
     real position and the same parameter gradients as dense masked attention over the row
     (fp32, <= 1e-5), with both attention backwards (written-out and autodiff's)."""
-    import dataclasses
-
     import jax
     from flax import nnx
 
-    from jaxpt.train.rollout import group_rollout_rows
+    from jaxpt.rl.layout import group_rows
 
     cfg = ModelConfig(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=64,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
     cfg = dataclasses.replace(cfg, remat=remat)
     graphdef, params = nnx.split(init_model(cfg, seed=3))
-    g = {k: jnp.asarray(v) for k, v in group_rollout_rows(_flat_rollout(), 3).items()}
+    g = jax.tree.map(jnp.asarray, group_rows(_flat_rollout().rows, 3))
     P, C = 6, 5
-    real_BT = g["group_segment_ids"] > 0
+    real_BT = g.segment_ids > 0
     w_BTE = jnp.asarray(np.random.RandomState(0).randn(2, P + 3 * C, 32), jnp.float32)
 
     def run(blocks):
         def f(p):
             h, _ = nnx.merge(graphdef, p)(
-                g["group_input_ids"], g["group_positions"], g["group_segment_ids"],
-                shared_BT=g["group_shared"] > 0, prefix_blocks=blocks)
+                g.input_ids, g.positions, g.segment_ids,
+                shared_BT=g.shared > 0, prefix_blocks=blocks)
             return jnp.sum(jnp.where(real_BT[..., None], h * w_BTE, 0.0)), h
         return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
 
@@ -169,22 +248,22 @@ def test_prefix_block_attention_equals_dense_attention_on_the_shared_layout(rema
     assert_reordered_close(np.asarray(h_block)[real], np.asarray(h_dense)[real], n=64, depth=2)
     assert_trees_reordered_close(g_block, g_dense, n=64, depth=3)
     with pytest.raises(ValueError, match="does not split a row of 21 tokens"):
-        nnx.merge(graphdef, params)(g["group_input_ids"], prefix_blocks=(6, 4))
+        nnx.merge(graphdef, params)(g.input_ids, prefix_blocks=(6, 4))
 
 
 def test_shared_prompt_step_equals_flat_step(tmp_path, tiny):
     """The trainer with share_prompt=always and =never: same rollouts, same first-step
     loss, gradient norm and entropy (the layout changes the work, not the math)."""
     runs = {}
-    from jaxpt.train.grpo import build_grpo_trainer
+    from jaxpt.algorithms.grpo import build_grpo_trainer
 
     for mode in ("always", "never"):
         (tmp_path / mode).mkdir()
         cfg = grpo_config(tmp_path / mode, tiny, train={"max_steps": 2},
                           grpo={"share_prompt": mode, "beta": 0.05})
         trainer = build_grpo_trainer(cfg)
-        batch = trainer.put_batch(trainer.source.next(trainer.state))
-        assert ("group_input_ids" in batch) == (mode == "always")
+        batch = trainer.put_batch(trainer.source.next(trainer.state).batch)
+        assert isinstance(batch.rows, GroupRows) == (mode == "always")
         runs[mode] = [r for r in run_grpo(cfg) if "loss" in r]
     for a, b in zip(runs["always"], runs["never"], strict=True):
         assert a["reward"] == b["reward"]
@@ -227,7 +306,7 @@ def grpo_config(tmp_path, tiny, **sections):
 
 
 def run_grpo(cfg):
-    from jaxpt.train.grpo import train_grpo
+    from jaxpt.algorithms.grpo import train_grpo
 
     train_grpo(cfg)
     return read_metrics(cfg.out_dir)
@@ -270,7 +349,7 @@ def test_sft_hybrid_with_sft_warmup_then_rl(tmp_path, tiny):
 
 
 def test_batch_must_hold_whole_groups(tmp_path, tiny):
-    from jaxpt.train.grpo import build_grpo_trainer
+    from jaxpt.algorithms.grpo import build_grpo_trainer
 
     cfg = grpo_config(tmp_path, tiny, train={"batch_size": 6})
     with pytest.raises(ValueError, match="multiple of grpo.num_generations=4"):
@@ -281,30 +360,30 @@ def test_prefix_rft_rollouts_start_from_the_demonstration(tmp_path, tiny):
     """Prefix-RFT: the first rollout of each group starts with a prefix of the prompt's
     demonstration (its tokens are the completion's first tokens), the others are the
     policy's own; the prefix gets the SFT loss and the continuation the RL loss."""
-    from jaxpt.train.grpo import build_grpo_trainer
+    from jaxpt.algorithms.grpo import build_grpo_trainer
 
     cfg = grpo_config(tmp_path, tiny, grpo={"prefix_rft_ratio": 0.25, "prefix_min_fraction": 0.3,
                                             "prefix_max_fraction": 0.6},
                       train={"max_steps": 2})
     tr = build_grpo_trainer(cfg)
     src = tr.source
-    src._rollout(tr.state)
+    src.rollout(tr.state)
     batch = src.buffer[0]
-    prefix_len = batch["prefix_lengths"]
-    chosen = [src.prompts[i] for i in src._prompt_indices(0)]
+    prefix_len = batch.prefix_lengths
+    chosen = [src.prompts[i] for i in src.prompt_indices(0)]
     G = 4
-    C = batch["completion_mask"].shape[1]
-    P = batch["input_ids"].shape[1] - C
+    C = batch.rows.completion_mask.shape[1]
+    P = batch.rows.input_ids.shape[1] - C
     # Mini-batch rows are a permutation of the rollout rows: find them by prefix length.
     assert (prefix_len > 0).sum() == len(chosen)  # one prefixed rollout per group of 4
     assert (prefix_len == 0).sum() == len(chosen) * (G - 1)
-    demos = {tuple(src._demo_ids(ex)) for ex in chosen}
+    demos = {tuple(src.prefixes.demos.ids(ex)) for ex in chosen}
     for r in np.nonzero(prefix_len)[0]:
         n = int(prefix_len[r])
-        completion = batch["input_ids"][r, P:P + n].tolist()
+        completion = batch.rows.input_ids[r, P:P + n].tolist()
         demo = next(d for d in demos if list(d[:n]) == completion)
         assert int(0.3 * len(demo)) <= n <= int(0.6 * len(demo)), (n, len(demo))
-        assert batch["completion_mask"][r, :n].all()  # the prefix is part of the completion
+        assert batch.rows.completion_mask[r, :n].all()  # the prefix is part of the completion
     rows = run_grpo(cfg)
     steps = [r for r in rows if "loss" in r]
     assert len(steps) == 2
@@ -315,8 +394,8 @@ def test_prefix_rft_rollouts_start_from_the_demonstration(tmp_path, tiny):
 def test_prefix_rft_loss_splits_sft_and_rl_tokens(tiny):
     """The loss of a hand-made batch: prefix tokens add prefix_sft_weight * their mean NLL,
     the RL term sees only the continuation (zero advantages -> the loss is the NLL)."""
-    from jaxpt.train.grpo import GRPOSection, make_batch_stats, make_grpo_loss_fn
-    from jaxpt.train.logprobs import sequence_token_logprobs
+    from jaxpt.algorithms.grpo import GRPOSection, make_batch_stats, make_grpo_loss_fn
+    from jaxpt.engine.logprobs import sequence_token_logprobs
 
     cfg = ModelConfig(model_type="llama", vocab_size=50, hidden_size=32, intermediate_size=64,
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
@@ -328,9 +407,8 @@ def test_prefix_rft_loss_splits_sft_and_rl_tokens(tiny):
     cmask = np.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
     b = rollout_sequences(rng.randint(1, 50, (2, 3)), np.ones((2, 3)), rng.randint(1, 50, (2, 5)),
                           cmask)
-    b["advantages"] = np.zeros(2, np.float32)
-    b["prefix_lengths"] = np.array([2, 0], np.int32)
-    jb = {k: jnp.asarray(v) for k, v in b.items()}
+    jb = jax.tree.map(jnp.asarray, GRPOBatch(b, np.zeros(2, np.float32),
+                                             prefix_lengths=np.array([2, 0], np.int32)))
     grpo = GRPOSection(prefix_rft_ratio=0.5, prefix_sft_weight=0.5, temperature=1.0,
                        loss_type="dapo")
     loss_fn = make_grpo_loss_fn(graphdef, grpo, impl="chunked", with_entropy=False)
@@ -339,9 +417,9 @@ def test_prefix_rft_loss_splits_sft_and_rl_tokens(tiny):
         step = jnp.asarray(0)
 
     stats = make_batch_stats(grpo)(S, jb)
-    assert float(stats["prefix_tokens"]) == 2.0 and float(stats["num_items"]) == 5.0
+    assert float(stats.prefix_tokens) == 2.0 and float(stats.num_items) == 5.0
     loss, metrics = loss_fn(params, jb, None, stats)
-    lp, _, _ = sequence_token_logprobs(model, jb, impl="chunked")
+    lp, _, _ = sequence_token_logprobs(model, dataclasses.asdict(jb.rows), impl="chunked")
     lp_prefix = np.asarray(completion_logprobs(lp, 5))[0, :2]
     nll = -lp_prefix.mean()
     np.testing.assert_allclose(float(metrics["prefix_sft_loss"]), nll, rtol=1e-5)
@@ -354,7 +432,7 @@ def test_dynamic_sampling_keeps_the_batch_shape_and_stops(tmp_path, tiny, reward
     """With no signal anywhere (constant reward) dynamic sampling stops after
     max_sampling_rounds and fills the batch (zero advantages); with a dense reward the
     first round already fills it."""
-    from jaxpt.train.grpo import build_grpo_trainer
+    from jaxpt.algorithms.grpo import build_grpo_trainer
 
     cfg = grpo_config(tmp_path, tiny, grpo={"dynamic_sampling": True, "max_sampling_rounds": 3,
                                             "dynamic_sampling_fill": fill,
@@ -362,39 +440,37 @@ def test_dynamic_sampling_keeps_the_batch_shape_and_stops(tmp_path, tiny, reward
                       train={"max_steps": 1})
     tr = build_grpo_trainer(cfg)
     src = tr.source
-    src._rollout(tr.state)
+    src.rollout(tr.state)
     batch = src.buffer[0]
-    assert batch["input_ids"].shape[0] == 8 and batch["advantages"].shape == (8,)
+    assert batch.rows.input_ids.shape[0] == 8 and batch.advantages.shape == (8,)
     m = src.metrics
     if reward.endswith("constant"):
         assert m["dynamic_sampling/rounds"] == 3 and m["dynamic_sampling/signal_groups"] == 0
         assert m["dynamic_sampling/padded_groups"] == 2
-        np.testing.assert_array_equal(batch["advantages"], 0.0)
+        np.testing.assert_array_equal(batch.advantages, 0.0)
         assert src.prompt_batches == 3  # each round drew fresh prompts
     else:
         assert m["dynamic_sampling/rounds"] == 1 and m["dynamic_sampling/padded_groups"] == 0
-        assert np.abs(batch["advantages"]).sum() > 0
+        assert np.abs(batch.advantages).sum() > 0
     # The row layout survives re-padding: real tokens end where completions start.
-    C = batch["completion_mask"].shape[1]
-    P = batch["input_ids"].shape[1] - C
-    assert (batch["segment_ids"][:, P - 1] == 1).all()
+    C = batch.rows.completion_mask.shape[1]
+    P = batch.rows.input_ids.shape[1] - C
+    assert (batch.rows.segment_ids[:, P - 1] == 1).all()
 
 
 def test_pad_rollout_keeps_the_layout():
-    from jaxpt.train.grpo import _pad_rollout
-
     b = rollout_sequences(np.array([[0, 5, 6]]), np.array([[0, 1, 1]]), np.array([[7, 8]]),
                           np.array([[1, 1]]), pad_id=0)
-    p = _pad_rollout(b, 5, 4, pad_id=0)
-    np.testing.assert_array_equal(p["input_ids"], [[0, 0, 0, 5, 6, 7, 8, 0, 0]])
-    np.testing.assert_array_equal(p["segment_ids"], [[0, 0, 0, 1, 1, 1, 1, 0, 0]])
-    np.testing.assert_array_equal(p["positions"][0, 3:7], [0, 1, 2, 3])
-    np.testing.assert_array_equal(p["completion_mask"], [[1, 1, 0, 0]])
-    np.testing.assert_array_equal(completion_logprobs(p["targets"], 4), [[7, 8, 0, 0]])
+    p = b.padded(5, 4, pad_id=0)
+    np.testing.assert_array_equal(p.input_ids, [[0, 0, 0, 5, 6, 7, 8, 0, 0]])
+    np.testing.assert_array_equal(p.segment_ids, [[0, 0, 0, 1, 1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(p.positions[0, 3:7], [0, 1, 2, 3])
+    np.testing.assert_array_equal(p.completion_mask, [[1, 1, 0, 0]])
+    np.testing.assert_array_equal(completion_logprobs(p.targets, 4), [[7, 8, 0, 0]])
 
 
 def test_sasr_mixer_rule():
-    from jaxpt.train.grpo import SASRMixer
+    from jaxpt.rl.hybrids import SASRMixer
 
     m = SASRMixer(warmup_steps=2, gamma=0.5, seed=0)
     assert m.decide() == (True, 1.0) and m.decide() == (True, 1.0)  # warm-up: SFT

@@ -297,7 +297,7 @@ def test_kernels_lower_for_gpu_and_tpu(platform, target, with_entropy):
     vec_i, vec_f = jax.ShapeDtypeStruct((N,), jnp.int32), jax.ShapeDtypeStruct((N,), jnp.float32)
     stats = getattr(module, f"{layout}_stats")
     grads = getattr(module, f"{layout}_grads")
-    for fn, args in ((stats, (h, w, cols, vec_i)), (grads, (h, w, cols, vec_i, *[vec_f] * 4))):
+    for fn, args in ((stats, (h, w, cols, vec_i)), (grads, (h, w, cols, vec_i, (vec_f,) * 4))):
         lowered = jax.jit(lambda *a, fn=fn: fn(*a, **kw)).trace(*args)
         text = lowered.lower(lowering_platforms=(platform,)).as_text()
         assert f"custom_call @{target}" in text

@@ -11,6 +11,7 @@ from tolerances import assert_reordered_close, assert_trees_reordered_close, rej
 
 from jaxpt.models.config import ModelConfig
 from jaxpt.models.decoder import KVCache, init_model
+from jaxpt.sharding import make_mesh
 
 CFG = ModelConfig(
     model_type="qwen3",
@@ -172,3 +173,19 @@ def test_recomputing_attention_matches_autodiff(dtype, tol):
     for a, b in zip(vjp(do), vjp_ref(do), strict=True):
         assert a.dtype == dtype
         np.testing.assert_allclose(f32(a), f32(b), atol=tol * 4)
+
+
+def test_auto_attention_on_a_cpu_mesh_is_the_xla_program():
+    """`model.attention: auto` keeps CPU runs on the written-out attention: the same program
+    as `xla` (so metrics stay bit-identical); an explicit kernel changes it."""
+    mesh = make_mesh(1, -1, 1, devices=jax.devices()[:1])
+    ids, seg = jnp.zeros((2, 8), jnp.int32), jnp.ones((2, 8), jnp.int32)
+
+    def hlo(cfg):
+        graphdef, params = nnx.split(init_model(cfg, seed=0))
+        fn = jax.jit(lambda p, x, s: nnx.merge(graphdef, p)(x, None, s)[0])
+        return fn.lower(params, ids, seg).as_text()
+
+    xla = hlo(CFG.replace(attention="xla"))
+    assert hlo(CFG.replace(attention="auto", mesh=mesh)) == xla
+    assert hlo(CFG.replace(attention="splash", attention_interpret=True, mesh=mesh)) != xla

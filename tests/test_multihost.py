@@ -121,7 +121,7 @@ def test_cli_flags_override_the_config_section(tmp_path):
 
 
 def test_metrics_writer_of_other_processes_writes_nothing(tmp_path):
-    from jaxpt.train.metrics import MetricsWriter
+    from jaxpt.engine.metrics import MetricsWriter
 
     w = MetricsWriter(tmp_path / "run", total_steps=3, progress=True, enabled=False)
     assert w.write(1, {"loss": 2.5}) == {"step": 1, "loss": 2.5}

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from jaxpt.cli import main
+from jaxpt.cli.plan import load_model_config, plan_memory
 from jaxpt.config import load_config
 from jaxpt.models.config import ModelConfig
-from jaxpt.plan_cli import load_model_config, plan_memory
 from jaxpt.sharding import ShardingError
 
 # Tiny llama: E=64, F=128, L=2, N=4 heads, K=2 kv heads, D=16, V=256, untied LM head.

@@ -135,7 +135,7 @@ def every_answer_verified(completions, **columns):
 def check_help(ws, tokens, out):
     listed = set(re.findall(r"^\s{4}(\w+)\s", out, re.M))
     assert {"train", "generate", "eval", "export", "info", "rft"} <= listed, out
-    if importlib.util.find_spec("jaxpt.plan_cli") is not None:
+    if importlib.util.find_spec("jaxpt.cli.plan") is not None:
         assert "plan" in listed, out
 
 
@@ -238,7 +238,7 @@ README_COMMANDS: dict[str, Cover] = {
         "run", "as written on the packaged GGUF", check=check_info
     ),
     "jaxpt plan configs/grpo_gsm8k_smollm2.yaml --devices 8": Cover(
-        "run", "as written (skipped while jaxpt/plan_cli.py is absent)", check=check_plan
+        "run", "as written (skipped while jaxpt/cli/plan.py is absent)", check=check_plan
     ),
     SFT_TRAIN: Cover(
         "small",
@@ -648,7 +648,7 @@ def test_architecture_names_existing_files():
         b for b in fenced_blocks(README.read_text(), ("",)) if b.lstrip().startswith("jaxpt/")
     ]
     named = architecture_paths(block)
-    assert "jaxpt/train/registry.py" in named and "bench/plot.py" in named, named
+    assert "jaxpt/algorithms/registry.py" in named and "bench/plot.py" in named, named
     missing = [p for p in named if not (REPO / p).exists() and p not in PENDING_FILES]
     assert not missing, f"README architecture names files that do not exist: {missing}"
     # every subpackage and top-level module of jaxpt/ is on the map
@@ -658,3 +658,8 @@ def test_architecture_names_existing_files():
         if (p.is_dir() and (p / "__init__.py").exists()) or p.suffix == ".py"
     } - {"jaxpt/__init__.py"}
     assert in_code <= set(named), f"not in the README architecture: {sorted(in_code - set(named))}"
+    # and every module of the layout's packages (algorithms, rl, engine, cli)
+    for pkg in ("algorithms", "rl", "engine", "cli"):
+        modules = {f"jaxpt/{pkg}/{p.name}" for p in (REPO / "jaxpt" / pkg).glob("*.py")}
+        unnamed = modules - set(named) - {f"jaxpt/{pkg}/__init__.py", f"jaxpt/{pkg}/__main__.py"}
+        assert not unnamed, f"not in the README architecture: {sorted(unnamed)}"

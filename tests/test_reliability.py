@@ -109,9 +109,9 @@ def test_export_hf_writes_beside_and_swaps_into_place(tmp_path):
 def test_nan_lr_skips_every_update_and_checkpoints_stay_finite(tiny, tmp_path):
     """optim.lr=nan (past config validation): finite loss and gradients, NaN update. The
     step must skip it, so the checkpoints hold the finite initial weights."""
-    from jaxpt.train.checkpoint import Checkpointer, abstract_like
-    from jaxpt.train.loop import NonFiniteError, run
-    from jaxpt.train.sft import build_sft_trainer
+    from jaxpt.algorithms.sft import build_sft_trainer
+    from jaxpt.engine.checkpoint import Checkpointer, abstract_like
+    from jaxpt.engine.loop import NonFiniteError, run
 
     cfg = config(tiny, tmp_path, train={"max_steps": 6, "max_bad_steps": 3},
                  checkpoint={"every": 2})
@@ -219,8 +219,8 @@ def test_bad_out_dir_fails_before_the_model_loads(tmp_path, capsys, where):
 
 
 def test_resume_skips_uncommitted_and_unreadable_steps(tiny, tmp_path, capsys):
-    from jaxpt.train.loop import run
-    from jaxpt.train.sft import build_sft_trainer
+    from jaxpt.algorithms.sft import build_sft_trainer
+    from jaxpt.engine.loop import run
 
     cfg = config(tiny, tmp_path, train={"max_steps": 4}, checkpoint={"every": 2})
     run(build_sft_trainer(cfg))
@@ -308,10 +308,10 @@ def test_nonfinite_reward_is_an_error_naming_function_and_row(fn):
 def test_none_rewards_are_not_applicable_and_the_report_survives_nan_metrics(tmp_path, capsys):
     import json
 
+    from jaxpt.engine.metrics import MetricsWriter
+    from jaxpt.engine.report import print_run_summary
     from jaxpt.rewards.advantages import compute_advantages
     from jaxpt.rewards.registry import compute_rewards
-    from jaxpt.train.metrics import MetricsWriter
-    from jaxpt.train.report import print_run_summary
 
     rewards, _, metrics = compute_rewards(
         [_none_reward], None, ["p"] * 4, ["a", "b", "c", "d"], None, None, None
@@ -336,8 +336,8 @@ def test_none_rewards_are_not_applicable_and_the_report_survives_nan_metrics(tmp
 def test_skipped_rows_are_reported_at_start_and_in_data_stats_json(tiny, tmp_path, capsys):
     import json
 
-    from jaxpt.train.loop import run
-    from jaxpt.train.sft import build_sft_trainer
+    from jaxpt.algorithms.sft import build_sft_trainer
+    from jaxpt.engine.loop import run
 
     _, _, data_dir = tiny
     good = (data_dir / "gsm8k" / "train.jsonl").read_bytes().splitlines(keepends=True)[:40]
@@ -365,8 +365,8 @@ def test_a_non_finite_state_is_never_saved(tiny, tmp_path):
     written over the checkpoints; the error says so and names the last finite one."""
     import jax.numpy as jnp
 
-    from jaxpt.train.loop import NonFiniteError, run
-    from jaxpt.train.sft import build_sft_trainer
+    from jaxpt.algorithms.sft import build_sft_trainer
+    from jaxpt.engine.loop import NonFiniteError, run
 
     cfg = config(tiny, tmp_path, train={"max_steps": 6, "max_bad_steps": 5},
                  checkpoint={"every": 2})
@@ -377,3 +377,357 @@ def test_a_non_finite_state_is_never_saved(tiny, tmp_path):
     with pytest.raises(NonFiniteError, match="state at step 2 holds non-finite values"):
         run(trainer)
     assert not list((tmp_path / "run" / "checkpoints").glob("2*"))
+
+
+# == subprocess suite: `jaxpt train` killed, poisoned and out of space =======================
+#
+# Each run is a real `jaxpt train` process on the tiny model (CHILD below). Test-only patches
+# inside the child decide where it dies (it sends itself SIGKILL, so the kill lands exactly
+# at a seeded point, also inside orbax's save), which steps get a non-finite loss, gradient
+# or update, and which save runs out of space. The library is not changed for any of it.
+
+CHILD = r"""
+import errno, json, math, os, signal, sys
+
+plan = json.loads(sys.argv[1])
+kill, poison, enospc = plan.get("kill"), plan.get("poison"), plan.get("enospc")
+
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+from orbax.checkpoint._src.path import atomicity, deleter
+
+import jaxpt.engine.checkpoint as C
+import jaxpt.engine.build as B
+import jaxpt.engine.state as S
+
+at, k = (kill["at"], kill.get("step")) if kill else (None, None)
+callbacks = []
+if at == "logged":
+    callbacks.append(lambda step, row: die() if step == k and "loss" in row else None)
+if at in ("save_called", "save_writing"):
+    save = C.Checkpointer.save
+
+    def killed_save(self, step, *a, **kw):
+        if step == k and at == "save_called":
+            die()
+        out = save(self, step, *a, **kw)
+        if step == k:
+            die()  # orbax is writing the step in its background thread
+        return out
+
+    C.Checkpointer.save = killed_save
+if at in ("before_commit", "after_commit"):
+    finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+    async def killed_finalize(self, *a, **kw):
+        mine = self.get_final().name == str(k)
+        if mine and at == "before_commit":
+            die()  # every item written, the step dir not yet renamed into place
+        await finalize(self, *a, **kw)
+        if mine:
+            die()
+
+    atomicity.AtomicRenameTemporaryPath.finalize = killed_finalize
+if at == "deleting":
+    deleter.StandardCheckpointDeleter.delete = lambda self, step: die()
+if at == "restored":
+    restore = C.Checkpointer.restore
+    C.Checkpointer.restore = lambda self, *a, **kw: (restore(self, *a, **kw), die())[0]
+
+if enospc is not None:
+    write = ocp.handlers.JsonCheckpointHandler._save_fn
+
+    async def full_disk(self, x, directory):
+        if f"/{enospc}.orbax-checkpoint-tmp" in str(directory):
+            raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+        return await write(self, x, directory)
+
+    ocp.handlers.JsonCheckpointHandler._save_fn = full_disk
+
+if poison:
+    make_train_step, bad_steps = S.make_train_step, jnp.asarray(poison["steps"])
+
+    @jax.custom_vjp
+    def inf_grad(x, flag):
+        return x
+
+    inf_grad.defvjp(
+        lambda x, flag: (x, flag),
+        lambda flag, g: (g * jnp.where(flag, jnp.inf, 1.0), None),
+    )
+
+    def poisoned_train_step(loss_fn, tx, schedule, **kw):
+        box = {}  # the step being traced, so the patches below see its number
+        bad = lambda: jnp.isin(box["step"] + 1, bad_steps)
+
+        def lf(*a):
+            loss, metrics = loss_fn(*a)
+            if poison["what"] == "loss":
+                loss = loss + jnp.where(bad(), jnp.nan, 0.0)
+            if poison["what"] == "grad":
+                loss = inf_grad(loss, bad())  # finite loss, non-finite gradients
+            return loss, metrics
+
+        if poison["what"] == "update":
+            sched = schedule
+            schedule = lambda c: jnp.where(bad(), jnp.nan, sched(c))
+            tx = type(tx)(**{**vars(tx), "schedule": schedule})
+        step = make_train_step(lf, tx, schedule, **kw)
+
+        def traced(state, batch):
+            box["step"] = state.step
+            return step(state, batch)
+
+        return traced
+
+    # the trainers build their step through engine/build.py's train_program
+    S.make_train_step = B.make_train_step = poisoned_train_step
+
+
+def nonfinite_reward(completions, **kw):
+    # NaN for the 2nd and inf for the 3rd completion of every batch
+    return [[1.0, math.nan, math.inf][min(i, 2)] for i in range(len(completions))]
+
+
+from jaxpt.cli import main
+import jaxpt.cli.train as cli
+
+run_train = cli.run_train
+cli.run_train = lambda args, **kw: run_train(args, callbacks=callbacks)
+sys.exit(main(["train", *sys.argv[2:]]))
+"""
+
+SUITE_STEPS = 16
+TIMING_KEYS = ("tokens_per_second", "mfu")  # differ between runs; everything else must not
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory, data_dir):
+    """The tiny model, 48 GSM8K rows in a file of their own (a short read at every start)
+    and a config that checkpoints every 2 steps, keeping 2 (so saves also delete)."""
+    root = tmp_path_factory.mktemp("suite")
+    model_dir = make_tiny_tokenizer_and_model(root, data_dir)
+    rows = (data_dir / "gsm8k" / "train.jsonl").read_text().splitlines(keepends=True)[:48]
+    (root / "train.jsonl").write_text("".join(rows))
+    config = tiny_run_config(
+        root / "run.yaml", model_dir, data_dir, root / "unused",
+        data={"train": str(root / "train.jsonl")},
+        train={"max_steps": SUITE_STEPS}, checkpoint={"every": 2, "keep": 2},
+    )
+    return root, config
+
+
+def child(config: Path, out_dir: Path, plan: dict, *overrides: str):
+    """Run CHILD (`jaxpt train config out_dir=... overrides`); (return code, output).
+    The children share a persistent compilation cache: a resume compiles nothing."""
+    import json
+    import subprocess
+    import sys
+
+    from train_utils import REPO, subprocess_env
+
+    env = subprocess_env()
+    env.update(JAX_COMPILATION_CACHE_DIR=str(config.parent / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(plan), str(config), f"out_dir={out_dir}",
+         *overrides],
+        env=env, cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def reference(suite):
+    root, config = suite
+    rc, out = child(config, root / "reference", {})
+    assert rc == 0, out[-3000:]
+    rows = {r["step"]: r for r in logged(root / "reference")}
+    assert sorted(rows) == list(range(1, SUITE_STEPS + 1))
+    return rows
+
+
+def logged(run_dir: Path) -> list[dict]:
+    """The metrics rows of train steps, timing keys left out (a line cut by a kill too)."""
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if "loss" in row:
+            rows.append({k: v for k, v in row.items() if k not in TIMING_KEYS})
+    return rows
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    from jaxpt.engine.checkpoint import step_problem
+
+    ck = run_dir / "checkpoints"
+    steps = [int(p.name) for p in ck.iterdir() if p.name.isdigit()] if ck.is_dir() else []
+    return sorted(s for s in steps if step_problem(ck / str(s)) is None)
+
+
+KILL_POINTS = ("logged", "save_called", "save_writing", "before_commit", "after_commit",
+               "deleting", "restored")
+
+
+def reachable(at: str, done: list[int]) -> list[int | None]:
+    """Steps at which a run resuming from ``done`` (its complete checkpoints) reaches the
+    kill point ``at`` ([None]: reached once, whatever the step; []: not reached)."""
+    start = done[-1] if done else 0
+    saves = [s for s in range(2, SUITE_STEPS + 1, 2) if s > start]
+    if at == "logged":
+        return list(range(start + 1, SUITE_STEPS + 1))
+    if at == "restored":
+        return [None] if start else []
+    if at == "deleting":  # keep=2: the save that makes a third checkpoint deletes one
+        need = max(1, 3 - len(done))
+        return [saves[need - 1]] if len(saves) >= need else []
+    return saves
+
+
+@pytest.mark.e2e
+def test_kill_9_at_seeded_points_resumes_to_the_uninterrupted_metrics(suite, reference):
+    """10 seeded SIGKILLs, every kind of point at least once (between steps, as a save is
+    called, while orbax writes, before and after its commit rename, while keep-N deletes,
+    right after a restore); after each, the rows logged so far are the uninterrupted run's
+    and no complete checkpoint is lost but by keep-N; the last run finishes with the
+    uninterrupted run's metrics, step for step."""
+    import random
+
+    root, config = suite
+    run_dir = root / "killed"
+    rng = random.Random(23)
+    history = []
+    for _ in range(10):
+        done = complete_steps(run_dir)
+        kinds = [a for a in KILL_POINTS if reachable(a, done)]
+        unused = [a for a in kinds if a not in {p["at"] for _, p in history}]
+        at = rng.choice(unused or kinds)  # every kind once first
+        # One of the next two: the run advances slowly, so every kill finds steps ahead.
+        plan = {"kill": {"at": at, "step": rng.choice(reachable(at, done)[:2])}}
+        history.append((done[-1] if done else 0, plan["kill"]))
+        rc, out = child(config, run_dir, plan)
+        assert rc == -9, f"{history}: the run was not killed ({rc}):\n{out[-3000:]}"
+        for row in logged(run_dir):
+            assert row == reference[row["step"]], (history, row)
+        after = complete_steps(run_dir)
+        assert not done or done[-1] in after or max(after) > done[-1], (history, done, after)
+    assert {p["at"] for _, p in history} == set(KILL_POINTS), history
+    rc, out = child(config, run_dir, {})
+    assert rc == 0, out[-3000:]
+    assert "resumed from checkpoint step" in out
+    rows = logged(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, SUITE_STEPS + 1)), history
+    assert rows == [reference[s] for s in range(1, SUITE_STEPS + 1)], history
+    print("kill points (resumed from, killed at):", history)
+
+
+def restored_state(run_dir: Path, step: int) -> dict:
+    import orbax.checkpoint as ocp
+
+    with ocp.PyTreeCheckpointer() as ck:
+        return ck.restore(run_dir / "checkpoints" / str(step) / "state")
+
+
+def assert_same_tree(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(la) == len(lb) > 0
+    for x, y in zip(la, lb, strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("what", ["loss", "grad", "update"])
+def test_non_finite_loss_gradient_or_update_is_skipped_then_stops(suite, reference, what):
+    """Steps 3-4 non-finite: skipped (params and optimizer state as they were: checkpoint
+    4 equals checkpoint 2), the run goes on; steps 7-9 as well: train.max_bad_steps=3 in a
+    row stops it (exit 3) naming the last finite checkpoint."""
+    root, config = suite
+    run_dir = root / f"poison_{what}"
+    plan = {"poison": {"what": what, "steps": [3, 4, 7, 8, 9, 10, 11, 12]}}
+    rc, out = child(config, run_dir, plan, "checkpoint.keep=10")
+    assert rc == 3, out[-3000:]
+    assert "3 consecutive steps (7..9)" in out and "last finite checkpoint" in out, out[-3000:]
+    rows = {r["step"]: r for r in logged(run_dir)}
+    assert sorted(rows) == list(range(1, 10))
+    assert [rows[s]["skipped"] for s in rows] == [0, 0, 1, 1, 0, 0, 1, 1, 1]
+    assert rows[1] == reference[1] and rows[2] == reference[2]
+    null = {"loss": "loss", "grad": "grad_norm", "update": "learning_rate"}[what]
+    for s in (3, 4, 7, 8, 9):
+        assert rows[s][null] is None, rows[s]  # non-finite is written as null
+        if what != "loss":
+            assert math.isfinite(rows[s]["loss"]), rows[s]
+    two, four = restored_state(run_dir, 2), restored_state(run_dir, 4)
+    assert_same_tree(two["params"], four["params"])
+    assert_same_tree(two["opt_state"], four["opt_state"])
+    six = restored_state(run_dir, 6)
+    assert not np.array_equal(np.asarray(jax.tree.leaves(six["params"])[0]),
+                              np.asarray(jax.tree.leaves(four["params"])[0]))
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(six))
+
+
+@pytest.mark.e2e
+def test_out_of_space_during_a_save_keeps_the_previous_checkpoint(suite, reference):
+    """The JSON item of step 4's save raises ENOSPC in orbax's writer thread: the run
+    stops (exit 4) with one clear line, step 2 is intact and the same command resumes."""
+    root, config = suite
+    run_dir = root / "full_disk"
+    rc, out = child(config, run_dir, {"enospc": 4}, "checkpoint.keep=10", "train.max_steps=6")
+    assert rc == 4, out[-3000:]
+    # (orbax logs the failed write's traceback first; a thread may still complain at exit)
+    said = [x for x in out.splitlines() if x.startswith("jaxpt train: error: ")]
+    assert len(said) == 1 and said[0].startswith("jaxpt train: error: out of disk space"), out
+    assert "No space left on device" in said[0] and "step 2 in " in said[0], said
+    assert "is intact" in said[0], said
+    assert complete_steps(run_dir) == [2]
+    rc, out = child(config, run_dir, {}, "checkpoint.keep=10", "train.max_steps=6")
+    assert rc == 0, out[-3000:]
+    assert "resumed from checkpoint step 2" in out
+    rows = logged(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert rows[:2] == [reference[1], reference[2]]  # (a 6-step schedule differs after)
+    assert complete_steps(run_dir) == [2, 4, 6]
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("skip", [False, True], ids=["error", "skipped"])
+def test_non_finite_grpo_rewards_are_an_error_or_skipped_and_counted(suite, skip):
+    """A reward function returning NaN and inf (the tiny SFT config run as GRPO): an error
+    naming the function and the row, or with grpo.skip_nonfinite_rewards each such value
+    is left out and counted, and the steps train on finite advantages."""
+    root, config = suite
+    run_dir = root / f"rewards_{skip}"
+    overrides = [
+        "algorithm=grpo", "train.max_steps=2", "train.batch_size=8", "optim.lr=0.01",
+        "train.logprob_impl=chunked", "checkpoint.every=0", "grpo.num_generations=4",
+        "grpo.max_completion_length=8", "grpo.max_prompt_length=128",
+        "grpo.reward_funcs=[__main__:nonfinite_reward]", "grpo.eval_prompts=0",
+        f"grpo.skip_nonfinite_rewards={str(skip).lower()}",
+    ]
+    rc, out = child(config, run_dir, {}, *overrides)
+    if not skip:  # the RewardError ends the traceback: function, completion and row
+        assert rc == 1, out[-3000:]
+        last = out.strip().splitlines()[-1]
+        assert last.startswith("jaxpt.rewards.registry.RewardError: reward function "
+                               "'nonfinite_reward' returned nan for completion 1 of dataset "
+                               "row "), last
+        assert "skip_nonfinite_rewards" in last
+        return
+    assert rc == 0, out[-3000:]
+    rows = logged(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["rewards/nonfinite_skipped"] > 0 and math.isfinite(r["loss"]), r
+        assert r["skipped"] == 0

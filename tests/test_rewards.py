@@ -385,3 +385,26 @@ def test_hanging_function_times_out():
         assert "42" in str(info.value) and "cannot be killed" in str(info.value)
     finally:
         release.set()
+
+
+def test_rewards_that_need_the_answer_column_are_checked_before_sampling():
+    """Verifiers declare ``required_columns``; ``check_reward_columns`` names the reward,
+    the column and the first prompt row without it, before any rollout."""
+    import numpy as np
+
+    from jaxpt.data.pipeline import PromptExample
+    from jaxpt.rewards.registry import check_reward_columns, get_reward_function
+
+    rows = [
+        PromptExample(np.zeros(2, np.int32), {"prompt": "1+1?", "answer": "2"}, "p.jsonl", 1),
+        PromptExample(np.zeros(2, np.int32), {"prompt": "2+2?"}, "p.jsonl", 2),
+    ]
+    for spec in ("math", "math_strict", "math(strict=true)", "choice"):
+        fn = get_reward_function(spec)
+        with pytest.raises(ValueError, match=r"p.jsonl:2: reward .* needs the dataset column "
+                                             r"'answer'.*columns: \['prompt'\]"):
+            check_reward_columns([fn], rows)
+        check_reward_columns([fn], rows[:1])  # every row has it: fine
+    # rewards that read no column pass, as do user functions that declare nothing
+    check_reward_columns([get_reward_function("answer_format"), lambda completions, **kw: []],
+                         rows)

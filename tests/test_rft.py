@@ -11,10 +11,12 @@ import pytest
 import yaml
 from train_utils import make_tiny_model_dir, make_tiny_tokenizer, read_metrics
 
+from jaxpt.algorithms import rft as rft_lib
+from jaxpt.algorithms.rft import RFTConfig, sampling_fingerprint
 from jaxpt.config import ConfigError, load_config
-from jaxpt.evaluate import EvalSample
-from jaxpt.train import rft as rft_lib
-from jaxpt.train.rft import RFTConfig, dart_allocation, sampling_fingerprint, select_kept
+from jaxpt.eval_report import EvalSample
+from jaxpt.rl import rejection
+from jaxpt.rl.rejection import dart_allocation, select_kept
 
 
 def char_verifier(completions, **kw):
@@ -83,9 +85,9 @@ class FakeSampler:
 
 def test_sampling_rounds_follow_the_rule_and_stop_at_budget(monkeypatch):
     fake = FakeSampler()
-    monkeypatch.setattr("jaxpt.evaluate.sample_and_verify", fake)
+    monkeypatch.setattr("jaxpt.rl.rejection.sample_and_verify", fake)
     rcfg = RFTConfig(num_samples=2, min_correct=2, rounds=6, budget=30, max_samples_per_round=8)
-    state, stats = rft_lib.run_sampling(
+    state, stats = rejection.run_sampling(
         None, None, None, [None] * 3, rcfg, progress=False, log=lambda m: None
     )
     # Round 1: 2 each. p0 has 2 right (done), p1 1 (sample 0), p2 0.
@@ -102,8 +104,8 @@ def test_sampling_rounds_follow_the_rule_and_stop_at_budget(monkeypatch):
     assert kept == [[0, 1], [0, 3], []]
     # Rounds also stop once every prompt is done.
     fake2 = FakeSampler()
-    monkeypatch.setattr("jaxpt.evaluate.sample_and_verify", fake2)
-    state, stats = rft_lib.run_sampling(
+    monkeypatch.setattr("jaxpt.rl.rejection.sample_and_verify", fake2)
+    state, stats = rejection.run_sampling(
         None,
         None,
         None,
@@ -114,7 +116,7 @@ def test_sampling_rounds_follow_the_rule_and_stop_at_budget(monkeypatch):
     )
     assert fake2.calls == [[3, 3]] and len(stats) == 1
     with pytest.raises(ConfigError, match="rft.budget=5 is smaller than round 1"):
-        rft_lib.run_sampling(
+        rejection.run_sampling(
             None,
             None,
             None,
@@ -137,9 +139,9 @@ def test_select_kept_skips_duplicates_and_unusable():
         s("c", True, "length"),
         s("d", True),
     ]
-    usable = [rft_lib.is_usable(x, keep_truncated=False) for x in samples]
+    usable = [rejection.is_usable(x, keep_truncated=False) for x in samples]
     assert usable == [True, True, False, False, False, True]
-    state = rft_lib.SamplingState([samples], [[1] * 6], [usable])
+    state = rejection.SamplingState([samples], [[1] * 6], [usable])
     assert select_kept(state, 5) == [[0, 5]]  # "a " duplicates "a" after strip
     assert select_kept(state, 1) == [[0]]
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from jaxpt.generate_cli import PromptFileError, add_generate_parser, read_prompts_file
+from jaxpt.cli.generate import PromptFileError, add_generate_parser, read_prompts_file
 
 
 def _parser():

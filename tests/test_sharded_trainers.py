@@ -233,7 +233,7 @@ def check_rows(rows):
 
 
 SFT_CODE = """
-from jaxpt.train.sft import build_sft_trainer
+from jaxpt.algorithms.sft import build_sft_trainer
 cfg = load_config({path!r})
 ref = None
 for shape in MESHES:
@@ -248,7 +248,7 @@ for shape in MESHES:
 # when a batch is put on the devices, naming the size and the axes.
 import dataclasses
 from jaxpt.sharding import ShardingError
-from jaxpt.train.state import batch_shardings, put_batch
+from jaxpt.engine.state import batch_shardings, put_batch
 mesh = mesh_of((2, 2, 2))
 for what, fn in [
     ("build", lambda: build_sft_trainer(
@@ -285,14 +285,14 @@ def test_sft_step_matches_single_device(tiny, tmp_path):
 
 
 DPO_CODE = """
-from jaxpt.train.dpo import build_dpo_trainer
+from jaxpt.algorithms.dpo import build_dpo_trainer
 cfg = load_config({path!r})
 ref = None
 for shape in MESHES:
     tr = build_dpo_trainer(cfg, mesh=mesh_of(shape))
     p0 = jax.device_get(tr.state.params)
     batch = tr.source.next(tr.state)  # the online reference forward runs here
-    refs = jax.device_get({{k: batch[k] for k in ("ref_chosen_logps", "ref_rejected_logps")}})
+    refs = jax.device_get(batch.ref)
     loss, params, state = step_once(tr, batch)
     report(shape, tr, loss, params, state, ref, moved=max_diff(params, p0),
            ref_logps_used=used(refs, ref[2], depth=5) if ref else 0.0,
@@ -332,8 +332,8 @@ def test_dpo_step_matches_single_device(tiny, tmp_path, data_dir, share_prompt):
 
 
 GRPO_CODE = """
-from jaxpt.train.grpo import build_grpo_trainer
-from jaxpt.train.rollout import rollout_sequences
+from jaxpt.algorithms.grpo import GRPOBatch, build_grpo_trainer
+from jaxpt.rl.layout import rollout_sequences
 cfg = load_config({path!r})
 ROLLOUT_MESHES = {rollout_meshes!r}
 
@@ -346,27 +346,29 @@ R, P, C, G = 8, 12, 6, 4
 pmask = np.repeat(np.arange(P)[None] >= rs.randint(0, P - 2, R // G)[:, None], G, 0)
 cmask = np.arange(C)[None] < rs.randint(1, C + 1, R)[:, None]
 prompts = np.repeat(rs.randint(3, 1000, (R // G, P)), G, 0)
-fixed = rollout_sequences(prompts, pmask, rs.randint(3, 1000, (R, C)), cmask)
-fixed["advantages"] = rs.randn(R).astype(np.float32)
+rows = rollout_sequences(prompts, pmask, rs.randint(3, 1000, (R, C)), cmask)
+advantages = rs.randn(R).astype(np.float32)
 
 ref = None
 for shape in MESHES:
     tr = build_grpo_trainer(cfg, mesh=mesh_of(shape))
     p0 = jax.device_get(tr.state.params)
     if ref is None:
-        old = tr.source.score_fn(tr.state, fixed, old=True, ref=False)["old_logprobs"]
-        fixed["old_logprobs"] = (old + 0.15 * rs.randn(R, C)).astype(np.float32)
+        old, _ = tr.source.score_fn(tr.state, rows, old=True, ref=False)
+        fixed = GRPOBatch(rows, advantages,
+                          old_logprobs=(old + 0.15 * rs.randn(R, C)).astype(np.float32))
     extra = {{}}
     if list(shape) in ROLLOUT_MESHES:
         # A real rollout (greedy): the decode loop under the decode preset, then scoring.
-        ro = tr.source.next(tr.state)
+        ro = tr.source.next(tr.state).batch
         decode_wq = tr.source.params_of_state(tr.state)["layers"]["wq_END"]
         extra = {{"decode_wq_spec": spec(decode_wq),
-                 "completion_tokens": int(ro["completion_mask"].sum())}}
+                 "completion_tokens": int(ro.rows.completion_mask.sum())}}
         if ref is not None:
-            extra["rollout_ids_equal"] = bool(np.array_equal(ro["input_ids"], ref[2]["input_ids"]))
-            extra["rollout_old_used"] = used(ro["old_logprobs"], ref[2]["old_logprobs"], 4)
-    loss, params, state = step_once(tr, dict(fixed))
+            extra["rollout_ids_equal"] = bool(np.array_equal(ro.rows.input_ids,
+                                                             ref[2].rows.input_ids))
+            extra["rollout_old_used"] = used(ro.old_logprobs, ref[2].old_logprobs, 4)
+    loss, params, state = step_once(tr, fixed)
     report(shape, tr, loss, params, state, ref, moved=max_diff(params, p0), **extra)
     ref = ref or (loss, params, ro)
 """
@@ -407,8 +409,8 @@ def test_grpo_step_and_rollout_match_single_device(tiny, tmp_path):
 RESHARD_CODE = """
 import dataclasses, shutil
 from jaxpt.config import MeshConfig
-from jaxpt.train.sft import build_sft_trainer
-from jaxpt.train.loop import run
+from jaxpt.algorithms.sft import build_sft_trainer
+from jaxpt.engine.loop import run
 
 cfg = load_config({path!r})
 a, b = {out_a!r}, {out_b!r}

@@ -14,12 +14,12 @@ from flax import nnx
 from tolerances import assert_reordered_close
 from train_utils import make_tiny_tokenizer_and_model, read_metrics, tiny_run_config
 
+from jaxpt.algorithms.sft import build_sft_trainer
 from jaxpt.cli import main as cli_main
 from jaxpt.config import load_config
-from jaxpt.train import lora as lora_lib
-from jaxpt.train.checkpoint import Checkpointer, abstract_like
-from jaxpt.train.loop import NonFiniteError, run
-from jaxpt.train.sft import build_sft_trainer
+from jaxpt.engine import lora as lora_lib
+from jaxpt.engine.checkpoint import Checkpointer, abstract_like
+from jaxpt.engine.loop import NonFiniteError, SourceBase, run
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +84,7 @@ def test_nonfinite_steps_stop_with_checkpoint_intact(tiny, tmp_path):
     trainer = build_sft_trainer(cfg)
     inner = trainer.source
 
-    class Poisoned:
+    class Poisoned(SourceBase):
         """From the 4th batch on, token ids are out of range: embeddings, loss are NaN."""
 
         n = 0
@@ -256,3 +256,24 @@ def test_cli_errors_are_one_line(tiny, tmp_path, capsys):
     assert cli_main(["train", str(tmp_path / "missing.yaml"), "data.train=nope.jsonl"]) == 2
     assert "data.train='nope.jsonl' does not exist" in capsys.readouterr().err
     del cfg
+
+
+def test_resume_with_another_model_is_refused_and_config_yaml_kept(tiny, tmp_path):
+    """Checkpoints trained from one model are not resumed onto another (LoRA adapters on
+    another base would train on silently); the refused run leaves config.yaml as it was."""
+    import shutil
+
+    root, model_dir, _ = tiny
+    cfg = config(tiny, tmp_path, train={"max_steps": 2}, checkpoint={"every": 2})
+    run(build_sft_trainer(cfg))
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    other = tmp_path / "other_model"
+    shutil.copytree(model_dir, other)  # same weights, another model.name
+    moved = cfg.replace(
+        model=cfg.model.__class__(**{**vars(cfg.model), "name": str(other)}),
+        train=cfg.train.__class__(**{**vars(cfg.train), "max_steps": 4}),
+    )
+    with pytest.raises(ValueError, match="trained from model.name=") as e:
+        run(build_sft_trainer(moved))
+    assert str(other) in str(e.value) and "checkpoint.resume=false" in str(e.value)
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved

@@ -11,22 +11,22 @@ import torch
 from flax import nnx
 from tolerances import assert_reordered_close
 
+from jaxpt.algorithms.sft import SFT_BATCH_NDIMS, SFTBatch, make_sft_loss_fn, sft_batch_stats
 from jaxpt.config import OptimConfig, SFTConfig
 from jaxpt.data.packing import collate_padded
 from jaxpt.data.tokenize import TokenizedExample
-from jaxpt.models.config import ModelConfig
-from jaxpt.models.decoder import init_model
-from jaxpt.models.weights import export_hf
-from jaxpt.sharding import make_mesh, param_shardings
-from jaxpt.train import lora
-from jaxpt.train.sft import SFT_BATCH_NDIMS, make_sft_loss_fn, sft_batch_stats
-from jaxpt.train.state import (
+from jaxpt.engine import lora
+from jaxpt.engine.state import (
     batch_shardings,
     compile_step,
     init_state,
     make_optimizer,
     make_train_step,
 )
+from jaxpt.models.config import ModelConfig
+from jaxpt.models.decoder import init_model
+from jaxpt.models.weights import export_hf
+from jaxpt.sharding import make_mesh, param_shardings
 
 CFG = ModelConfig(
     model_type="llama",
@@ -102,7 +102,7 @@ def test_only_adapters_train_and_base_stays_bitwise(base):
         mask = np.zeros(n, bool)
         mask[4:] = True
         ex.append(TokenizedExample(rng.randint(1, CFG.vocab_size, n).astype(np.int32), mask))
-    batch = {k: jnp.asarray(v) for k, v in collate_padded(ex, max_length=16).items()}
+    batch = SFTBatch(**{k: jnp.asarray(v) for k, v in collate_padded(ex, max_length=16).items()})
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])  # one device, whatever the count
     base_sh = param_shardings(params, mesh)
     spec = lora.LoraSpec(rank=4, alpha=8.0, dropout=0.1, targets="wq|wv|w_up")

@@ -3,6 +3,8 @@ schedule and weight-decay mask, SFT variants, jit once."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,19 +13,17 @@ import pytest
 from flax import nnx
 from tolerances import assert_reordered_close, assert_trees_reordered_close, rejects
 
-from jaxpt.config import OptimConfig, SFTConfig
-from jaxpt.data.packing import collate_packed, collate_padded
-from jaxpt.data.tokenize import TokenizedExample
-from jaxpt.models.config import ModelConfig
-from jaxpt.models.decoder import init_model
-from jaxpt.sharding import make_mesh, param_shardings
-from jaxpt.train.sft import (
+from jaxpt.algorithms.sft import (
     SFT_BATCH_NDIMS,
+    SFTBatch,
     make_sft_loss_fn,
     mask_response_inputs,
     sft_batch_stats,
 )
-from jaxpt.train.state import (
+from jaxpt.config import OptimConfig, SFTConfig
+from jaxpt.data.packing import collate_packed, collate_padded
+from jaxpt.data.tokenize import TokenizedExample
+from jaxpt.engine.state import (
     accumulate_grads,
     batch_shardings,
     compile_step,
@@ -33,6 +33,9 @@ from jaxpt.train.state import (
     make_schedule,
     make_train_step,
 )
+from jaxpt.models.config import ModelConfig
+from jaxpt.models.decoder import init_model
+from jaxpt.sharding import make_mesh, param_shardings
 
 V = 64
 CFG = ModelConfig(
@@ -71,7 +74,7 @@ def loss_fn_for(graphdef, **kw):
 
 
 def grads_of(graphdef, params, batch, grad_accum=1, **loss_kw):
-    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    batch = SFTBatch(**{k: jnp.asarray(v) for k, v in batch.items()})
 
     @jax.jit
     def run(params, batch):
@@ -175,7 +178,7 @@ def test_grad_accumulation_equals_full_batch(model_parts):
     schedule = lambda count: jnp.float32(0.1)  # noqa: E731
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])  # one device, whatever the count
     psh = param_shardings(params, mesh)
-    dev_batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    dev_batch = SFTBatch(**{k: jnp.asarray(v) for k, v in batch.items()})
     outs = []
     for k in (1, 4):
         state, sh = init_state(jax.tree.map(jnp.copy, params), tx, seed=0, params_sh=psh, mesh=mesh)
@@ -204,9 +207,9 @@ def test_nonfinite_step_is_not_applied(model_parts):
     state, sh = init_state(jax.tree.map(jnp.copy, params), tx, seed=0, params_sh=psh, mesh=mesh)
     step = make_train_step(loss_fn_for(graphdef), tx, schedule, batch_stats_fn=sft_batch_stats)
     step_fn = compile_step(step, sh, batch_shardings(SFT_BATCH_NDIMS, mesh), mesh)
-    good = {k: jnp.asarray(v) for k, v in collate_padded(examples(), max_length=16).items()}
+    good = jax.tree.map(jnp.asarray, SFTBatch(**collate_padded(examples(), max_length=16)))
     # An out-of-range token id embeds as NaN (jnp.take fills), so loss and grads are NaN.
-    bad = {**good, "input_ids": good["input_ids"].at[0, 1].set(10**6)}
+    bad = dataclasses.replace(good, input_ids=good.input_ids.at[0, 1].set(10**6))
 
     state, m = step_fn(state, good)
     assert float(m["skipped"]) == 0.0
@@ -265,7 +268,7 @@ def test_masked_thought_only_touches_response_inputs():
 
 def test_sft_variants_change_the_training_loss(model_parts):
     graphdef, params = model_parts
-    batch = {k: jnp.asarray(v) for k, v in collate_padded(examples(), max_length=16).items()}
+    batch = jax.tree.map(jnp.asarray, SFTBatch(**collate_padded(examples(), max_length=16)))
     stats = sft_batch_stats(None, batch)
     rng = jax.random.PRNGKey(5)
     plain = loss_fn_for(graphdef)(params, batch, rng, stats)[0]
@@ -291,9 +294,10 @@ def test_sharded_step_equals_single_device():
         from jaxpt.models.config import ModelConfig
         from jaxpt.models.decoder import init_model
         from jaxpt.sharding import make_mesh, param_shardings
-        from jaxpt.train import lora
-        from jaxpt.train.sft import SFT_BATCH_NDIMS, make_sft_loss_fn, sft_batch_stats
-        from jaxpt.train.state import (batch_shardings, compile_step, init_state,
+        from jaxpt.engine import lora
+        from jaxpt.algorithms.sft import (SFT_BATCH_NDIMS, SFTBatch, make_sft_loss_fn,
+                                          sft_batch_stats)
+        from jaxpt.engine.state import (batch_shardings, compile_step, init_state,
                                        make_optimizer, make_train_step, put_batch)
         from tolerances import assert_reordered_close, assert_trees_reordered_close
 
@@ -328,7 +332,7 @@ def test_sharded_step_equals_single_device():
             bsh = batch_shardings(SFT_BATCH_NDIMS, mesh)
             fn = compile_step(step, sh, bsh, mesh)
             for _ in range(2):
-                state, m = fn(state, put_batch(host, bsh))
+                state, m = fn(state, put_batch(SFTBatch(**host), bsh))
             return float(m["loss"]), jax.device_get(state.params), state
 
         for use_lora in (False, True):

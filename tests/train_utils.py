@@ -141,7 +141,7 @@ def start_training(
     code = textwrap.dedent(f"""
         import sys, time
         from jaxpt.cli import main
-        import jaxpt.train_cli as cli
+        import jaxpt.cli.train as cli
         delay = {step_delay!r}
         def slow(step, row):
             if delay and "loss" in row:

@@ -103,6 +103,7 @@ def prepare_sft(
         completion_only=completion_only,
         assistant_only=assistant_only,
         chat_template_kwargs=chat_template_kwargs,
+        max_length=max_length,
     )
     out = []
     for ex in _tokenize_all(records, "sft", fn, skip_invalid, stats):
@@ -129,7 +130,9 @@ def prepare_preference(
 
     ``stats.tokens`` counts both sequences of a pair (prompt counted twice)."""
     stats = _new_stats(records, stats)
-    fn = lambda row: tokenize_preference(tokenizer, row, chat_template_kwargs=chat_template_kwargs)
+    fn = lambda row: tokenize_preference(
+        tokenizer, row, chat_template_kwargs=chat_template_kwargs, max_length=max_length
+    )
     out = []
     for pair in _tokenize_all(records, "preference", fn, skip_invalid, stats):
         pair = truncate_preference(pair, max_length, truncation, stats)
@@ -155,7 +158,12 @@ def prepare_prompts(
     """Validate and tokenize GRPO / eval prompts; every other column is kept for rewards."""
     stats = _new_stats(records, stats)
     fn = lambda rec: PromptExample(
-        tokenize_prompt(tokenizer, rec.data, chat_template_kwargs=chat_template_kwargs),
+        tokenize_prompt(
+            tokenizer,
+            rec.data,
+            chat_template_kwargs=chat_template_kwargs,
+            max_length=max_prompt_length,
+        ),
         dict(rec.data),
         rec.source,
         rec.row,

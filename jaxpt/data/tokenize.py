@@ -38,10 +38,19 @@ The rendered text is tokenized piece by piece (untrained piece, trained piece, .
 one piece and the prompt pieces tokenize exactly as the prompt does at generation time. For
 templates whose pieces meet at special tokens (ChatML and most others) this equals
 tokenizing the full rendering in one go.
+
+Bounded tokenizing
+------------------
+With ``max_length`` given, text that cannot survive truncation is cut before the tokenizer
+sees it (a 50 MB row with ``max_length: 128`` used to be tokenized whole): see
+:func:`encode_bounded`. The tokens truncation keeps are the same, and the cut row is still
+longer than ``max_length``, so it is truncated (or dropped) and counted as before.
 """
 
 from __future__ import annotations
 
+import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -116,6 +125,82 @@ def encode(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
     if not text:
         return list(tokenizer("", add_special_tokens=add_special_tokens)["input_ids"])
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+# Tokens between the last kept token and a cut: a cut changes how the text next to it is
+# split and merged, never the tokens this far from it.
+MARGIN_TOKENS = 64
+_MAX_CHARS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Whitespace then a non-space character in reversed text: the start of the text's last
+# whitespace run, where pre-tokenizers start a new piece (or, after punctuation that takes
+# the newlines with it, resynchronize a piece or two later).
+_RUN_START_REVERSED = re.compile(r"\s(?=\S)")
+
+
+def max_chars_per_token(tokenizer: Any) -> int:
+    """The most characters one token stands for: the longest vocabulary entry (cached).
+
+    A raw entry is never shorter than the text it decodes to (byte-level BPE writes one
+    character per byte, sentencepiece one ``▁`` per space and ``<0x41>`` per fallback
+    byte, WordPiece adds ``##``), so ``n`` characters are at least ``n / max_chars``
+    tokens, unless a normalizer shortens the text (checked in :func:`encode_bounded`).
+    """
+    try:
+        return _MAX_CHARS[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    n = max(1, max((len(t) for t in tokenizer.get_vocab()), default=1))
+    try:
+        _MAX_CHARS[tokenizer] = n
+    except TypeError:  # not weak-referenceable: computed again next time
+        pass
+    return n
+
+
+def char_bound(tokenizer: Any, max_length: int) -> int:
+    """Characters beyond which a text is certainly cut by truncation to ``max_length``
+    tokens: ``(max_length + MARGIN_TOKENS) * max_chars_per_token``."""
+    return (max_length + MARGIN_TOKENS) * max_chars_per_token(tokenizer)
+
+
+def encode_bounded(
+    tokenizer: Any,
+    text: str,
+    *,
+    add_special_tokens: bool,
+    max_length: int | None,
+    keep_end: bool = False,
+) -> list[int]:
+    """:func:`encode`, reading no more of ``text`` than truncation to ``max_length`` keeps.
+
+    Text within :func:`char_bound` characters (or ``max_length=None``) is encoded whole.
+    Longer text is more than ``max_length + MARGIN_TOKENS`` tokens, so truncation cuts it
+    anyway, and only its first ``bound`` characters are encoded (``keep_end``: its last
+    ``bound`` to ``2 * bound``, from the start of a whitespace run, so the pieces the
+    pre-tokenizer splits the kept end into are those of the whole text). The kept tokens
+    lie ``MARGIN_TOKENS`` tokens or more from the cut, so they are the whole text's.
+
+    Falls back to encoding the whole text when the cut part gives fewer than
+    ``max_length + MARGIN_TOKENS`` tokens (a normalizer that shortens text, e.g. NFC
+    composing accents) or, with ``keep_end``, has no whitespace to start at.
+    """
+    if max_length is None:
+        return encode(tokenizer, text, add_special_tokens=add_special_tokens)
+    bound = char_bound(tokenizer, max_length)
+    if len(text) <= bound:
+        return encode(tokenizer, text, add_special_tokens=add_special_tokens)
+    if keep_end:
+        last = len(text) - bound
+        lo = max(1, last - bound)
+        m = _RUN_START_REVERSED.search(text[lo : last + 1][::-1])
+        part = text[last - m.start() :] if m else None
+    else:
+        part = text[:bound]
+    if part is not None:
+        ids = encode(tokenizer, part, add_special_tokens=add_special_tokens)
+        if len(ids) >= max_length + MARGIN_TOKENS:
+            return ids
+    return encode(tokenizer, text, add_special_tokens=add_special_tokens)
 
 
 def _with_eos(tokenizer: Any, ids: list[int]) -> list[int]:
@@ -259,12 +344,20 @@ def _example_from_pieces(tokenizer: Any, pieces: list[tuple[list[int], bool]]) -
     return TokenizedExample(np.asarray(ids[:end], np.int32), mask_T[:end])
 
 
-def _tokenize_conversation(tokenizer, messages, trained_turns, key, kw) -> TokenizedExample:
+def _tokenize_conversation(
+    tokenizer, messages, trained_turns, key, kw, max_length
+) -> TokenizedExample:
     pieces = conversation_segments(
         tokenizer, messages, trained_turns, key=key, chat_template_kwargs=kw
     )
+    # Each piece is bounded on its own: a piece cut short fills max_length by itself, so
+    # the pieces after it are past the kept tokens, yet still say whether targets follow.
     return _example_from_pieces(
-        tokenizer, [(encode(tokenizer, t, add_special_tokens=False), m) for t, m in pieces]
+        tokenizer,
+        [
+            (encode_bounded(tokenizer, t, add_special_tokens=False, max_length=max_length), m)
+            for t, m in pieces
+        ],
     )
 
 
@@ -278,6 +371,7 @@ def tokenize_sft(
     completion_only: bool = True,
     assistant_only: bool = True,
     chat_template_kwargs: dict | None = None,
+    max_length: int | None = None,
 ) -> TokenizedExample:
     """Tokenize one SFT row (raises DataError naming the key; callers add file and row).
 
@@ -291,15 +385,23 @@ def tokenize_sft(
     * conversational ``{"prompt", "completion"}``: targets = the assistant turns of the
       completion; ``completion_only=False`` falls back to ``assistant_only`` over the
       whole conversation.
+
+    ``max_length`` (the length ``truncate_example`` cuts to, keeping the start): text
+    longer than can survive it is cut before tokenizing (:func:`encode_bounded`; every
+    string, or every rendered piece of a conversation, on its own). The first
+    ``max_length`` tokens and their mask are those of the whole row.
     """
     fmt = validate_row(row, "sft")
     kw = chat_template_kwargs
+    enc = lambda text, special: encode_bounded(
+        tokenizer, text, add_special_tokens=special, max_length=max_length
+    )
     if fmt.kind == "language_modeling" and not fmt.conversational:
-        ids = _with_eos(tokenizer, encode(tokenizer, row["text"], add_special_tokens=True))
+        ids = _with_eos(tokenizer, enc(row["text"], True))
         return _example_from_pieces(tokenizer, [(ids, True)])
     if fmt.kind == "prompt_completion" and not fmt.conversational:
-        p = encode(tokenizer, row["prompt"], add_special_tokens=True)
-        c = _with_eos(tokenizer, encode(tokenizer, row["completion"], add_special_tokens=False))
+        p = enc(row["prompt"], True)
+        c = _with_eos(tokenizer, enc(row["completion"], False))
         return _example_from_pieces(tokenizer, [(p, not completion_only), (c, True)])
 
     if fmt.kind == "language_modeling":
@@ -316,7 +418,7 @@ def tokenize_sft(
         turns = None
     if turns is not None and not turns:
         raise DataError("no assistant message to train on", key=key)
-    return _tokenize_conversation(tokenizer, messages, turns, key, kw)
+    return _tokenize_conversation(tokenizer, messages, turns, key, kw, max_length)
 
 
 def _completion_text(tokenizer, prompt_text, prompt, completion, key, kw) -> str:
@@ -337,7 +439,11 @@ def _completion_text(tokenizer, prompt_text, prompt, completion, key, kw) -> str
 
 
 def tokenize_preference(
-    tokenizer: Any, row: dict[str, Any], *, chat_template_kwargs: dict | None = None
+    tokenizer: Any,
+    row: dict[str, Any],
+    *,
+    chat_template_kwargs: dict | None = None,
+    max_length: int | None = None,
 ) -> TokenizedPreference:
     """Tokenize one preference row into prompt / chosen / rejected ids.
 
@@ -346,13 +452,20 @@ def tokenize_preference(
     ``add_generation_prompt=True``; each completion = the rest of the rendering of
     prompt + completion, ending at its end-of-turn (trailing whitespace after a final
     special token dropped, as in :func:`tokenize_sft`).
+
+    ``max_length`` (that of ``truncate_preference``): prompt, chosen and rejected text is
+    each cut before tokenizing where it cannot survive truncation (:func:`encode_bounded`),
+    which keeps the tokens truncation keeps.
     """
     fmt = validate_row(row, "preference")
     kw = chat_template_kwargs
+    enc = lambda text, special: encode_bounded(
+        tokenizer, text, add_special_tokens=special, max_length=max_length
+    )
     if not fmt.conversational:
-        p = encode(tokenizer, row["prompt"], add_special_tokens=True)
-        c = _with_eos(tokenizer, encode(tokenizer, row["chosen"], add_special_tokens=False))
-        r = _with_eos(tokenizer, encode(tokenizer, row["rejected"], add_special_tokens=False))
+        p = enc(row["prompt"], True)
+        c = _with_eos(tokenizer, enc(row["chosen"], False))
+        r = _with_eos(tokenizer, enc(row["rejected"], False))
         return TokenizedPreference(p, c, r)
     if fmt.implicit_prompt:
         prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
@@ -363,18 +476,22 @@ def tokenize_preference(
     )
     c_text = _completion_text(tokenizer, prompt_text, prompt, chosen, "chosen", kw)
     r_text = _completion_text(tokenizer, prompt_text, prompt, rejected, "rejected", kw)
-    return TokenizedPreference(
-        encode(tokenizer, prompt_text, add_special_tokens=False),
-        encode(tokenizer, c_text, add_special_tokens=False),
-        encode(tokenizer, r_text, add_special_tokens=False),
-    )
+    return TokenizedPreference(enc(prompt_text, False), enc(c_text, False), enc(r_text, False))
 
 
 def tokenize_prompt(
-    tokenizer: Any, row: dict[str, Any], *, chat_template_kwargs: dict | None = None
+    tokenizer: Any,
+    row: dict[str, Any],
+    *,
+    chat_template_kwargs: dict | None = None,
+    max_length: int | None = None,
 ) -> np.ndarray:
     """Prompt ids (int32 [P]) for generation: a string prompt is tokenized with the
-    tokenizer's special tokens; a message list is rendered with ``add_generation_prompt=True``."""
+    tokenizer's special tokens; a message list is rendered with ``add_generation_prompt=True``.
+
+    ``max_length`` (that of ``truncate_prompt``): a prompt that cannot survive it is cut
+    before tokenizing, keeping its end (:func:`encode_bounded`), so the last ``max_length``
+    tokens (what ``keep_end`` keeps) are the whole prompt's and ``drop`` still drops it."""
     fmt = validate_row(row, "prompt")
     if fmt.conversational:
         text = render_chat(
@@ -383,9 +500,12 @@ def tokenize_prompt(
             add_generation_prompt=True,
             chat_template_kwargs=chat_template_kwargs,
         )
-        ids = encode(tokenizer, text, add_special_tokens=False)
+        special = False
     else:
-        ids = encode(tokenizer, row["prompt"], add_special_tokens=True)
+        text, special = row["prompt"], True
+    ids = encode_bounded(
+        tokenizer, text, add_special_tokens=special, max_length=max_length, keep_end=True
+    )
     if not ids:
         raise DataError("prompt tokenizes to nothing", key="prompt")
     return np.asarray(ids, dtype=np.int32)

@@ -158,11 +158,11 @@ def _grads(cfg: _Config, h_NH, w_VH, tgt_N, coeffs, valid_N):
     V = w_VH.shape[0]
     w, cols = _vocab_padded(cfg, w_VH)
     if cfg.mesh is None:
-        return grads_fn(h_NH, w, cols, tgt_N, *coeffs, **_skip_kwargs(cfg, valid_N))
+        return grads_fn(h_NH, w, cols, tgt_N, coeffs, **_skip_kwargs(cfg, valid_N))
     ax, tok = cfg.vocab_axis, _token_axes(cfg, h_NH.shape[0])
 
     def local(h, w, cols, tgt, *coeffs):
-        dh, dw = grads_fn(h, w, cols, tgt, *coeffs)
+        dh, dw = grads_fn(h, w, cols, tgt, coeffs)
         # d hidden sums over vocab shards; d lm_head sums over token shards.
         return jax.lax.psum(dh, ax), (dw if tok is None else jax.lax.psum(dw, tok))
 

@@ -61,14 +61,10 @@ def _skipped_stats(shape):
     return zero, jnp.ones(shape, jnp.float32), zero, zero
 
 
-def chunked_stats(
-    h_NH, w_VH, cols_1V, tgt_N, *, inv_temp, with_entropy, block_sizes, valid_N=None
-):
+def chunked_stats(h_NH, w_VH, cols_1V, tgt_N, *, inv_temp, with_entropy, block_sizes, valid_N=None):
     """Per-token (m, s, t, zt), each (N,) fp32, over the columns of w_VH."""
     N = h_NH.shape[0]
-    h, w, cols, (tgt, live) = _tiles(
-        h_NH, w_VH, cols_1V, [tgt_N, _live(valid_N, N)], block_sizes
-    )
+    h, w, cols, (tgt, live) = _tiles(h_NH, w_VH, cols_1V, [tgt_N, _live(valid_N, N)], block_sizes)
 
     def one_chunk(args):
         h_nH, tgt_n1, live_n1 = args
@@ -91,28 +87,17 @@ def chunked_stats(
 
 
 def chunked_grads(
-    h_NH,
-    w_VH,
-    cols_1V,
-    tgt_N,
-    lse_N,
-    b_lp_N,
-    b_a_N,
-    b_ent_N,
-    *,
-    inv_temp,
-    with_entropy,
-    block_sizes,
-    valid_N=None,
+    h_NH, w_VH, cols_1V, tgt_N, coeffs_N, *, inv_temp, with_entropy, block_sizes, valid_N=None
 ):
-    """(d hidden (N, H), d lm_head (V, H)), both fp32, for the given coefficients."""
+    """(d hidden (N, H), d lm_head (V, H)), both fp32, for the coefficients ``coeffs_N``
+    = (lse, b_lp, b_a, b_ent) (see ``logprob_common.dlogits``)."""
     N, H = h_NH.shape
     V = w_VH.shape[0]
     h, w, cols, vecs = _tiles(
         h_NH,
         w_VH,
         cols_1V,
-        [tgt_N, lse_N, b_lp_N, b_a_N, b_ent_N, _live(valid_N, N)],
+        [tgt_N, *coeffs_N, _live(valid_N, N)],
         block_sizes,
     )
     bv = w.shape[1]

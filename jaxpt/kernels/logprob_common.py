@@ -118,6 +118,20 @@ def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
+def pad_operands(h_NH, w_VH, cols_1V, vecs_N, *, block_n: int, block_v: int, block_h: int):
+    """Pad hidden, LM head, vocab column ids and per-token vectors to whole blocks for the
+    Pallas kernels: h (Np, Hp), w (Vp, Hp), cols (1, Vp) padded with -1 (no column), and
+    each vector as (Np, 1)."""
+    N, H = h_NH.shape
+    V = w_VH.shape[0]
+    Np, Vp, Hp = round_up(N, block_n), round_up(V, block_v), round_up(H, block_h)
+    h = pad_axis(pad_axis(h_NH, 0, Np), 1, Hp)
+    w = pad_axis(pad_axis(w_VH, 0, Vp), 1, Hp)
+    cols = pad_axis(cols_1V, 1, Vp, value=-1)
+    vecs = [pad_axis(x, 0, Np)[:, None] for x in vecs_N]
+    return h, w, cols, vecs
+
+
 # --------------------------------------------------------------------------- tile math
 # These act on values (not refs), so the Pallas kernels and `chunked` share them.
 

@@ -31,8 +31,7 @@ from jaxpt.kernels.logprob_common import (
     dlogits,
     init_stats,
     online_update,
-    pad_axis,
-    round_up,
+    pad_operands,
 )
 
 _NT = (((1,), (1,)), ((), ()))  # contract the last dims: a @ b.T
@@ -131,14 +130,9 @@ def _bwd_kernel(
 
 
 def _padded(h_NH, w_VH, cols_1V, vecs_N, bs: BlockSizes):
-    N, H = h_NH.shape
-    V = w_VH.shape[0]
-    Np, Vp, Hp = round_up(N, bs.block_n), round_up(V, bs.block_v), round_up(H, bs.block_h)
-    h = pad_axis(pad_axis(h_NH, 0, Np), 1, Hp)
-    w = pad_axis(pad_axis(w_VH, 0, Vp), 1, Hp)
-    cols = pad_axis(cols_1V, 1, Vp, value=-1)
-    vecs = [pad_axis(x, 0, Np)[:, None] for x in vecs_N]
-    return h, w, cols, vecs
+    return pad_operands(
+        h_NH, w_VH, cols_1V, vecs_N, block_n=bs.block_n, block_v=bs.block_v, block_h=bs.block_h
+    )
 
 
 def gpu_stats(h_NH, w_VH, cols_1V, tgt_N, *, inv_temp, with_entropy, block_sizes, interpret):
@@ -177,24 +171,13 @@ def gpu_stats(h_NH, w_VH, cols_1V, tgt_N, *, inv_temp, with_entropy, block_sizes
 
 
 def gpu_grads(
-    h_NH,
-    w_VH,
-    cols_1V,
-    tgt_N,
-    lse_N,
-    b_lp_N,
-    b_a_N,
-    b_ent_N,
-    *,
-    inv_temp,
-    with_entropy,
-    block_sizes,
-    interpret,
+    h_NH, w_VH, cols_1V, tgt_N, coeffs_N, *, inv_temp, with_entropy, block_sizes, interpret
 ):
-    """(d hidden (N, H), d lm_head (V, H)), both fp32, for the given coefficients."""
+    """(d hidden (N, H), d lm_head (V, H)), both fp32, for the coefficients ``coeffs_N``
+    = (lse, b_lp, b_a, b_ent) (see ``logprob_common.dlogits``)."""
     bs = block_sizes.check("gpu")
     (N, H), V = h_NH.shape, w_VH.shape[0]
-    h, w, cols, vecs = _padded(h_NH, w_VH, cols_1V, [tgt_N, lse_N, b_lp_N, b_a_N, b_ent_N], bs)
+    h, w, cols, vecs = _padded(h_NH, w_VH, cols_1V, [tgt_N, *coeffs_N], bs)
     (Np, Hp), Vp = h.shape, w.shape[0]
     bn, bv = bs.block_n, bs.block_v
     vec = pl.BlockSpec((bn, 1), lambda i, j: (i, 0))

@@ -39,6 +39,7 @@ Definitions follow TRL 1.16 (``trl/trainer/dpo_trainer.py``, ``experimental/cpo`
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -340,8 +341,10 @@ class DPOLossConfig:
             raise ValueError(f"DPOLossConfig.loss_type is empty; choose from {list(LOSS_TYPES)}")
         unknown = [t for t in types if t not in LOSS_TYPES]
         if unknown:
+            close = [m for t in unknown for m in difflib.get_close_matches(str(t), LOSS_TYPES, 1)]
+            hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
             raise ValueError(
-                f"DPOLossConfig.loss_type: unknown loss type(s) {unknown}; "
+                f"DPOLossConfig.loss_type: unknown loss type(s) {unknown}{hint}; "
                 f"valid types are {list(LOSS_TYPES)}"
             )
         dupes = sorted({t for t in types if types.count(t) > 1})

@@ -58,7 +58,7 @@ import jax.numpy as jnp
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 # Weight schedules of the SFT term of SFT+RL hybrids. `grpo.sft_schedule: adaptive` (SASR)
-# is not a weight: it picks SFT or RL for each step (`jaxpt.train.grpo.SASRMixer`).
+# is not a weight: it picks SFT or RL for each step (`jaxpt.rl.hybrids.SASRMixer`).
 SFT_SCHEDULES = ("constant", "linear", "warmup_then_rl")
 
 
@@ -452,7 +452,7 @@ def sft_weight_schedule(
       from :func:`rl_weight_schedule` is 0), then ``w1`` (default 0: pure RL).
 
     SASR (``grpo.sft_schedule: adaptive``) is no weight schedule: it chooses an SFT or an RL
-    step at random each step, see :class:`jaxpt.train.grpo.SASRMixer`.
+    step at random each step, see :class:`jaxpt.rl.hybrids.SASRMixer`.
     """
     step = _f32(step)
     w0, w1 = _f32(initial_weight), _f32(final_weight)

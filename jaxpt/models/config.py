@@ -1,7 +1,8 @@
 """Model configuration: one decoder config for Llama, SmolLM2, Qwen2 and Qwen3.
 
-The architecture fields mirror a Hugging Face `config.json`; `param_dtype`, `compute_dtype`
-and `remat` are run-time choices that do not change the checkpoint.
+The architecture fields mirror a Hugging Face `config.json`; `param_dtype`, `compute_dtype`,
+`remat` and the attention kernel (with the mesh it is compiled for) are run-time choices
+that do not change the checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+
+from jaxpt.kernels.attention import IMPLS as ATTENTION_IMPLS
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 REMAT_POLICIES = ("none", "attention", "full", "dots")
@@ -60,6 +63,13 @@ class ModelConfig:
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     remat: str = "none"
+    # auto | xla | splash | cudnn (jaxpt/kernels/attention.py): the attention of the
+    # forward without a KV cache; auto picks by `mesh`'s devices (None: xla).
+    attention: str = "auto"
+    # The mesh programs are compiled for (a jax.sharding.Mesh, abstract TPU devices too):
+    # it picks `auto`'s kernel and splash runs in shard_map over it.
+    mesh: Any = None
+    attention_interpret: bool = False  # splash in Pallas interpret mode (CPU tests)
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -76,6 +86,8 @@ class ModelConfig:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat={self.remat!r}; use one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention={self.attention!r}; use one of {ATTENTION_IMPLS}")
         dtype_from_name(self.param_dtype, what="param_dtype")
         dtype_from_name(self.compute_dtype, what="compute_dtype")
 

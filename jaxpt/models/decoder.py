@@ -15,6 +15,11 @@ applies), which lets G completions packed after one copy of their prompt share i
 With `prefix_blocks=(P, C)` such a row (a prefix of P tokens, then blocks of C tokens that
 each see only the prefix and themselves) computes attention over those key ranges only.
 
+That mask is written out here in XLA (B x N x T x S scores per layer): the CPU path and the
+oracle. `cfg.attention` may instead pick jax's splash (TPU) or cuDNN (GPU) kernel for the
+forward without a KV cache, which apply the same mask without the T x S scores
+(jaxpt/kernels/attention.py says what each covers).
+
 Layers are stacked on a leading L axis and run with `lax.scan`, so compile time does not
 grow with depth; remat applies per layer.
 """
@@ -29,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpt.kernels.attention import choose_attention, cudnn_attention, splash_attention
 from jaxpt.models.config import ModelConfig
 
 _INIT = nnx.initializers.normal(0.02)
@@ -199,12 +205,24 @@ class Decoder(nnx.Module):
         blocks of C tokens, and the mask lets a block's queries see only prefix keys and
         keys of their own block (the shared-prompt layout); attention then runs over those
         key ranges only (`prefix_block_attention`), not over the whole row.
+        `cfg.attention` picks the kernel that applies the mask (module doc).
         """
         cfg = self.cfg
         B, T = tokens_BT.shape
+        segmented = segment_ids_BT is not None
+        impl = choose_attention(
+            cfg.attention,
+            cfg.mesh,
+            dtype=cfg.dtype,
+            cache=cache is not None,
+            segmented=segmented,
+            shared=shared_BT is not None,
+            prefix_blocks=prefix_blocks,
+            interpret=cfg.attention_interpret,
+        )
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        if segment_ids_BT is None:
+        if not segmented:
             segment_ids_BT = jnp.ones((B, T), jnp.int32)
         x_BTE = self.embed(tokens_BT, input_embeddings_BTE=input_embeddings_BTE)
         cos_BTD, sin_BTD = rope_tables(positions_BT, rope_inv_freq(cfg))
@@ -226,7 +244,6 @@ class Decoder(nnx.Module):
             same_BTS = same_BTS | (shared_BT[:, None, :] & (segment_ids_BT[:, :, None] > 0))
         mask_B1TS = (same_BTS & (key_pos_BS[:, None, :] <= positions_BT[:, :, None]))[:, None]
 
-        attend = _attention(cfg)
         if prefix_blocks is not None:
             if cache is not None:
                 raise ValueError("Decoder: prefix_blocks is for training rows, not the KV cache")
@@ -236,9 +253,23 @@ class Decoder(nnx.Module):
                     f"Decoder: prefix_blocks=(P={P}, C={C}) does not split a row of {T} "
                     "tokens into a prefix and whole blocks"
                 )
-            attend = prefix_block_attention(attend, mask_B1TS, P, C)
+        scale = cfg.head_dim**-0.5
+        if impl == "splash":
+            attend = functools.partial(
+                splash_attention,
+                segment_ids_BT=segment_ids_BT if segmented or shared_BT is not None else None,
+                scale=scale,
+                prefix_blocks=prefix_blocks,
+                shared_prefix=shared_BT is not None,
+                mesh=cfg.mesh,
+                interpret=cfg.attention_interpret,
+            )
+        elif impl == "cudnn":
+            attend = functools.partial(cudnn_attention, scale=scale)
+        elif prefix_blocks is not None:
+            attend = prefix_block_attention(_attention(cfg), mask_B1TS, *prefix_blocks)
         else:
-            attend = functools.partial(_with_mask, attend, mask_B1TS)
+            attend = functools.partial(_with_mask, _attention(cfg), mask_B1TS)
         graphdef, layer_params = nnx.split(self.layers)
         layer_fn = _layer_fn(cfg, graphdef, cos_BTD, sin_BTD, attend)
         if cfg.remat not in ("none", "attention"):

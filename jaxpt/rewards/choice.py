@@ -67,6 +67,7 @@ class ChoiceReward:
     where the reference is missing or is not a choice letter."""
 
     __name__ = "choice_reward"
+    required_columns = ("answer",)
 
     def __call__(
         self, prompts=None, completions=None, answer=None, **kwargs

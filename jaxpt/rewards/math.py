@@ -516,6 +516,8 @@ class MathReward:
             ``math_strict_reward``, or ``math_<equivalence function name>``.
     """
 
+    required_columns = ("answer",)
+
     def __init__(
         self,
         strict: bool = False,
@@ -589,6 +591,9 @@ def math_strict_reward(
 ) -> list[float | None]:
     """:func:`math_reward` with ``strict=True`` (the built-in ``math_strict``)."""
     return _MATH_STRICT(prompts, completions, answer, **kwargs)
+
+
+math_reward.required_columns = math_strict_reward.required_columns = ("answer",)
 
 
 def answer_format_reward(completions: list | None = None, **kwargs) -> list[float]:

@@ -189,6 +189,22 @@ def get_reward_function(spec: str | Callable, **options) -> Callable:
     return obj
 
 
+def check_reward_columns(reward_funcs: Sequence[Callable], prompts: Sequence[Any]) -> None:
+    """Before any sampling: every prompt row has the dataset columns each reward declares
+    it needs (a ``required_columns`` attribute, e.g. ``("answer",)`` on the verifiers; user
+    functions may declare theirs). Raises ValueError naming the reward, the column, the
+    first row without it (file and row) and the columns that row has."""
+    for fn in reward_funcs:
+        for column in getattr(fn, "required_columns", ()):
+            for p in prompts:
+                if column not in p.columns:
+                    raise ValueError(
+                        f"{p.source}:{p.row}: reward {reward_function_name(fn)} needs the "
+                        f"dataset column {column!r}, which this row does not have (its "
+                        f"columns: {sorted(p.columns)})."
+                    )
+
+
 def reward_function_name(fn: Callable) -> str:
     """The name used in metrics (``rewards/<name>/mean``): ``__name__`` or the class name."""
     return getattr(fn, "__name__", None) or type(fn).__name__

@@ -1,16 +1,19 @@
 """Host-side text generation: chat templates, batching, padding, decoding to text.
 
-`generate_text(model, tokenizer, prompts, ...)` is the convenience entry point (the CLI,
-eval and notebooks use it); the GRPO trainer calls `jaxpt.sampling.generate` on token ids
-directly.
+`sample_completions(graphdef, params, tokenizer, prompt_ids, counts, ...)` is the one
+wrapper of `jaxpt.sampling.generate` from prompt rows to decoded completions:
+`generate_text` (`jaxpt generate`, notebooks) encodes prompts with the chat template and
+calls it; `jaxpt.evaluate.sample_and_verify` (`jaxpt eval`, RFT, GRPO's held-out eval)
+verifies what it returns. GRPO rollouts call `generate` on token ids directly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -38,6 +41,14 @@ class Completion:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+
+class Sampled(NamedTuple):
+    """One completion of ``prompts[index]``: its sample number and the completion."""
+
+    index: int
+    sample: int
+    completion: Completion
 
 
 def default_stop_ids(tokenizer, extra: Sequence[int] = ()) -> tuple[int, ...]:
@@ -112,57 +123,112 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, length: int | None = No
     return ids, mask
 
 
-def iter_generate_ids(
+def stop_and_pad_ids(
+    tokenizer, eos_ids: Sequence[int] | None, pad_id: int | None, extra: Sequence[int] = ()
+) -> tuple[tuple[int, ...], int]:
+    """(stop ids, pad id): ``eos_ids`` or ``default_stop_ids(tokenizer, extra)``; ``pad_id``
+    or the tokenizer's pad token, else the first stop id, else 0."""
+    if eos_ids is None:
+        eos_ids = default_stop_ids(tokenizer, extra)
+    eos = tuple(int(e) for e in eos_ids)
+    if pad_id is None:
+        pad_id = tokenizer.pad_token_id
+        if pad_id is None:
+            pad_id = eos[0] if eos else 0
+    return eos, int(pad_id)
+
+
+def sample_completions(
     graphdef,
     params,
+    tokenizer,
     prompt_ids: Sequence[Sequence[int]],
+    counts: int | Sequence[int],
     *,
     sampler: Sampler,
     max_new_tokens: int,
     eos_ids: Sequence[int],
     pad_id: int,
     seed: int = 0,
-    num_samples: int = 1,
     batch_size: int | None = None,
     shardings=None,
     layer_loop: str = "auto",
-) -> Iterator[tuple[list[int], Any]]:
-    """Yield (prompt indices, GenerationResult as numpy) batch by batch. Prompts are
-    batched in order of length (less padding); every batch has exactly `batch_size`
-    prompts (the last one is filled with repeats, dropped from the output), so one
-    compiled program serves the whole run per prompt-length bucket."""
-    import jax
+) -> tuple[int, Iterator[list[Sampled]]]:
+    """Sample completions of token-id prompts; every non-rollout caller of `generate`
+    (`generate_text`, `jaxpt.evaluate.sample_and_verify`) goes through here.
 
-    n = len(prompt_ids)
-    batch_size = n if batch_size is None else batch_size
+    counts: an int K (every prompt is one decoded row with K samples sharing its prefill)
+        or one count per prompt (0 allowed; each sample is its own row, so a prompt may sit
+        in several rows of a batch and gets independent samples).
+    Returns (number of decode batches, iterator over them). Rows are batched in order of
+    prompt length (less padding); every batch has exactly ``batch_size`` rows (default:
+    all; the last one is filled with repeats, dropped from the output), so one compiled
+    program serves the run per prompt-length bucket. The batch that starts at sorted row
+    ``start`` draws with ``fold_in(key(seed), start)``. A batch is a list of `Sampled`.
+    """
+    if isinstance(counts, int):
+        rows, sample_no, per_row = list(range(len(prompt_ids))), [0] * len(prompt_ids), counts
+    else:
+        rows = [i for i, c in enumerate(counts) for _ in range(c)]
+        sample_no = [s for c in counts for s in range(c)]
+        per_row = 1
+    n = len(rows)
+    batch_size = max(n, 1) if batch_size is None else batch_size
     if batch_size < 1:
         raise PromptError(f"batch_size={batch_size}: must be >= 1")
-    order = sorted(range(n), key=lambda i: len(prompt_ids[i]))
-    base = jax.random.key(seed)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        rows = [prompt_ids[i] for i in idx]
-        rows += [rows[-1]] * (min(batch_size, n) - len(rows))
-        ids, mask = left_pad(rows, pad_id)
-        if shardings is not None:
-            ids, mask = shardings.place_rows(ids), shardings.place_rows(mask)
-        result = generate(
-            graphdef,
-            params,
-            ids,
-            mask,
-            sampler=sampler,
-            max_new_tokens=max_new_tokens,
-            eos_ids=tuple(eos_ids),
-            rng=jax.random.fold_in(base, start),
-            num_samples=num_samples,
-            pad_id=pad_id,
-            shardings=shardings,
-            layer_loop=layer_loop,
+    order = sorted(range(n), key=lambda r: len(prompt_ids[rows[r]]))
+
+    def batches() -> Iterator[list[Sampled]]:
+        base = jax.random.key(seed)
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            ids_b = [prompt_ids[rows[r]] for r in idx]
+            ids_b += [ids_b[-1]] * (min(batch_size, n) - len(ids_b))
+            ids, mask = left_pad(ids_b, pad_id)
+            if shardings is not None:
+                ids, mask = shardings.place_rows(ids), shardings.place_rows(mask)
+            result = generate(
+                graphdef,
+                params,
+                ids,
+                mask,
+                sampler=sampler,
+                max_new_tokens=max_new_tokens,
+                eos_ids=tuple(eos_ids),
+                rng=jax.random.fold_in(base, start),
+                num_samples=per_row,
+                pad_id=pad_id,
+                shardings=shardings,
+                layer_loop=layer_loop,
+            )
+            result = jax.tree.map(np.asarray, result)
+            completions = _decode(tokenizer, result, len(idx) * per_row)
+            yield [
+                Sampled(rows[r], sample_no[r] + s, completions[j * per_row + s])
+                for j, r in enumerate(idx)
+                for s in range(per_row)
+            ]
+
+    return -(-n // batch_size), batches()
+
+
+def _decode(tokenizer, result, num_rows: int) -> list[Completion]:
+    """The first ``num_rows`` rows of a GenerationResult (numpy) as Completions."""
+    ids, text_ids = [], []
+    for r in range(num_rows):
+        toks = tuple(int(t) for t in result.tokens[r, : int(result.lengths[r])])
+        ids.append(toks)
+        text_ids.append(list(toks[:-1] if int(result.finish_reason[r]) == FINISH_STOP else toks))
+    texts = tokenizer.batch_decode(text_ids, skip_special_tokens=True)
+    return [
+        Completion(
+            text=texts[r],
+            token_ids=ids[r],
+            logprobs=tuple(float(x) for x in result.logprobs[r, : len(ids[r])]),
+            finish_reason=FINISH_REASONS[int(result.finish_reason[r])],
         )
-        result = jax.tree.map(np.asarray, result)
-        keep = len(idx) * num_samples
-        yield idx, jax.tree.map(lambda x, k=keep: x[:k], result)
+        for r in range(num_rows)
+    ]
 
 
 def generate_text(
@@ -192,31 +258,23 @@ def generate_text(
     """
     if not prompts:
         return []
-    sampler = Sampler.greedy() if sampler is None else sampler
     if isinstance(model, tuple):
-        graphdef, params = model
-        cfg_eos = ()
+        (graphdef, params), cfg_eos = model, ()
     else:
-        graphdef, params = nnx.split(model)
-        cfg_eos = tuple(model.cfg.eos_token_ids)
-    if eos_ids is None:
-        eos_ids = default_stop_ids(tokenizer, extra=cfg_eos)
-    eos_ids = tuple(int(e) for e in eos_ids)
-    if pad_id is None:
-        pad_id = tokenizer.pad_token_id
-        if pad_id is None:
-            pad_id = eos_ids[0] if eos_ids else 0
+        (graphdef, params), cfg_eos = nnx.split(model), tuple(model.cfg.eos_token_ids)
+    eos_ids, pad_id = stop_and_pad_ids(tokenizer, eos_ids, pad_id, extra=cfg_eos)
     ids = encode_prompts(tokenizer, prompts, chat_template=chat_template)
-    batches = iter_generate_ids(
+    total, batches = sample_completions(
         graphdef,
         params,
+        tokenizer,
         ids,
-        sampler=sampler,
+        num_samples,
+        sampler=Sampler.greedy() if sampler is None else sampler,
         max_new_tokens=max_new_tokens,
         eos_ids=eos_ids,
-        pad_id=int(pad_id),
+        pad_id=pad_id,
         seed=seed,
-        num_samples=num_samples,
         batch_size=batch_size,
         shardings=shardings,
         layer_loop=layer_loop,
@@ -224,25 +282,9 @@ def generate_text(
     if progress:
         from tqdm.auto import tqdm
 
-        bs = len(ids) if batch_size is None else batch_size
-        batches = tqdm(batches, total=-(-len(ids) // bs), desc="generate", unit="batch")
-    out: list[list[Completion] | None] = [None] * len(ids)
-    for idx, result in batches:
-        for j, i in enumerate(idx):
-            out[i] = [
-                _completion(tokenizer, result, j * num_samples + s) for s in range(num_samples)
-            ]
-    return out  # type: ignore[return-value]
-
-
-def _completion(tokenizer, result, r: int) -> Completion:
-    n = int(result.lengths[r])
-    reason = int(result.finish_reason[r])
-    tokens = [int(t) for t in result.tokens[r, :n]]
-    text_tokens = tokens[:-1] if reason == FINISH_STOP else tokens
-    return Completion(
-        text=tokenizer.decode(text_tokens, skip_special_tokens=True),
-        token_ids=tuple(tokens),
-        logprobs=tuple(float(x) for x in result.logprobs[r, :n]),
-        finish_reason=FINISH_REASONS[reason],
-    )
+        batches = tqdm(batches, total=total, desc="generate", unit="batch")
+    out: list[list[Completion]] = [[None] * num_samples for _ in ids]  # type: ignore[list-item]
+    for batch in batches:
+        for x in batch:
+            out[x.index][x.sample] = x.completion
+    return out

@@ -9,6 +9,10 @@ Variants (``sft:`` section):
   * NEFTune (``neftune_alpha: a``): uniform noise in +-a/sqrt(T*E) is added to the input
     embeddings during training (not in evaluation).
 
+Batch: :class:`SFTBatch`, the token rows of ``jaxpt.data.packing`` (packed or padded). The
+loader yields them as dicts; ``put`` in ``build_sft_trainer`` converts them where they go
+to the devices (train and eval alike).
+
 Loss (``jaxpt.losses.sft.sft_loss``): the sum of -log p over every target token of the
 optimizer step's batch divided by that batch's target-token count (all micro-batches), so
 accumulation equals one full batch. ``mean_token_accuracy`` and ``entropy`` are means over
@@ -17,40 +21,49 @@ the same target tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxpt.algorithms.registry import register_builder
 from jaxpt.config import RunConfig, SFTConfig
 from jaxpt.data import BATCH_KEYS, DataStats, prepare_sft, sft_loader
+from jaxpt.engine.build import RunParts, read_data_records, start_run, train_program
+from jaxpt.engine.logprobs import sequence_token_logprobs
+from jaxpt.engine.loop import IteratorSource, Trainer
+from jaxpt.engine.state import batch_shardings, put_batch
 from jaxpt.losses.sft import sft_loss
 from jaxpt.sharding import check_batch_size, replicated
-from jaxpt.train.common import (
-    build_mesh,
-    build_train_state,
-    check_train_batch,
-    load_model_bundle,
-    read_data_records,
-)
-from jaxpt.train.logprobs import sequence_token_logprobs
-from jaxpt.train.loop import IteratorSource, Trainer
-from jaxpt.train.registry import register_builder
-from jaxpt.train.state import (
-    batch_shardings,
-    compile_step,
-    make_optimizer,
-    make_train_step,
-    put_batch,
-)
-
-SFT_BATCH_NDIMS = {k: 2 for k in BATCH_KEYS}
 
 
-def sft_batch_stats(state, batch) -> dict[str, jax.Array]:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SFTBatch:
+    """The SFT step's batch: the ``jaxpt.data.packing`` row contract, every field [B, T]."""
+
+    input_ids: Any  # int32
+    targets: Any  # int32: the next token in the same segment, else 0
+    loss_mask: Any  # float32: 1 where ``targets`` is trained
+    positions: Any  # int32: restart at 0 in every segment
+    segment_ids: Any  # int32: 1, 2, ... per packed example, 0 on padding
+
+
+# Each field's ndim, for ``batch_shardings``.
+SFT_BATCH_NDIMS = SFTBatch(**{k: 2 for k in BATCH_KEYS})
+
+
+@dataclasses.dataclass
+class SFTParts(RunParts):
+    loader: Any  # the train data loader (grain)
+
+
+def sft_batch_stats(state, batch: SFTBatch) -> dict[str, jax.Array]:
     """Whole-batch statistics every micro-batch normalizes by."""
-    return {"num_target_tokens": jnp.sum(batch["loss_mask"] > 0, dtype=jnp.float32)}
+    return {"num_target_tokens": jnp.sum(batch.loss_mask > 0, dtype=jnp.float32)}
 
 
 def mask_response_inputs(ids_BT, loss_mask_BT, rng, p: float, mask_token_id: int):
@@ -82,30 +95,30 @@ def make_sft_loss_fn(
     """``loss_fn(model_params, micro_batch, rng, stats) -> (loss, metrics)`` for
     ``make_train_step``; every value is normalized by ``stats["num_target_tokens"]``."""
 
-    def loss_fn(params, mb, rng, stats):
+    def loss_fn(params, mb: SFTBatch, rng, stats):
         model = nnx.merge(graphdef, params)
         r_mask, r_noise = jax.random.split(rng)
-        ids_BT = mb["input_ids"]
+        ids_BT = mb.input_ids
         if sft.masked_thought > 0:
             ids_BT = mask_response_inputs(
-                ids_BT, mb["loss_mask"], r_mask, sft.masked_thought, mask_token_id
+                ids_BT, mb.loss_mask, r_mask, sft.masked_thought, mask_token_id
             )
         emb_BTE = None
         if sft.neftune_alpha:
             emb_BTE = neftune_embeddings(model, ids_BT, r_noise, sft.neftune_alpha)
         lp_BT, ent_BT, correct_BT = sequence_token_logprobs(
             model,
-            {**mb, "input_ids": ids_BT},
+            {**vars(mb), "input_ids": ids_BT},
             impl=impl,
             with_entropy=with_entropy,
             with_accuracy=with_accuracy,
             input_embeddings_BTE=emb_BTE,
-            valid_BT=mb["loss_mask"] > 0,  # the LM head runs on target tokens only
+            valid_BT=mb.loss_mask > 0,  # the LM head runs on target tokens only
         )
         total = stats["num_target_tokens"]
         loss, m = sft_loss(
             lp_BT,
-            mb["loss_mask"],
+            mb.loss_mask,
             num_target_tokens=total,
             correct_BT=correct_BT,
             entropy_BT=ent_BT,
@@ -125,12 +138,12 @@ def make_sft_loss_fn(
 def make_sft_eval_step(graphdef, params_fn, *, impl, with_entropy, with_accuracy):
     """``eval_step(state, batch) -> sums`` (nll, target tokens, correct, entropy)."""
 
-    def eval_step(state, batch):
+    def eval_step(state, batch: SFTBatch):
         model = nnx.merge(graphdef, params_fn(state.params, state.frozen, None))
-        mask = batch["loss_mask"] > 0
+        mask = batch.loss_mask > 0
         lp_BT, ent_BT, correct_BT = sequence_token_logprobs(
             model,
-            batch,
+            vars(batch),
             impl=impl,
             with_entropy=with_entropy,
             with_accuracy=with_accuracy,
@@ -164,17 +177,9 @@ def build_sft_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     """Data, model, state, jitted step and eval for an SFT run (see module doc)."""
     sft: SFTConfig = cfg.section("sft")
     t = cfg.train
-    mesh = mesh or build_mesh(cfg)
-    check_train_batch(cfg, mesh)
-    bundle = load_model_bundle(cfg, mesh)
-    tok = bundle.tokenizer
+    bundle = start_run(cfg, mesh)
+    mesh, tok, n_proc = bundle.mesh, bundle.tokenizer, jax.process_count()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    n_proc = jax.process_count()
-    if t.batch_size % n_proc:
-        raise ValueError(
-            f"{cfg.source}: train.batch_size={t.batch_size} is not divisible by the "
-            f"{n_proc} processes"
-        )
 
     def examples(which):
         stats = DataStats()
@@ -205,22 +210,16 @@ def build_sft_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
         stats=train_stats,
     )
     total = t.max_steps or max(1, math.ceil(t.num_epochs * loader.batches_per_epoch))
-    tx, schedule = make_optimizer(cfg.optim, total)
-    ts = build_train_state(bundle, cfg, tx)
     common = dict(impl=t.logprob_impl, with_entropy=t.with_entropy, with_accuracy=t.token_accuracy)
     loss_fn = make_sft_loss_fn(
         bundle.graphdef, sft, mask_token_id=default_mask_token_id(tok, sft), **common
     )
-    step = make_train_step(
-        loss_fn,
-        tx,
-        schedule,
-        grad_accum=t.grad_accum,
-        batch_stats_fn=sft_batch_stats,
-        params_fn=ts.params_fn,
-    )
     batch_sh = batch_shardings(SFT_BATCH_NDIMS, mesh)
-    step_fn = compile_step(step, ts.shardings, batch_sh, mesh)
+    program = train_program(cfg, bundle, total, loss_fn, batch_sh, batch_stats_fn=sft_batch_stats)
+    ts = program.trainable
+
+    def put(host: dict) -> SFTBatch:  # the loaders' dicts -> the step's typed batch
+        return put_batch(SFTBatch(**host), batch_sh)
 
     eval_fn = None
     if cfg.data.eval is not None:
@@ -242,25 +241,25 @@ def build_sft_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
             in_shardings=(ts.shardings, batch_sh),
             out_shardings=replicated(mesh),
         )
-        eval_fn = make_eval_fn(eval_step, eval_loader, batch_sh, t.eval_batches)
+        eval_fn = make_eval_fn(eval_step, eval_loader, put, t.eval_batches)
 
     return Trainer(
         cfg=cfg,
         mesh=mesh,
         state=ts.state,
-        step_fn=step_fn,
+        step_fn=program.step_fn,
         source=IteratorSource(iter(loader)),
-        put_batch=lambda b: put_batch(b, batch_sh),
+        put_batch=put,
         total_steps=total,
         eval_fn=eval_fn,
         num_params=bundle.num_params,
         batches_per_epoch=loader.batches_per_epoch,
-        extras={"bundle": bundle, "trainable": ts, "loader": loader, "tx": tx},
+        parts=SFTParts(bundle, ts, program.tx, loader),
         data_stats=train_stats,
     )
 
 
-def make_eval_fn(eval_step, loader, batch_sh, max_batches: int | None):
+def make_eval_fn(eval_step, loader, put, max_batches: int | None):
     """Evaluate on the held-out loader: token-weighted ``eval_loss``,
     ``eval_mean_token_accuracy``, ``eval_entropy`` and ``eval_num_tokens``."""
 
@@ -269,7 +268,7 @@ def make_eval_fn(eval_step, loader, batch_sh, max_batches: int | None):
         for i, batch in enumerate(loader):
             if max_batches is not None and i >= max_batches:
                 break
-            outs.append(eval_step(state, put_batch(batch, batch_sh)))
+            outs.append(eval_step(state, put(batch)))
         sums: dict[str, float] = {}
         for o in jax.device_get(outs):
             for k, v in o.items():

@@ -1,4 +1,5 @@
-"""Per-token log-probs of a batch under a model: the one function SFT, DPO and GRPO share.
+"""Per-token log-probs of a batch under a model: the one function SFT, DPO and GRPO share,
+and both sides of preference pairs in one forward (``pair_logps``).
 
 Axis legend: B batch rows, T tokens, E hidden, V vocab, N = B*T flattened tokens,
 C tokens per accuracy chunk.
@@ -35,6 +36,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+
+from jaxpt.data.pairs import PairRows, SharedPairRows
 
 IMPLS = ("auto", "pallas", "chunked", "reference")
 _warned = False
@@ -245,3 +248,56 @@ def sequence_token_logprobs(
         accuracy_chunk=accuracy_chunk,
         valid_BT=valid_BT,
     )
+
+
+# ----------------------------------------------------------------------------- pairs
+# Both sides of preference pairs (``jaxpt.data.pairs``: flat rows or one shared-prompt row
+# per pair) in one forward: DPO and its family, reward models.
+
+
+def pair_token_logprobs(model, pairs: PairRows | SharedPairRows, **kw):
+    """(logprobs, entropy | None, correct | None, trained) [2b, ·] of both sides of every pair
+    in one forward, row 2i chosen i and row 2i+1 rejected i; the LM head runs on trained
+    tokens only. Flat rows are interleaved (a reshape: batch-sharded rows stay on their
+    shard); a shared row goes through the decoder once and the LM head reads the hidden
+    states that predict each side's trained tokens."""
+    two = lambda c, r: jnp.stack([c, r], axis=1).reshape(-1, *c.shape[1:])  # noqa: E731
+    if isinstance(pairs, PairRows):
+        c, r = pairs.side("chosen"), pairs.side("rejected")
+        both = {k: two(c[k], r[k]) for k in c}
+        trained_2bT = both["loss_mask"] > 0
+        return *sequence_token_logprobs(model, both, valid_BT=trained_2bT, **kw), trained_2bT
+    shared_bT = pairs.prefix > 0
+    hidden_bTE, _ = model(pairs.input_ids, pairs.positions, pairs.segment_ids, shared_BT=shared_bT)
+    source_b2C = jnp.stack([pairs.chosen_source, pairs.rejected_source], axis=1)
+    b, _, C = source_b2C.shape
+    hidden_b2CE = jnp.take_along_axis(
+        hidden_bTE[:, None], source_b2C[..., None], axis=2, mode="clip"
+    )
+    valid_2bC = two(pairs.chosen_valid, pairs.rejected_valid) > 0
+    targets_2bC = two(pairs.chosen_targets, pairs.rejected_targets)
+    lp, ent, correct = hidden_token_logprobs(
+        hidden_b2CE.reshape(2 * b, C, -1), model.lm_head, targets_2bC, valid_BT=valid_2bC, **kw
+    )
+    return lp, ent, correct, valid_2bC
+
+
+def pair_logps(model, pairs, *, impl="auto", with_entropy=False, with_accuracy=False):
+    """fp32 ``chosen_logps``, ``rejected_logps`` (log p summed over each completion's target
+    tokens, [b]), ``chosen_lengths``, ``rejected_lengths`` (target token counts, [b]), and when
+    asked ``entropy_sum`` (over every completion token of both sides) and ``chosen_correct``
+    (argmax hits over the chosen completion tokens), scalars: one forward
+    (``pair_token_logprobs``)."""
+    lp_2bT, ent_2bT, correct_2bT, mask_2bT = pair_token_logprobs(
+        model, pairs, impl=impl, with_entropy=with_entropy, with_accuracy=with_accuracy
+    )
+    logps_b2 = jnp.sum(jnp.where(mask_2bT, lp_2bT, 0.0), axis=-1).reshape(-1, 2)
+    lengths_b2 = jnp.sum(mask_2bT, axis=-1, dtype=jnp.float32).reshape(-1, 2)
+    out = {"chosen_logps": logps_b2[:, 0], "rejected_logps": logps_b2[:, 1],
+           "chosen_lengths": lengths_b2[:, 0], "rejected_lengths": lengths_b2[:, 1]}
+    if ent_2bT is not None:
+        out["entropy_sum"] = jnp.sum(jnp.where(mask_2bT, jax.lax.stop_gradient(ent_2bT), 0.0))
+    if correct_2bT is not None:
+        chosen_rows = (jnp.arange(mask_2bT.shape[0]) % 2 == 0)[:, None]
+        out["chosen_correct"] = jnp.sum(correct_2bT & mask_2bT & chosen_rows, dtype=jnp.float32)
+    return out

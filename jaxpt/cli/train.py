@@ -1,6 +1,6 @@
 """`jaxpt train CONFIG key.sub=value ...` and `jaxpt export CHECKPOINT OUT_DIR`.
 
-`jaxpt/cli.py` wires them in::
+`jaxpt/cli/__init__.py` wires them in::
 
     add_train_parser(sub); add_export_parser(sub)
 """
@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 
@@ -35,8 +36,8 @@ def run_train(args, *, callbacks=(), stop=None) -> int:
     # Before any JAX computation: connect the processes of a multi-host run.
     distributed.initialize(distributed.settings_from_args(cfg.distributed, args))
 
-    from jaxpt.train.loop import NonFiniteError, check_out_dir
-    from jaxpt.train.registry import get_trainer
+    from jaxpt.algorithms.registry import get_trainer
+    from jaxpt.engine.loop import NonFiniteError, check_out_dir
 
     trainer = get_trainer(cfg.algorithm)
     check_out_dir(cfg.out_dir)  # before the model loads
@@ -45,6 +46,12 @@ def run_train(args, *, callbacks=(), stop=None) -> int:
     except NonFiniteError as e:
         print(f"jaxpt train: error: {e}", file=sys.stderr, flush=True)
         return 3
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"jaxpt train: error: {out_of_space_message(e, cfg.out_dir)}", file=sys.stderr,
+              flush=True)
+        return 4
     if not distributed.is_primary():
         return 0
     number = lambda v: isinstance(v, int | float)  # noqa: E731  (non-finite: null)
@@ -59,6 +66,27 @@ def run_train(args, *, callbacks=(), stop=None) -> int:
         flush=True,
     )
     return 0
+
+
+def out_of_space_message(e: OSError, out_dir) -> str:
+    """What a full disk (or quota) did: a save is committed by rename only once written,
+    so the step being written is not a checkpoint and the newest complete one is intact."""
+    from pathlib import Path
+
+    from jaxpt.engine.checkpoint import step_problem
+
+    ckdir = Path(out_dir) / "checkpoints"
+    steps = [int(p.name) for p in ckdir.iterdir() if p.name.isdigit()] if ckdir.is_dir() else []
+    complete = [s for s in sorted(steps) if step_problem(ckdir / str(s)) is None]
+    newest = (
+        f"the newest complete checkpoint, step {complete[-1]} in {ckdir}, is intact"
+        if complete
+        else f"no checkpoint was completed in {ckdir}"
+    )
+    return (
+        f"out of disk space writing {e.filename or out_dir} ({e.strerror}); that write was "
+        f"never committed, {newest}. Free space and run the same command to resume."
+    )
 
 
 def add_export_parser(sub) -> argparse.ArgumentParser:
@@ -85,7 +113,7 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
 
 
 def run_export(args) -> int:
-    from jaxpt.train.export import export_checkpoint
+    from jaxpt.engine.export import export_checkpoint
 
     out, step = export_checkpoint(
         args.checkpoint, args.out_dir, dtype=args.dtype, overwrite=args.overwrite

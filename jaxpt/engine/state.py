@@ -4,7 +4,8 @@ Axis legend: B batch rows (global), k micro-batches (``grad_accum``), b = B / k 
 micro-batch, T tokens.
 
 ``TrainState`` is a plain pytree: ``params`` (trained: the whole model, or only the LoRA
-adapters), ``opt_state`` (optax state of ``params``), ``step`` (int32: train steps taken,
+adapters; or a dict of param groups, e.g. ``{"policy": ..., "value": ...}``, see below),
+``opt_state`` (optax state of ``params``), ``step`` (int32: train steps taken,
 i.e. batches consumed, skipped steps included), ``rng`` (a raw uint32[2] key, split once per
 step) and ``frozen`` (params that get no gradient and no optimizer state: the LoRA base
 weights, or a DPO reference copy; None when there are none). Checkpoints store everything
@@ -19,23 +20,31 @@ where ``model_params`` is the full model param dict (LoRA already applied), ``st
 token count), and every returned value, loss included, is normalized by whole-batch
 counts, so that **summing over the k micro-batches gives the full-batch value**. The step
 sums loss, gradients and metrics over micro-batches, so accumulated == full batch.
+
+Several trained modules (a policy and a value head): ``params`` is a dict of groups and
+``make_optimizer`` gets one ``OptimConfig`` per group (``{"policy": cfg.optim, "value":
+critic_optim}``), giving a ``GroupOptimizer`` (``engine/update.py``): one loss over all
+groups (``params_fn`` maps the group dict to what the loss takes; identity passes it as
+is), the gradients a dict of the same groups, each group clipped and stepped by its own
+config, one skip flag for the whole step, one checkpoint. Single-module runs are as before.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from jaxpt.config import OptimConfig
+from jaxpt.engine.adamw import FusedAdamW
+from jaxpt.engine.update import GroupOptimizer, apply_update, update_count
 from jaxpt.sharding import batch_sharding, check_batch_size, replicated
-from jaxpt.train.adamw import FusedAdamW
 from jaxpt.tree import path_names
 
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array, Mapping[str, Any]], tuple]
@@ -67,8 +76,9 @@ class TrainState:
 
 # ----------------------------------------------------------------------------- optimizer
 
-# Param names that get no weight decay (HF Trainer: biases and norm weights).
-NO_DECAY = ("norm", "bq_ND", "bk_KD", "bv_KD")
+# Param names that get no weight decay (HF Trainer: biases and norm weights): the decoder's,
+# and flax.nnx's ("bias", "scale") for heads trained beside it (a value head).
+NO_DECAY = ("norm", "bq_ND", "bk_KD", "bv_KD", "bias", "scale")
 
 
 def decay_mask(params) -> Any:
@@ -104,11 +114,20 @@ def make_schedule(optim: OptimConfig, total_steps: int) -> Callable[[jax.Array],
     return schedule
 
 
-def make_optimizer(optim: OptimConfig, total_steps: int) -> tuple[FusedAdamW, Callable]:
+def make_optimizer(optim: OptimConfig | Mapping[str, OptimConfig], total_steps: int):
     """(AdamW with global-norm clipping and the warmup/decay schedule, the schedule).
 
     The optimizer is the optax chain wrapped in ``FusedAdamW``: optax's ``init`` /
-    ``update`` and state, plus the fused ``apply`` the train step uses."""
+    ``update`` and state, plus the fused ``apply`` the train step uses.
+
+    ``optim`` a dict ``{group: OptimConfig}``: (``GroupOptimizer`` of one such AdamW per
+    group, ``{group: schedule}``), for params that are a dict of the same groups."""
+    if isinstance(optim, Mapping):
+        made = {g: make_optimizer(o, total_steps) for g, o in optim.items()}
+        return (
+            GroupOptimizer({g: tx for g, (tx, _) in made.items()}),
+            {g: schedule for g, (_, schedule) in made.items()},
+        )
     schedule = make_schedule(optim, total_steps)
     parts = []
     if optim.max_grad_norm is not None:
@@ -134,15 +153,6 @@ def make_optimizer(optim: OptimConfig, total_steps: int) -> tuple[FusedAdamW, Ca
     )
 
 
-def update_count(opt_state) -> jax.Array | None:
-    """Number of updates applied so far (the first `count` leaf of the optax state), or
-    None for optimizers without one."""
-    for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state):
-        if path_names(path)[-1] == "count":
-            return leaf
-    return None
-
-
 # ----------------------------------------------------------------------------- shardings
 
 
@@ -165,20 +175,34 @@ def shardings_like_params(tree, param_shardings, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def state_shardings(abstract_state: TrainState, params_sh, frozen_sh, mesh: Mesh) -> TrainState:
+def state_shardings(
+    abstract_state: TrainState, params_sh, frozen_sh, mesh: Mesh, *, groups: Sequence[str] = ()
+) -> TrainState:
+    """Shardings of a train state; with ``groups`` (a ``GroupOptimizer``'s), each group's
+    optimizer state follows that group's params."""
     rep = replicated(mesh)
+    if groups:
+        opt_sh = {
+            g: shardings_like_params(abstract_state.opt_state[g], params_sh[g], mesh)
+            for g in groups
+        }
+    else:
+        opt_sh = shardings_like_params(abstract_state.opt_state, params_sh, mesh)
     return TrainState(
         params=params_sh,
-        opt_state=shardings_like_params(abstract_state.opt_state, params_sh, mesh),
+        opt_state=opt_sh,
         step=rep,
         rng=rep,
         frozen=frozen_sh,
     )
 
 
-def batch_shardings(batch_ndims: Mapping[str, int], mesh: Mesh) -> dict[str, NamedSharding]:
-    """Batch-dim sharding for each key of a batch dict ({key: ndim})."""
-    return {k: batch_sharding(mesh, n) for k, n in batch_ndims.items()}
+def batch_shardings(batch_ndims, mesh: Mesh):
+    """Batch-dim sharding for every leaf of a batch: ``batch_ndims`` is the batch's tree
+    (a dict, or a typed batch dataclass) with each leaf's ndim, or arrays whose ndim is
+    read; the result has the same tree with a NamedSharding per leaf."""
+    ndim = lambda x: x if isinstance(x, int) else x.ndim  # noqa: E731
+    return jax.tree.map(lambda x: batch_sharding(mesh, ndim(x)), batch_ndims)
 
 
 def init_state(
@@ -202,7 +226,8 @@ def init_state(
         lambda p: TrainState(p, tx.init(p), jnp.zeros((), jnp.int32), jax.random.PRNGKey(0)),
         params,
     )
-    shardings = state_shardings(abstract, params_sh, frozen_sh, mesh)
+    groups = tx.groups if isinstance(tx, GroupOptimizer) else ()
+    shardings = state_shardings(abstract, params_sh, frozen_sh, mesh, groups=groups)
 
     def make(p):
         return tx.init(p), jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed)
@@ -218,24 +243,14 @@ def init_state(
 # ----------------------------------------------------------------------------- the step
 
 
-def all_finite(tree) -> jax.Array:
-    """True when every float leaf of ``tree`` is finite (one bool scalar, on device)."""
-    oks = [
-        jnp.isfinite(x).all()
-        for x in jax.tree.leaves(tree)
-        if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)
-    ]
-    return jnp.all(jnp.stack(oks)) if oks else jnp.bool_(True)
-
-
 def identity_params(params, frozen, rng):
     return params
 
 
-def split_micro(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array]:
-    """[B, ...] -> [k, B/k, ...]; micro-batch j holds rows j, j + k, j + 2k, ... so that
-    every data shard contributes equally to every micro-batch (the sharded leading dim is
-    kept contiguous)."""
+def split_micro(batch, k: int):
+    """[B, ...] -> [k, B/k, ...] for every leaf; micro-batch j holds rows j, j + k, j + 2k,
+    ... so that every data shard contributes equally to every micro-batch (the sharded
+    leading dim is kept contiguous)."""
 
     def one(x):
         if x.shape[0] % k:
@@ -243,14 +258,14 @@ def split_micro(batch: Mapping[str, jax.Array], k: int) -> dict[str, jax.Array]:
         x = x.reshape(x.shape[0] // k, k, *x.shape[1:])
         return jnp.swapaxes(x, 0, 1)
 
-    return {key: one(v) for key, v in batch.items()}
+    return jax.tree.map(one, batch)
 
 
 def accumulate_grads(
     loss_fn: LossFn,
     params,
     frozen,
-    batch: Mapping[str, jax.Array],
+    batch,
     rng: jax.Array,
     stats: Mapping[str, Any],
     *,
@@ -290,7 +305,7 @@ def accumulate_grads(
 def make_train_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
-    schedule: Callable,
+    schedule: Callable | Mapping[str, Callable],
     *,
     grad_accum: int = 1,
     batch_stats_fn: BatchStatsFn | None = None,
@@ -309,6 +324,11 @@ def make_train_step(
     and ``rng`` still advance (the batch is consumed), and ``metrics["skipped"]`` is 1.0.
     Metrics added here: ``grad_norm`` (before clipping), ``learning_rate`` (of this
     update), ``skipped``.
+
+    ``tx`` a ``GroupOptimizer`` (``schedule`` then ``{group: schedule}``, as
+    ``make_optimizer`` returns them): ``params`` is a dict of its groups and the update is
+    ``GroupOptimizer.apply`` (one skip for all groups; ``grad_norm/<group>`` and
+    ``learning_rate/<group>`` added).
     """
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -324,26 +344,24 @@ def make_train_step(
             grad_accum=grad_accum,
             params_fn=params_fn,
         )
-        grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        count = update_count(state.opt_state)
-        lr = schedule(state.step if count is None else count)
-        if isinstance(tx, FusedAdamW):
-            new_params, new_opt, applied = tx.apply_checked(
-                grads, state.opt_state, state.params, grad_norm=grad_norm, finite=finite
+        if isinstance(tx, GroupOptimizer):
+            new_params, new_opt, applied, opt_metrics = tx.apply(
+                grads, state.opt_state, state.params, loss=loss, schedules=schedule,
+                step=state.step,
             )
         else:
-            updates, new_opt = tx.update(grads, state.opt_state, state.params)
-            new_params = optax.apply_updates(state.params, updates)
-            # finite grads can still give a non-finite update (lr nan, overflow)
-            applied = finite & all_finite((new_params, new_opt))
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(applied, n, o), new, old)
-            new_params, new_opt = keep(new_params, state.params), keep(new_opt, state.opt_state)
+            grad_norm = optax.global_norm(grads)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            count = update_count(state.opt_state)
+            lr = schedule(state.step if count is None else count)
+            new_params, new_opt, applied = apply_update(
+                tx, grads, state.opt_state, state.params, grad_norm=grad_norm, finite=finite
+            )
+            opt_metrics = {"grad_norm": grad_norm, "learning_rate": lr}
         metrics = {
             **metrics,
             "loss": loss,
-            "grad_norm": grad_norm,
-            "learning_rate": lr,
+            **opt_metrics,
             "skipped": 1.0 - applied.astype(jnp.float32),
         }
         new_state = TrainState(
@@ -358,30 +376,36 @@ def make_train_step(
     return step
 
 
-def compile_step(
-    step: Callable,
-    shardings: TrainState,
-    batch_sh: Mapping[str, NamedSharding],
-    mesh: Mesh,
-):
+def compile_step(step: Callable, shardings: TrainState, batch_sh, mesh: Mesh):
     """jit the step once with explicit shardings; the state argument is donated."""
     return jax.jit(
         step,
-        in_shardings=(shardings, dict(batch_sh)),
+        in_shardings=(shardings, batch_sh),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=(0,),
     )
 
 
-def put_batch(batch: Mapping[str, Any], batch_sh: Mapping[str, NamedSharding]) -> dict:
-    """Host (numpy, this process's rows) -> global arrays in the batch shardings. Raises
-    ShardingError naming the key, its batch size and the mesh axes when the rows do not
-    split evenly over data x fsdp."""
-    out = {}
-    for k, sh in batch_sh.items():
-        if k not in batch:
-            raise KeyError(f"batch is missing key {k!r} (has {sorted(batch)})")
-        rows = len(batch[k]) * jax.process_count()
-        check_batch_size(rows, sh.mesh, what=f"batch key {k!r}")
-        out[k] = jax.make_array_from_process_local_data(sh, batch[k])
-    return out
+def put_batch(batch, batch_sh):
+    """Host (numpy, this process's rows) -> global arrays in the batch shardings.
+
+    ``batch_sh`` is a dict (the host batch may hold more keys; only these are put) or the
+    tree of a typed batch (the host batch has the same tree). Raises ShardingError naming
+    the key, its batch size and the mesh axes when the rows do not split evenly over
+    data x fsdp."""
+
+    def one(name, sh, x):
+        rows = len(x) * jax.process_count()
+        check_batch_size(rows, sh.mesh, what=f"batch key {name!r}")
+        return jax.make_array_from_process_local_data(sh, x)
+
+    if isinstance(batch_sh, Mapping):
+        out = {}
+        for k, sh in batch_sh.items():
+            if k not in batch:
+                raise KeyError(f"batch is missing key {k!r} (has {sorted(batch)})")
+            out[k] = one(k, sh, batch[k])
+        return out
+    return jax.tree_util.tree_map_with_path(
+        lambda path, sh, x: one(".".join(path_names(path)), sh, x), batch_sh, batch
+    )

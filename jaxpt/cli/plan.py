@@ -237,7 +237,7 @@ def _has_reference(cfg) -> bool:
         from jaxpt.losses.dpo import needs_reference
 
         d = cfg.section("dpo")
-        return needs_reference(d.loss_config()) and not d.precompute_ref_logps
+        return needs_reference(d) and not d.precompute_ref_logps
     if cfg.algorithm == "grpo":
         return cfg.section("grpo").beta > 0
     return False
@@ -248,9 +248,9 @@ def plan_memory(cfg, model_cfg, n_devices: int) -> MemoryPlan:
     import jax
     import numpy as np
 
+    from jaxpt.engine import lora as lora_lib
+    from jaxpt.engine.state import make_optimizer, shardings_like_params
     from jaxpt.sharding import TRAIN_RULES, ShardingError, batch_divisor, param_shardings
-    from jaxpt.train import lora as lora_lib
-    from jaxpt.train.state import make_optimizer, shardings_like_params
 
     mesh = plan_mesh(cfg.mesh, n_devices)
     shape = dict(mesh.shape)

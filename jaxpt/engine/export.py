@@ -7,12 +7,12 @@ from pathlib import Path
 import jax
 
 from jaxpt.config import load_config
+from jaxpt.engine import lora as lora_lib
+from jaxpt.engine.build import load_model_bundle
+from jaxpt.engine.checkpoint import Checkpointer, find_checkpoint_dir
+from jaxpt.engine.state import TrainState, make_optimizer, state_shardings
 from jaxpt.models.weights import check_export_target, export_hf
 from jaxpt.sharding import make_mesh
-from jaxpt.train import lora as lora_lib
-from jaxpt.train.checkpoint import Checkpointer, find_checkpoint_dir
-from jaxpt.train.common import load_model_bundle
-from jaxpt.train.state import TrainState, make_optimizer, state_shardings
 
 
 def restore_model_params(checkpoint: str | Path, *, mesh=None):

@@ -6,8 +6,8 @@ optional eval) and calls :func:`run`. The loop never sees math.
 
 Per step s (0-based; the state after it is "step s+1"):
 
-1. ``host = source.next(state)``: a host batch (numpy). A ``"_metrics"`` entry (a dict of
-   host floats, e.g. GRPO rewards) is popped and logged with this step.
+1. ``served = source.next(state)``: a host batch (numpy), or a ``Served`` whose host
+   metrics (e.g. GRPO rewards) are logged with this step.
 2. ``state, metrics = step_fn(state, put_batch(host))``: dispatched, not awaited.
 3. The *previous* step's device metrics are fetched and logged (one step late, so the
    device never waits for the host), with ``num_tokens`` (cumulative non-padding tokens),
@@ -47,15 +47,17 @@ from jax.sharding import Mesh
 
 from jaxpt import distributed
 from jaxpt.config import RunConfig, config_to_dict, dump_config
-from jaxpt.train.checkpoint import (
+from jaxpt.engine.checkpoint import (
     Checkpointer,
     StopFlag,
     abstract_like,
     install_stop_handler,
     step_problem,
 )
-from jaxpt.train.metrics import MetricsWriter, Throughput, device_peak_flops
-from jaxpt.train.state import TrainState, all_finite
+from jaxpt.engine.metrics import MetricsWriter, Throughput, device_peak_flops
+from jaxpt.engine.state import TrainState
+from jaxpt.engine.update import all_finite
+from jaxpt.tree import path_str
 
 
 class NonFiniteError(RuntimeError):
@@ -133,18 +135,40 @@ def last_finite_message(ckpt: Checkpointer, first_bad: int | None) -> str:
     return msg
 
 
+@dataclasses.dataclass
+class Served:
+    """What a batch source serves for one step: the host batch (numpy leaves, this
+    process's rows; a dict or a typed batch) and host metrics to log with that step (e.g.
+    GRPO's rewards, measured while the batch was made)."""
+
+    batch: Any
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
 class BatchSource(Protocol):
     """Where batches come from. ``next`` may use the state (GRPO samples with the current
-    params); ``get_state``/``set_state`` are JSON-serializable positions for resume."""
+    params) and returns a host batch or a :class:`Served`; ``get_state``/``set_state`` are
+    JSON-serializable positions for resume; ``observe(step, metrics)`` gets each step's
+    host metrics when they arrive (one step late) and returns metrics to add to that
+    step's row (sources that adapt to the training signal, e.g. SASR, use it)."""
 
-    def next(self, state: TrainState) -> dict[str, Any]: ...
+    def next(self, state: TrainState) -> Any: ...
 
     def get_state(self) -> dict[str, Any]: ...
 
     def set_state(self, state: dict[str, Any]) -> None: ...
 
+    def observe(self, step: int, metrics: dict[str, float]) -> dict[str, float] | None: ...
 
-class IteratorSource:
+
+class SourceBase:
+    """Defaults for a BatchSource: nothing to observe."""
+
+    def observe(self, step: int, metrics: dict[str, float]) -> dict[str, float] | None:
+        return None
+
+
+class IteratorSource(SourceBase):
     """A BatchSource over a data iterator with get_state/set_state (``jaxpt.data`` loaders)."""
 
     def __init__(self, iterator: Iterator[dict[str, Any]]):
@@ -160,9 +184,25 @@ class IteratorSource:
         self.iterator.set_state(state)
 
 
-def count_tokens(batch: dict[str, Any]) -> int:
-    """Non-padding tokens of a host batch: segment id > 0 in every ``*segment_ids`` key."""
-    return int(sum(np.count_nonzero(v) for k, v in batch.items() if k.endswith("segment_ids")))
+def count_tokens(batch) -> int:
+    """Non-padding tokens of a host batch: segment id > 0 in every leaf named
+    ``*segment_ids`` (dict keys or typed-batch fields)."""
+    leaves = jax.tree_util.tree_leaves_with_path(batch)
+    return int(
+        sum(np.count_nonzero(v) for p, v in leaves if path_str(p).endswith("segment_ids"))
+    )
+
+
+def serve(source: BatchSource, state: TrainState) -> Served:
+    """``source.next(state)`` as a :class:`Served` (a plain dict batch may carry its
+    metrics under ``"_metrics"``)."""
+    out = source.next(state)
+    if isinstance(out, Served):
+        return out
+    if isinstance(out, dict):
+        out = dict(out)
+        return Served(out, out.pop("_metrics", None) or {})
+    return Served(out)
 
 
 @dataclasses.dataclass
@@ -173,6 +213,9 @@ class Trainer:
     put_batch: host batch -> device batch (global arrays in the batch shardings).
     eval_fn: ``state -> {name: float}`` (names already ``eval_``-prefixed), or None.
     num_params: model parameters, for mfu (6 * num_params FLOPs per token).
+    parts: what the algorithm built the run from (its model bundle, trainable state,
+    optimizer ...), typed by the algorithm, for callers that continue after the loop
+    (RFT's evaluation, tests, benchmarks); the loop never reads it.
     """
 
     cfg: RunConfig
@@ -186,7 +229,7 @@ class Trainer:
     tokens_fn: Callable[[dict[str, Any]], int] = count_tokens
     num_params: int | None = None
     batches_per_epoch: int | None = None
-    extras: dict[str, Any] = dataclasses.field(default_factory=dict)
+    parts: Any = None
     # what the training data came to (rows read, kept, skipped by reason ...): printed at
     # the start and written to <out_dir>/data_stats.json
     data_stats: Any = None
@@ -201,6 +244,25 @@ class LoopResult:
     reason: str  # "done" | "signal" | "stop_after"
     last_metrics: dict[str, Any]
     eval_metrics: dict[str, Any]
+
+
+def check_same_model(cfg: RunConfig, saved_config: Path, ckpt_dir: Path) -> None:
+    """Refuse to resume checkpoints written for another model: the run's ``config.yaml``
+    names the ``model.name`` they were trained from (LoRA adapters restored onto another
+    base, or another model's weights under this tokenizer, would train on silently)."""
+    import yaml
+
+    try:
+        saved = (yaml.safe_load(saved_config.read_text()) or {}).get("model", {}).get("name")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return  # no readable record of the model: nothing to compare
+    if saved is not None and saved != cfg.model.name:
+        raise ValueError(
+            f"{cfg.source}: checkpoint.resume: the checkpoints in {ckpt_dir} were trained from "
+            f"model.name={saved!r} ({saved_config}), this run has model.name="
+            f"{cfg.model.name!r}. Use another out_dir, or checkpoint.resume=false to start over "
+            "in this one."
+        )
 
 
 def set_aside_incomplete(ckpt: Checkpointer, *, primary: bool) -> list[tuple[int, str]]:
@@ -271,11 +333,6 @@ def run(
         distributed.check_batch_layout(trainer.mesh)
         distributed.check_shared_dir(out)
         global_tokens = distributed.global_sum_fn(trainer.mesh)
-    if primary:
-        dump_config(cfg, out / "config.yaml")
-        if trainer.data_stats is not None:
-            print(data_report(trainer.data_stats), flush=True)
-            write_data_stats(out, trainer.data_stats)
     ckpt = Checkpointer(
         out / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
     )
@@ -284,7 +341,14 @@ def run(
     if cfg.checkpoint.resume:
         trainer.skipped_checkpoints = set_aside_incomplete(ckpt, primary=primary)
     if cfg.checkpoint.resume and ckpt.latest_step() is not None:
+        check_same_model(cfg, out / "config.yaml", ckpt.directory)
         start, num_tokens = _restore(trainer, ckpt, primary=primary)
+    # Only now: a resume that was refused leaves the run's config.yaml as it was.
+    if primary:
+        dump_config(cfg, out / "config.yaml")
+        if trainer.data_stats is not None:
+            print(data_report(trainer.data_stats), flush=True)
+            write_data_stats(out, trainer.data_stats)
     if primary and trainer.skipped_checkpoints:
         print(
             "resume: skipped checkpoint "
@@ -339,9 +403,7 @@ def run(
         step_no, dev, extras, ntok = pending
         pending = None
         host = {k: float(v) for k, v in jax.device_get(dev).items()}
-        observe = getattr(trainer.source, "observe", None)
-        if observe is not None:  # sources that adapt to the training signal (SASR)
-            extras = {**extras, **(observe(step_no, host) or {})}
+        extras = {**extras, **(trainer.source.observe(step_no, host) or {})}
         ntok = int(jax.device_get(ntok))
         num_tokens += ntok
         row = {**host, **extras, **throughput.update(ntok), "num_tokens": num_tokens}
@@ -386,8 +448,8 @@ def run(
             for cb in callbacks:
                 cb(0, result.eval_metrics)
         for s in range(start, end):
-            host = trainer.source.next(trainer.state)
-            extras = host.pop("_metrics", {}) or {}
+            served = serve(trainer.source, trainer.state)
+            host, extras = served.batch, served.metrics
             ntok = trainer.tokens_fn(host)
             batch = trainer.put_batch(host)
             trainer.state, dev = trainer.step_fn(trainer.state, batch)

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="jaxpt", description="JAX-native post-training: SFT, DPO, GRPO and hybrids."
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from jaxpt.train_cli import add_export_parser, add_train_parser
+    from jaxpt.cli.train import add_export_parser, add_train_parser
 
     add_train_parser(sub)
     add_export_parser(sub)
@@ -75,10 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 # Subcommands whose modules may be absent in a partial install; each module exposes
 # an `add_*_parser(subparsers)` and a `run_*(args)`.
 _OPTIONAL_COMMANDS = (
-    ("jaxpt.generate_cli", "add_generate_parser", "run_generate"),
-    ("jaxpt.eval_cli", "add_eval_parser", "run_eval"),
-    ("jaxpt.eval_cli", "add_rft_parser", "run_rft"),
-    ("jaxpt.plan_cli", "add_plan_parser", "run_plan"),
+    ("jaxpt.cli.generate", "add_generate_parser", "run_generate"),
+    ("jaxpt.cli.eval", "add_eval_parser", "run_eval"),
+    ("jaxpt.cli.eval", "add_rft_parser", "run_rft"),
+    ("jaxpt.cli.plan", "add_plan_parser", "run_plan"),
 )
 
 
@@ -102,6 +102,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxpt {args.command}: error: {e}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

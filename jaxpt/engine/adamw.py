@@ -71,6 +71,21 @@ class FusedAdamW:
             )
         return clip, adam, masked, sched
 
+    def _clip_scale(self, grad_norm):
+        """The factor the gradients are scaled by (as optax.clip_by_global_norm: 1 below
+        the norm, else max_grad_norm / norm)."""
+        clip_norm = self.optim.max_grad_norm
+        if clip_norm is None:
+            return jnp.ones((), jnp.float32)
+        return jnp.where(grad_norm < clip_norm, 1.0, clip_norm / grad_norm)
+
+    def update_is_finite(self, opt_state, grad_norm):
+        """Whether the scalars of the next update (its learning rate and clip scale) are
+        finite: with finite grads, `apply_checked` applies the update exactly when this
+        holds. Lets a caller decide for several optimizers at once before applying any."""
+        sched = self._split(opt_state)[3]
+        return jnp.isfinite(self.schedule(sched.count)) & jnp.isfinite(self._clip_scale(grad_norm))
+
     def apply(self, grads, opt_state, params, *, grad_norm, finite):
         """(new params, new opt_state): ``optax.apply_updates(params, tx.update(...))``,
         or the unchanged params and state where ``finite`` is False or the update would
@@ -99,14 +114,8 @@ class FusedAdamW:
         writing passes made this update 7x slower on XLA:CPU (0.037 -> 0.27 s for a
         4096 x 4096 param, measured while writing this), for the overflow case alone."""
         clip, adam, masked, sched = self._split(opt_state)
-        b1, b2, eps, wd, clip_norm = (
-            self.optim.b1, self.optim.b2, self.optim.eps, self.optim.weight_decay,
-            self.optim.max_grad_norm,
-        )
-        if clip_norm is None:
-            scale = jnp.ones((), jnp.float32)
-        else:  # as optax.clip_by_global_norm: unchanged below the norm, else g / norm * max
-            scale = jnp.where(grad_norm < clip_norm, 1.0, clip_norm / grad_norm)
+        b1, b2, eps, wd = self.optim.b1, self.optim.b2, self.optim.eps, self.optim.weight_decay
+        scale = self._clip_scale(grad_norm)
         count = optax.safe_increment(adam.count)
         lr = self.schedule(sched.count)
         applied = finite & jnp.isfinite(lr) & jnp.isfinite(scale)

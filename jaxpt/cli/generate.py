@@ -1,6 +1,6 @@
 """`jaxpt generate MODEL --prompt ... | --prompts-file rows.jsonl`.
 
-Wire-up (jaxpt/cli.py): `add_generate_parser(subparsers)` registers the subcommand and
+Wire-up (jaxpt/cli/__init__.py): `add_generate_parser(subparsers)` registers the subcommand and
 sets `func=run_generate`; `run_generate(args)` returns a process exit code.
 
 Each output line is one JSON object per (prompt, sample):

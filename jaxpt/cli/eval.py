@@ -1,6 +1,6 @@
 """`jaxpt eval MODEL_OR_CHECKPOINT data.jsonl ...` and `jaxpt rft CONFIG ...`.
 
-`jaxpt/cli.py` wires them in::
+`jaxpt/cli/__init__.py` wires them in::
 
     add_eval_parser(sub); add_rft_parser(sub)
 
@@ -103,14 +103,8 @@ def _fail(msg: str) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from jaxpt.evaluate import (
-        EvalError,
-        evaluate,
-        format_metrics,
-        load_eval_model,
-        load_eval_prompts,
-        write_completions,
-    )
+    from jaxpt.eval_report import EvalError, format_metrics, write_completions
+    from jaxpt.evaluate import evaluate, load_eval_model, load_eval_prompts
     from jaxpt.sampling.samplers import Sampler, SamplerError
 
     for name in ("num_samples", "max_new_tokens", "batch_size"):
@@ -221,8 +215,8 @@ def add_rft_parser(sub) -> argparse.ArgumentParser:
 
 
 def run_rft(args, *, callbacks=(), stop=None) -> int:
+    from jaxpt.algorithms.rft import train_rft
     from jaxpt.config import load_config
-    from jaxpt.train.rft import train_rft
 
     cfg = load_config(args.config, args.overrides)
     if cfg.algorithm != "rft":
@@ -230,7 +224,7 @@ def run_rft(args, *, callbacks=(), stop=None) -> int:
             f"{args.config}: algorithm={cfg.algorithm!r}; `jaxpt rft` needs "
             "algorithm: rft (use `jaxpt train` for other algorithms)"
         )
-    from jaxpt.train.loop import check_out_dir
+    from jaxpt.engine.loop import check_out_dir
 
     check_out_dir(cfg.out_dir)  # before the model loads
     result = train_rft(cfg, callbacks=callbacks, stop=stop)

@@ -9,6 +9,10 @@ A trainer is, in order::
     step = make_train_step(loss_fn, tx, schedule, grad_accum=..., params_fn=ts.params_fn)
     step_fn = compile_step(step, ts.shardings, batch_sh, bundle.mesh)
 
+A module trained beside the model (a value head) is a param group:
+``make_optimizer({"policy": cfg.optim, "value": ...})`` and ``build_train_state(...,
+heads={"value": (params, shardings)})`` (see ``state.py``'s module doc).
+
 After the first step the state is donated: use ``trainer.state`` (``state.frozen`` holds the
 LoRA base or the reference params), never ``bundle.params`` again.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -25,12 +30,19 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxpt.config import RunConfig
+from jaxpt.engine import lora as lora_lib
+from jaxpt.engine.state import (
+    TrainState,
+    compile_step,
+    identity_params,
+    init_state,
+    make_optimizer,
+    make_train_step,
+)
 from jaxpt.models import hub
 from jaxpt.models.config import ModelConfig
 from jaxpt.models.decoder import abstract_model
 from jaxpt.sharding import check_batch_size, make_mesh, param_shardings
-from jaxpt.train import lora as lora_lib
-from jaxpt.train.state import TrainState, identity_params, init_state
 
 
 @dataclasses.dataclass
@@ -77,6 +89,7 @@ def load_model_bundle(cfg: RunConfig, mesh: Mesh | None = None) -> ModelBundle:
         param_dtype=cfg.model.param_dtype,
         compute_dtype=cfg.model.compute_dtype,
         remat=cfg.model.remat,
+        attention=cfg.model.attention, mesh=mesh,
     )
     graphdef, abstract = nnx.split(abstract_model(model_cfg))
     abstract = abstract.to_pure_dict()
@@ -102,7 +115,13 @@ def _copy(tree, shardings):
 
 
 def build_train_state(
-    bundle: ModelBundle, cfg: RunConfig, tx, *, reference: bool = False
+    bundle: ModelBundle,
+    cfg: RunConfig,
+    tx,
+    *,
+    reference: bool = False,
+    heads: Mapping[str, tuple[Any, Any]] | None = None,
+    model_group: str = "policy",
 ) -> TrainableState:
     """The train state for ``bundle``'s params.
 
@@ -110,47 +129,118 @@ def build_train_state(
       reference model: adapters off).
     * Full fine-tuning: ``params`` = the model params; ``frozen`` = a copy of them when
       ``reference`` (DPO / GRPO KL reference), else None.
+    * ``heads`` ``{group: (params, shardings)}``: modules trained beside the model (a value
+      head). ``params`` is then ``{model_group: the above, **heads}``, ``tx`` a
+      ``GroupOptimizer`` of those groups (``make_optimizer({group: OptimConfig})``),
+      ``params_fn`` gives ``{model_group: model params, **heads}`` (LoRA merged into the
+      model's group only), and ``frozen`` is as above (the model's).
     """
     spec = lora_lib.LoraSpec.from_config(cfg.lora)
     mesh = bundle.mesh
+    model_fn = identity_params
     if spec is not None:
-        abstract = lora_lib.lora_shapes(bundle.params, spec)
-        sh = lora_lib.lora_shardings(abstract, mesh)
+        trained_sh = lora_lib.lora_shardings(lora_lib.lora_shapes(bundle.params, spec), mesh)
         key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1)
-        adapters = jax.jit(
-            functools.partial(lora_lib.init_lora, bundle.params, spec), out_shardings=sh
+        trained = jax.jit(
+            functools.partial(lora_lib.init_lora, bundle.params, spec), out_shardings=trained_sh
         )(key)
-        state, shardings = init_state(
-            adapters,
-            tx,
-            seed=cfg.train.seed,
-            params_sh=sh,
-            mesh=mesh,
-            frozen=bundle.params,
-            frozen_sh=bundle.params_sh,
-        )
+        frozen, frozen_sh = bundle.params, bundle.params_sh
 
-        def params_fn(params, frozen, rng):
+        def model_fn(params, frozen, rng):
             return lora_lib.apply_lora(frozen, params, spec, rng=rng)
 
-        return TrainableState(state, shardings, params_fn, spec)
-    frozen = _copy(bundle.params, bundle.params_sh) if reference else None
+    else:
+        trained, trained_sh = bundle.params, bundle.params_sh
+        frozen = _copy(bundle.params, bundle.params_sh) if reference else None
+        frozen_sh = bundle.params_sh if reference else None
+    params_fn = model_fn
+    if heads:
+        if model_group in heads:
+            raise ValueError(f"heads: group {model_group!r} is the model's (model_group)")
+        trained = {model_group: trained, **{g: p for g, (p, _) in heads.items()}}
+        trained_sh = {model_group: trained_sh, **{g: sh for g, (_, sh) in heads.items()}}
+        if model_fn is not identity_params:
+
+            def params_fn(params, frozen, rng):
+                return {**params, model_group: model_fn(params[model_group], frozen, rng)}
+
     state, shardings = init_state(
-        bundle.params,
+        trained,
         tx,
         seed=cfg.train.seed,
-        params_sh=bundle.params_sh,
+        params_sh=trained_sh,
         mesh=mesh,
         frozen=frozen,
-        frozen_sh=bundle.params_sh if reference else None,
+        frozen_sh=frozen_sh,
     )
-    return TrainableState(state, shardings, identity_params, None)
+    return TrainableState(state, shardings, params_fn, spec)
+
+
+@dataclasses.dataclass
+class RunParts:
+    """What an algorithm built its run from (``Trainer.parts``), for code that continues
+    after the loop: the model bundle (its params are donated after the first step: use the
+    trainer's state), the trainable state's spec and the optimizer. Algorithms subclass
+    it to add their own parts."""
+
+    bundle: ModelBundle
+    trainable: TrainableState
+    tx: Any
 
 
 def model_params(ts_or_fn, state: TrainState):
     """The full model params of ``state`` (LoRA merged, no dropout)."""
     fn = ts_or_fn.params_fn if hasattr(ts_or_fn, "params_fn") else ts_or_fn
     return fn(state.params, state.frozen, None)
+
+
+def start_run(cfg: RunConfig, mesh: Mesh | None = None) -> ModelBundle:
+    """The first step of every trainer: the mesh (``cfg.mesh`` unless given), the checks
+    that ``train.batch_size`` splits over the mesh's batch axes and over the processes,
+    then the model in its training shardings (``bundle.mesh`` is the mesh)."""
+    mesh = mesh or build_mesh(cfg)
+    check_train_batch(cfg, mesh)
+    n_proc = jax.process_count()
+    if cfg.train.batch_size % n_proc:
+        raise ValueError(
+            f"{cfg.source}: train.batch_size={cfg.train.batch_size} is not divisible by the "
+            f"{n_proc} processes"
+        )
+    return load_model_bundle(cfg, mesh)
+
+
+@dataclasses.dataclass
+class TrainProgram:
+    trainable: TrainableState  # the state, its shardings, params_fn (LoRA or full)
+    tx: Any  # the optimizer
+    step_fn: Any  # jitted (state, device batch) -> (state, metrics), state donated
+
+
+def train_program(
+    cfg: RunConfig,
+    bundle: ModelBundle,
+    total_steps: int,
+    loss_fn,
+    batch_sh,
+    *,
+    batch_stats_fn=None,
+    reference: bool = False,
+) -> TrainProgram:
+    """Optimizer (``cfg.optim`` over ``total_steps``), train state (``reference``: keep a
+    frozen copy for a KL / DPO reference; see :func:`build_train_state`) and the pure step
+    of ``loss_fn`` with ``train.grad_accum`` micro-batches, jitted once for batches in
+    ``batch_sh`` (any pytree of shardings: a typed batch's)."""
+    tx, schedule = make_optimizer(cfg.optim, total_steps)
+    ts = build_train_state(bundle, cfg, tx, reference=reference)
+    step = make_train_step(
+        loss_fn,
+        tx,
+        schedule,
+        grad_accum=cfg.train.grad_accum,
+        batch_stats_fn=batch_stats_fn,
+        params_fn=ts.params_fn,
+    )
+    return TrainProgram(ts, tx, compile_step(step, ts.shardings, batch_sh, bundle.mesh))
 
 
 def read_data_records(cfg: RunConfig, which: str = "train", *, gsm8k_mode: str = "sft", stats=None):

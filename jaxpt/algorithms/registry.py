@@ -1,6 +1,6 @@
 """Algorithm name -> trainer entry point, for ``jaxpt train CONFIG``.
 
-A trainer module ``jaxpt/train/<name>.py`` registers itself, either its run builder (the
+A trainer module ``jaxpt/algorithms/<name>.py`` registers itself, either its run builder (the
 entry point builds the run and runs the loop)::
 
     train_dpo = register_builder("dpo", build_dpo_trainer)
@@ -10,15 +10,22 @@ or a whole entry point, where a run is more than one loop (rft samples, then tra
     @register_trainer("rft")
     def train_rft(cfg: RunConfig, *, callbacks=(), stop=None) -> LoopResult: ...
 
-and ``get_trainer("dpo")`` imports ``jaxpt.train.dpo`` on first use, so the CLI dispatches on
+and ``get_trainer("dpo")`` imports ``jaxpt.algorithms.dpo`` on first use, so the CLI dispatches on
 ``cfg.algorithm`` without a list of algorithms.
+
+An algorithm outside jaxpt is named by its module's import path (``algorithm:
+mypkg.my_algo``), and the module registers under that path::
+
+    train_my_algo = register_builder(__name__, build_my_algo_trainer)
+
+(``docs/adding_an_algorithm.md`` walks through one.)
 """
 
 from __future__ import annotations
 
-import importlib
-import re
 from collections.abc import Callable
+
+from jaxpt.config import import_algorithm
 
 _TRAINERS: dict[str, Callable] = {}
 
@@ -39,7 +46,7 @@ def register_builder(
     ``after(cfg)`` (e.g. a printed summary) when given."""
 
     def train(cfg, *, callbacks=(), stop=None):
-        from jaxpt.train.loop import run
+        from jaxpt.engine.loop import run
 
         result = run(build(cfg), callbacks=callbacks, stop=stop)
         if after is not None:
@@ -52,13 +59,18 @@ def register_builder(
 
 
 def get_trainer(name: str) -> Callable:
-    if name not in _TRAINERS and re.fullmatch(r"[a-z_][a-z0-9_]*", name):
-        try:
-            importlib.import_module(f"jaxpt.train.{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"jaxpt.train.{name}":
-                raise
+    """The entry point of algorithm `name` (a jaxpt algorithm's name, or the import path of
+    a module outside jaxpt), importing its module on first use. Raises ValueError naming
+    the ``algorithm`` key when the module is missing or registered no trainer as `name`."""
     if name not in _TRAINERS:
-        known = sorted(_TRAINERS) or ["sft"]
-        raise ValueError(f"algorithm={name!r} has no trainer; known: {', '.join(known)}")
-    return _TRAINERS[name]
+        import_algorithm(name)
+    if name in _TRAINERS:
+        return _TRAINERS[name]
+    if "." in name:
+        raise ValueError(
+            f"algorithm={name!r}: module {name} was imported but registered no trainer under "
+            "that name; it must call register_builder(__name__, build) (or decorate its "
+            "entry point with @register_trainer(__name__))"
+        )
+    known = sorted(_TRAINERS) or ["sft"]
+    raise ValueError(f"algorithm={name!r} has no trainer; known: {', '.join(known)}")

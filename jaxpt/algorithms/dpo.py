@@ -1,0 +1,346 @@
+"""DPO: preference pairs -> one policy forward over chosen + rejected -> a DPO-family loss.
+
+Axis legend: B pairs in the optimizer step's batch, b pairs in one micro-batch (B / k),
+T tokens per row, C trained tokens per side (shared layout), E hidden.
+
+The batch (:class:`DPOBatch`) holds the pairs in the run's layout (``jaxpt.data.pairs``:
+two padded rows per pair, or one shared-prompt row) and, when the loss needs a reference,
+its summed log-probs, computed outside the gradient by the batch source: looked up in a
+table made before training (``dpo.precompute_ref_logps``) or by a separate jitted forward of
+the reference params just before the step (online). The reference is ``state.frozen``: a
+copy of the initial params (full fine-tuning, online), the LoRA base (no copy), or nothing
+(precomputed full fine-tuning, reference-free losses ``simpo``, ``orpo``, ``sft``).
+
+The loss of a micro-batch runs the policy ONCE over both sides of its pairs, sums each
+side's completion log-probs and hands them to ``jaxpt.losses.dpo.dpo_loss`` (a mean over
+the b pairs), scaled by b / B so that the k micro-batches sum to the mean over the B pairs
+(loss and every metric). ``entropy`` (all completion tokens) and ``mean_token_accuracy``
+(chosen completion tokens, as TRL) are normalized by whole-batch token counts. Metrics use
+TRL's names; held-out pairs log them prefixed ``eval_``, averaged over pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxpt.algorithms.registry import register_builder
+from jaxpt.config import RunConfig, register_section
+from jaxpt.data.pairs import (
+    SHARE_PROMPT,
+    PairLayout,
+    PairRows,
+    SharedPairRows,
+    choose_layout,
+    read_pairs,
+)
+from jaxpt.data.pipeline import INDEX_KEY
+from jaxpt.engine import build
+from jaxpt.engine.logprobs import pair_logps
+from jaxpt.engine.loop import SourceBase, Trainer
+from jaxpt.engine.state import (
+    batch_shardings,
+    put_batch,
+)
+from jaxpt.losses.dpo import DPOLossConfig, dpo_loss, needs_reference
+from jaxpt.models.config import decoder_forward_flops
+from jaxpt.rl.scoring import RefLogps, make_ref_logps_fn, precompute_ref_table
+from jaxpt.sharding import check_batch_size, replicated
+from jaxpt.tree import path_str
+
+
+@register_section("dpo")
+@dataclasses.dataclass(frozen=True)
+class DPOSection(DPOLossConfig):
+    """The ``dpo:`` section (TRL ``DPOConfig`` names where they exist): the loss
+    (``DPOLossConfig``; ``loss_type`` may be one name) and
+
+    precompute_ref_logps: the reference log-probs of every training (and held-out) pair in
+      one pass before training; no reference model during training.
+    eval_holdout: hold out the last N rows of ``data.train`` (after ``max_train_rows``) as
+      the evaluation set, never trained on (instead of ``data.eval``).
+    share_prompt: auto | always | never: one row per pair (``jaxpt.data.pairs``).
+    """
+
+    loss_type: str | tuple[str, ...] = ("sigmoid",)
+    precompute_ref_logps: bool = False
+    eval_holdout: int = 0
+    share_prompt: str = "auto"
+
+    def __post_init__(self):
+        try:
+            super().__post_init__()
+        except (TypeError, ValueError) as e:  # here DPOLossConfig.<key> is dpo.<key>
+            raise ValueError(str(e).replace("DPOLossConfig.", "")) from None
+        if self.share_prompt not in SHARE_PROMPT:
+            raise ValueError(
+                f"share_prompt: {self.share_prompt!r}; use 'auto', 'always' or 'never'"
+            )
+        if self.eval_holdout < 0:
+            raise ValueError(f"eval_holdout: must be >= 0, got {self.eval_holdout}")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DPOBatch:
+    """The DPO step's batch: the pairs in the run's layout and the reference log-probs, None
+    when the loss needs none (and until the online reference is attached)."""
+
+    pairs: PairRows | SharedPairRows
+    ref: RefLogps | None = None
+
+    def num_tokens(self) -> int:
+        """Non-padding tokens of this process's rows (``Trainer.tokens_fn``): nonzero segment
+        ids in the device batch's addressable shards, one replica of each, so that the loop's
+        sum over processes counts every row once."""
+        return sum(
+            int(np.count_nonzero(shard.data))
+            for path, x in jax.tree_util.tree_leaves_with_path(self.pairs)
+            if path_str(path).endswith("segment_ids")
+            for shard in x.addressable_shards
+            if shard.replica_id == 0
+        )
+
+
+# ----------------------------------------------------------------------------- the math
+
+
+def dpo_batch_stats(state, batch: DPOBatch) -> dict[str, jax.Array]:
+    """Whole-batch counts every micro-batch normalizes by."""
+    c, r = batch.pairs.trained()
+    return {
+        "num_pairs": jnp.float32(c.shape[0]),
+        "num_completion_tokens": jnp.sum(c, dtype=jnp.float32) + jnp.sum(r, dtype=jnp.float32),
+        "num_chosen_tokens": jnp.sum(c, dtype=jnp.float32),
+    }
+
+
+def pair_loss(loss_cfg: DPOLossConfig, out, ref: RefLogps | None):
+    """``dpo_loss`` of ``pair_logps``'s ``out`` against the reference log-probs (a config that
+    needs them and gets ``ref`` None fails there, naming its loss types)."""
+    ref_c, ref_r = (ref.chosen, ref.rejected) if needs_reference(loss_cfg) and ref else (None,) * 2
+    return dpo_loss(loss_cfg, out["chosen_logps"], out["rejected_logps"], ref_c, ref_r,
+                    out["chosen_lengths"], out["rejected_lengths"])
+
+
+def make_dpo_loss_fn(graphdef, loss_cfg, *, impl="auto", with_entropy=False, with_accuracy=False):
+    """``loss_fn(model_params, micro_batch, rng, stats) -> (loss, metrics)`` for
+    ``make_train_step``: the micro-batch's ``dpo_loss`` (a mean over its b pairs) scaled by
+    b / ``stats["num_pairs"]``, metrics likewise; token metrics over whole-batch counts."""
+
+    def loss_fn(params, mb: DPOBatch, rng, stats):
+        del rng  # DPO has no sampling in the loss (LoRA dropout gets its own key)
+        kw = dict(impl=impl, with_entropy=with_entropy, with_accuracy=with_accuracy)
+        out = pair_logps(nnx.merge(graphdef, params), mb.pairs, **kw)
+        loss, m = pair_loss(loss_cfg, out, mb.ref)
+        share = out["chosen_logps"].shape[0] / stats["num_pairs"]
+        metrics = {k: v * share for k, v in m.items() if k != "loss"}
+        if "entropy_sum" in out:
+            tokens = jnp.maximum(stats["num_completion_tokens"], 1.0)
+            metrics["entropy"] = out["entropy_sum"] / tokens
+        if "chosen_correct" in out:
+            tokens = jnp.maximum(stats["num_chosen_tokens"], 1.0)
+            metrics["mean_token_accuracy"] = out["chosen_correct"] / tokens
+        return loss * share, metrics
+
+    return loss_fn
+
+
+def make_dpo_eval_step(graphdef, params_fn, loss_cfg: DPOLossConfig, *, impl: str = "auto"):
+    """``eval_step(state, batch) -> metrics``: ``dpo_loss``'s metrics (means over the batch's
+    pairs) under the current policy."""
+
+    def eval_step(state, batch: DPOBatch):
+        model = nnx.merge(graphdef, params_fn(state.params, state.frozen, None))
+        return pair_loss(loss_cfg, pair_logps(model, batch.pairs, impl=impl), batch.ref)[1]
+
+    return eval_step
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+class DPOSource(SourceBase):
+    """The preference loader's dicts -> device :class:`DPOBatch`s in ``layout``, with the
+    reference log-probs looked up in ``table`` [N, 2] by the pairs' ``example_index``, or
+    computed by ``ref_fn`` on ``state.frozen`` once the rows are on the devices, or none."""
+
+    def __init__(self, loader, layout: PairLayout, batch_sh: DPOBatch, *, ref_fn=None, table=None):
+        self.iterator, self.layout, self.ref_fn, self.table = iter(loader), layout, ref_fn, table
+        self.put_sh = dataclasses.replace(batch_sh, ref=None) if ref_fn else batch_sh
+
+    def next(self, state) -> DPOBatch:
+        host = next(self.iterator)
+        ref = None
+        if self.table is not None:
+            logps = self.table[host[INDEX_KEY]]
+            ref = RefLogps(logps[:, 0], logps[:, 1])
+        batch = put_batch(DPOBatch(self.layout.rows.from_dict(host), ref), self.put_sh)
+        if self.ref_fn is not None:
+            batch = dataclasses.replace(batch, ref=self.ref_fn(state.frozen, batch.pairs))
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return self.iterator.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.iterator.set_state(state)
+
+
+def make_eval_fn(eval_step, new_source, num_batches: int, pairs_per_batch: int):
+    """Evaluate on the held-out pairs: every ``dpo_loss`` metric averaged over the batches of
+    a fresh ``new_source()`` (all of one size, so over pairs), prefixed ``eval_``
+    (``eval_loss``, ``eval_rewards/accuracies`` ...), and ``eval_num_pairs``."""
+
+    def eval_fn(state) -> dict[str, float]:
+        source, outs = new_source(), []
+        for _ in range(num_batches):
+            try:
+                outs.append(eval_step(state, source.next(state)))
+            except StopIteration:
+                break
+        sums: dict[str, float] = {}
+        for o in jax.device_get(outs):
+            for k, v in o.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        res = {f"eval_{k}": v / max(len(outs), 1) for k, v in sums.items()}
+        return {**res, "eval_num_pairs": float(len(outs) * pairs_per_batch)}
+
+    return eval_fn
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+@dataclasses.dataclass
+class DPOParts(build.RunParts):
+    loader: Any  # the train pairs' loader
+    layout: PairLayout
+    batch_sh: DPOBatch  # the step batch's shardings (``ref`` None: the step takes none)
+    ref_logps: Any  # jitted online reference (ref params, pairs) -> RefLogps, or None
+    ref_tables: dict  # split -> precomputed reference log-probs [N, 2]
+    train_pairs: list
+    eval_pairs: list | None
+
+
+def build_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
+    """Data, model, state (with the reference where needed), reference log-probs, jitted step
+    and eval of a DPO run (see the module doc)."""
+    dpo: DPOSection = cfg.section("dpo")
+    t, n_proc = cfg.train, jax.process_count()
+    bundle = build.start_run(cfg, mesh)
+    mesh = bundle.mesh
+    read = functools.partial(build.read_data_records, cfg)
+    train_pairs, train_stats, eval_pairs = read_pairs(
+        read, bundle.tokenizer, cfg.data, holdout=dpo.eval_holdout, source=cfg.source
+    )
+    eval_bs = t.eval_batch_size or t.batch_size // t.grad_accum
+    if eval_pairs is not None:
+        if eval_bs % n_proc:
+            raise ValueError(
+                f"{cfg.source}: eval batch size {eval_bs} is not divisible by the "
+                f"{n_proc} processes"
+            )
+        check_batch_size(eval_bs, mesh, what=f"{cfg.source}: eval batch size")
+    pad_id = bundle.tokenizer.pad_token_id
+    layout = choose_layout(
+        dpo.share_prompt,
+        [*train_pairs, *(eval_pairs or ())],
+        max_length=cfg.data.max_length,
+        pad_id=0 if pad_id is None else pad_id,
+        forward_flops=functools.partial(decoder_forward_flops, bundle.model_cfg),
+    )
+    local_bs = t.batch_size // n_proc
+    loader = layout.loader(
+        train_pairs, batch_size=local_bs, seed=t.seed, shuffle=cfg.data.shuffle, stats=train_stats
+    )
+    total = t.max_steps or max(1, math.ceil(t.num_epochs * loader.batches_per_epoch))
+    use_ref = needs_reference(dpo)
+    precompute = use_ref and dpo.precompute_ref_logps
+    ndims = DPOBatch(layout.rows.ndims(), RefLogps(1, 1) if use_ref else None)
+    batch_sh = batch_shardings(ndims, mesh)
+    ref_logps = make_ref_logps_fn(bundle.graphdef, impl=t.logprob_impl, grad_accum=t.grad_accum)
+    tables: dict[str, np.ndarray] = {}
+    if precompute:
+        # One pass with the initial params (the reference) before they become the trained
+        # state; afterwards no reference is kept (full FT) or it is the LoRA base anyway.
+        splits = {"train": train_pairs, **({"eval": eval_pairs} if eval_pairs else {})}
+        t0 = time.perf_counter()
+        tables = precompute_ref_table(
+            ref_logps,
+            bundle.params,
+            splits,
+            rows_of=lambda pairs: layout.rows.from_dict(layout.collate(pairs)),
+            rows_per_call=local_bs,
+            rows_sh=batch_sh.pairs,
+            params_sh=bundle.params_sh,
+        )
+        print(
+            f"dpo: precomputed reference log-probs of {sum(map(len, splits.values()))} pairs "
+            f"in {time.perf_counter() - t0:.1f}s",
+            flush=True,
+        )
+    train_opts = dict(with_entropy=t.with_entropy, with_accuracy=t.token_accuracy)
+    loss_fn = make_dpo_loss_fn(bundle.graphdef, dpo, impl=t.logprob_impl, **train_opts)
+    program = build.train_program(cfg, bundle, total, loss_fn, batch_sh,
+                                  batch_stats_fn=dpo_batch_stats,
+                                  reference=use_ref and not precompute)
+    ts = program.trainable
+
+    def online(fn):  # jitted reference forward on state.frozen, run by the source
+        sh = (ts.shardings.frozen, batch_sh.pairs)
+        return jax.jit(fn, in_shardings=sh, out_shardings=batch_sh.ref)
+
+    online_ref = online(ref_logps) if use_ref and not precompute else None
+    eval_fn = None
+    if eval_pairs is not None:
+        eval_loader = layout.loader(
+            eval_pairs, batch_size=eval_bs // n_proc, shuffle=False, num_epochs=1
+        )
+        eval_ref = online_ref
+        if online_ref is not None and eval_bs != t.batch_size:  # the train micro-batches
+            eval_ref = online(make_ref_logps_fn(bundle.graphdef, impl=t.logprob_impl))
+        eval_step = jax.jit(
+            make_dpo_eval_step(bundle.graphdef, ts.params_fn, dpo, impl=t.logprob_impl),
+            in_shardings=(ts.shardings, batch_sh),
+            out_shardings=replicated(mesh),
+        )
+        eval_fn = make_eval_fn(
+            eval_step,
+            lambda: DPOSource(
+                eval_loader, layout, batch_sh, ref_fn=eval_ref, table=tables.get("eval")
+            ),
+            t.eval_batches if t.eval_batches is not None else eval_loader.batches_per_epoch,
+            eval_bs,
+        )
+    source = DPOSource(loader, layout, batch_sh, ref_fn=online_ref, table=tables.get("train"))
+    parts = DPOParts(
+        bundle, ts, program.tx, loader, layout, batch_sh, online_ref, tables, train_pairs,
+        eval_pairs,
+    )
+    return Trainer(
+        cfg=cfg,
+        mesh=mesh,
+        state=ts.state,
+        step_fn=program.step_fn,
+        source=source,
+        put_batch=lambda batch: batch,  # the source serves device batches (online reference)
+        total_steps=total,
+        eval_fn=eval_fn,
+        tokens_fn=DPOBatch.num_tokens,
+        num_params=bundle.num_params,
+        batches_per_epoch=loader.batches_per_epoch,
+        data_stats=train_stats,
+        parts=parts,
+    )
+
+
+train_dpo = register_builder("dpo", build_dpo_trainer)

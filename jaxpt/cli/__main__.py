@@ -1,0 +1,5 @@
+"""``python -m jaxpt.cli ...`` is ``jaxpt ...``."""
+
+from jaxpt.cli import main
+
+raise SystemExit(main())
