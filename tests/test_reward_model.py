@@ -2,7 +2,7 @@
 (margin, centering), transformers' last-non-pad-token rule, the margin column through the
 data path, a tiny run on hh-rlhf (metrics with TRL's names, held-out eval), its export as an
 ``AutoModelForSequenceClassification`` that transformers scores identically (padded rows
-included), the same dir back as ``reward_funcs: ["rm:DIR"]``, LoRA, and one step on 8 fake
+included), the same dir back as ``reward_funcs: ["rm:DIR"]`` (LoRA merged), and one step on 8 fake
 CPU devices == one device."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import run_with_devices
-from test_sharded_trainers import MESHES, PRELUDE, parse_rows, tiny, write_config  # noqa: F401
+from test_sharded_trainers import PRELUDE, parse_rows, tiny, write_config  # noqa: F401
 from train_utils import make_tiny_tokenizer_and_model, read_metrics
 
 from jaxpt.algorithms.reward import (
@@ -165,12 +165,23 @@ def hf_scores(hf_dir, rows_ids, pad_id):
 
 
 def test_tiny_run_exports_a_sequence_classifier_and_scores_as_rm(tiny_rm, tmp_path):
+    from jaxpt.algorithms.reward import build_reward_trainer
+    from jaxpt.engine.loop import run as run_loop
     from jaxpt.rewards.registry import get_reward_function
 
     model_dir, data_dir = tiny_rm
     run = tmp_path / "run"
-    cfg = reward_config(tmp_path / "rm.yaml", model_dir, data_dir, run)
-    assert cli_main(["train", str(cfg)]) == 0
+    # LoRA: the decoder's group holds the adapters over a frozen base, the head trains in
+    # full, and the export merges them.
+    cfg = reward_config(tmp_path / "rm.yaml", model_dir, data_dir, run,
+                        lora={"rank": 4, "alpha": 8.0})
+    trainer = build_reward_trainer(load_config(cfg))
+    head0 = np.asarray(trainer.state.params["score"]["score_1E"])
+    result = run_loop(trainer)
+    assert set(result.state.params) == {"model", "score"}
+    assert "embed_VE" not in result.state.params["model"]  # adapters only
+    assert result.state.frozen is not None  # the base
+    assert np.abs(np.asarray(result.state.params["score"]["score_1E"]) - head0).max() > 0
     logged = read_metrics(run)
     train = [m for m in logged if "loss" in m]
     assert len(train) == 3
@@ -187,6 +198,10 @@ def test_tiny_run_exports_a_sequence_classifier_and_scores_as_rm(tiny_rm, tmp_pa
     hf_cfg = json.loads((out / "config.json").read_text())
     assert hf_cfg["architectures"] == ["LlamaForSequenceClassification"]
     assert hf_cfg["num_labels"] == 1 and hf_cfg["pad_token_id"] == 2  # <|im_end|>
+    import safetensors.numpy
+
+    tensors = safetensors.numpy.load_file(str(out / "model.safetensors"))
+    assert "score.weight" in tensors and "lm_head.weight" not in tensors
 
     # Rows of the kind training scores: conversational prompt + completion, three lengths,
     # so two are padded in the batch; one plain-text row (ends with EOS = the pad id).
@@ -206,52 +221,15 @@ def test_tiny_run_exports_a_sequence_classifier_and_scores_as_rm(tiny_rm, tmp_pa
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
     assert np.ptp(theirs) > 1e-3  # distinct rows get distinct scores
 
-    # The exported head is the trained one: the trained state's scores of the same rows.
-    from jaxpt.algorithms.reward import pair_scores
-    from jaxpt.data.packing import collate_preference
-    from jaxpt.data.pairs import PairRows
-    from jaxpt.engine.export import restore_model_params
-    from jaxpt.models.decoder import abstract_model
-    from jaxpt.models.scalar_head import score_head_shapes
-
-    params, bundle, _ = restore_model_params(
-        run, heads={"score": score_head_shapes}, model_group="model")
-    from flax import nnx
-
-    graphdef, _ = nnx.split(abstract_model(bundle.model_cfg))
-    pairs = [TokenizedPreference([], r, r) for r in rows_ids]
-    rows = PairRows.from_dict(collate_preference(pairs, 64, pad_id=2))
-    c, _ = pair_scores(nnx.merge(graphdef, params["model"]), params["score"], rows, pad_id=2)
-    np.testing.assert_allclose(np.asarray(c), theirs, atol=1e-4, rtol=0)
-
-
-def test_lora_reward_run_trains_head_and_adapters(tiny_rm, tmp_path):
-    """LoRA: the decoder's group holds the adapters, the head trains in full, and the
-    export merges them (transformers loads it)."""
-    from jaxpt.algorithms.reward import build_reward_trainer
-    from jaxpt.engine.loop import run
-
-    model_dir, data_dir = tiny_rm
-    path = reward_config(tmp_path / "lora.yaml", model_dir, data_dir, tmp_path / "run",
-                         lora={"rank": 4, "alpha": 8.0}, train={"max_steps": 2},
-                         reward={"eval_holdout": 0, "center_rewards_coefficient": None})
-    trainer = build_reward_trainer(load_config(path))
-    head0 = np.asarray(trainer.state.params["score"]["score_1E"])
-    result = run(trainer)
-    assert set(result.state.params) == {"model", "score"}
-    assert "layers" in result.state.params["model"]  # adapters only, by layer
-    assert result.state.frozen is not None  # the base
-    assert np.abs(np.asarray(result.state.params["score"]["score_1E"]) - head0).max() > 0
-    from jaxpt.engine.export import export_checkpoint
-
-    out, _ = export_checkpoint(tmp_path / "run", tmp_path / "lora_hf")
-    import safetensors.numpy
-
-    tensors = safetensors.numpy.load_file(str(out / "model.safetensors"))
-    assert "score.weight" in tensors and "lm_head.weight" not in tensors
+    # The exported head is the trained one.
+    np.testing.assert_array_equal(
+        tensors["score.weight"], np.asarray(result.state.params["score"]["score_1E"]))
 
 
 # ----------------------------------------------------------------------------- sharded
+
+# One device, and every axis split (each mesh compiles its own step: two keep it cheap).
+RM_MESHES = [(1, 1, 1), (2, 2, 2)]
 
 REWARD_CODE = """
 from jaxpt.algorithms.reward import build_reward_trainer
@@ -283,11 +261,11 @@ def test_reward_step_matches_single_device(tiny, tmp_path, data_dir):  # noqa: F
         train={"batch_size": 8, "grad_accum": 2},
         reward={"center_rewards_coefficient": 0.1},
     )
-    out = run_with_devices(PRELUDE.format(meshes=MESHES) + REWARD_CODE.format(path=str(path)))
+    out = run_with_devices(PRELUDE.format(meshes=RM_MESHES) + REWARD_CODE.format(path=str(path)))
     rows = parse_rows(out)
-    assert [tuple(r["mesh"]) for r in rows] == MESHES, out
+    assert [tuple(r["mesh"]) for r in rows] == RM_MESHES, out
     for r in rows:
         assert r["loss_used"] <= 1.0 and r["param_used"] <= 1.0, r
-        assert r["score_spec"] == [None, None], r  # the head is replicated
+        assert all(a is None for a in r["score_spec"]), r  # the head is replicated
         assert r["moved"] > 1e-5, r
         assert r["accuracy"] == rows[0]["accuracy"], r
