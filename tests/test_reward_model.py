@@ -72,6 +72,8 @@ def test_section_checks(tmp_path):
         RewardSection(center_rewards_coefficient=-1.0)
     with pytest.raises(ValueError, match="eval_holdout"):
         RewardSection(eval_holdout=-1)
+    with pytest.raises(ValueError, match="head_lr"):
+        RewardSection(head_lr=0.0)
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump({"algorithm": "reward", "reward": {"margin": 1.0}}))
     with pytest.raises(ConfigError, match="margin"):

@@ -6,7 +6,7 @@ T tokens per row, E hidden.
 The model is the run's decoder plus ``score`` [1, E] (``jaxpt.models.scalar_head``), read
 at each row's last non-pad token as transformers' ``XForSequenceClassification`` reads it.
 Both are trained, as two param groups of one state (``"model"`` and ``"score"``, one
-optimizer config each, both ``cfg.optim``); with ``lora.rank`` the decoder trains through
+optimizer config each: ``cfg.optim``, the head's with ``reward.head_lr`` when set); with ``lora.rank`` the decoder trains through
 its adapters and the head in full (TRL's advice: ``modules_to_save=["score"]``).
 
 Data: TRL ``RewardTrainer``'s preference formats through the DPO data path
@@ -84,10 +84,14 @@ class RewardSection:
       toward mean zero (Eisenstein et al. 2023); None (TRL's default) adds nothing.
     eval_holdout: hold out the last N rows of ``data.train`` (after ``max_train_rows``) as
       the evaluation set, never trained on (instead of ``data.eval``).
+    head_lr: the score head's peak learning rate (its group's ``optim`` otherwise the
+      same); None (TRL: one lr for all) uses ``optim.lr``. A new head starts random, so a
+      larger lr lets a short run align it with the decoder's features.
     """
 
     center_rewards_coefficient: float | None = None
     eval_holdout: int = 0
+    head_lr: float | None = None
 
     def __post_init__(self):
         c = self.center_rewards_coefficient
@@ -95,6 +99,8 @@ class RewardSection:
             raise ValueError(f"center_rewards_coefficient: must be a number >= 0 or null, got {c}")
         if self.eval_holdout < 0:
             raise ValueError(f"eval_holdout: must be >= 0, got {self.eval_holdout}")
+        if self.head_lr is not None and not self.head_lr > 0:
+            raise ValueError(f"head_lr: must be > 0 or null, got {self.head_lr}")
 
 
 @jax.tree_util.register_dataclass
@@ -287,7 +293,10 @@ def build_reward_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
 
     head_sh = {SCORE: replicated(mesh)}
     head = jax.device_put(init_score_head(bundle.model_cfg, seed=t.seed), head_sh)
-    tx, schedule = make_optimizer({MODEL: cfg.optim, HEAD: cfg.optim}, total)
+    head_optim = cfg.optim
+    if section.head_lr is not None:
+        head_optim = dataclasses.replace(cfg.optim, lr=section.head_lr)
+    tx, schedule = make_optimizer({MODEL: cfg.optim, HEAD: head_optim}, total)
     ts = build.build_train_state(bundle, cfg, tx, heads={HEAD: (head, head_sh)},
                                  model_group=MODEL)
     step = make_train_step(
