@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import run_with_devices
 from test_sharded_trainers import PRELUDE, parse_rows, tiny, write_config  # noqa: F401
-from train_utils import make_tiny_tokenizer_and_model, read_metrics
+from train_utils import read_metrics
 
 from jaxpt.algorithms.reward import (
     RewardSection,
@@ -117,12 +117,6 @@ def test_margin_column_reaches_the_batch():
 # ----------------------------------------------------------------------------- a run
 
 
-@pytest.fixture(scope="module")
-def tiny_rm(tmp_path_factory, data_dir):
-    root = tmp_path_factory.mktemp("tiny_rm")
-    return make_tiny_tokenizer_and_model(root, data_dir), data_dir
-
-
 def reward_config(path, model_dir, data_dir, out_dir, **sections):
     cfg = {
         "algorithm": "reward",
@@ -166,12 +160,14 @@ def hf_scores(hf_dir, rows_ids, pad_id):
     return model, out.logits[:, 0].numpy()
 
 
-def test_tiny_run_exports_a_sequence_classifier_and_scores_as_rm(tiny_rm, tmp_path):
+@pytest.mark.e2e
+def test_tiny_run_exports_a_sequence_classifier_and_scores_as_rm(tiny, tmp_path):  # noqa: F811
+    """The sharded tests' tiny model (one fixture for the module: one tokenizer training)."""
     from jaxpt.algorithms.reward import build_reward_trainer
     from jaxpt.engine.loop import run as run_loop
     from jaxpt.rewards.registry import get_reward_function
 
-    model_dir, data_dir = tiny_rm
+    model_dir, data_dir = tiny
     run = tmp_path / "run"
     # LoRA: the decoder's group holds the adapters over a frozen base, the head trains in
     # full, and the export merges them.

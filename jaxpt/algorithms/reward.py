@@ -6,8 +6,9 @@ T tokens per row, E hidden.
 The model is the run's decoder plus ``score`` [1, E] (``jaxpt.models.scalar_head``), read
 at each row's last non-pad token as transformers' ``XForSequenceClassification`` reads it.
 Both are trained, as two param groups of one state (``"model"`` and ``"score"``, one
-optimizer config each: ``cfg.optim``, the head's with ``reward.head_lr`` when set); with ``lora.rank`` the decoder trains through
-its adapters and the head in full (TRL's advice: ``modules_to_save=["score"]``).
+optimizer config each: ``cfg.optim``, the head's lr ``reward.head_lr`` when set); with
+``lora.rank`` the decoder trains through its adapters and the head in full (TRL's advice:
+``modules_to_save=["score"]``).
 
 Data: TRL ``RewardTrainer``'s preference formats through the DPO data path
 (``jaxpt.data.pairs``): explicit ``prompt`` / ``chosen`` / ``rejected`` or implicit prompt,
