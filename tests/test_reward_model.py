@@ -114,6 +114,17 @@ def test_margin_column_reaches_the_batch():
         tokenize_preference(_Tok(), {**rows[0], "margin": "big"})
 
 
+def test_rm_spec_parsing():
+    from jaxpt.rewards.reward_model import parse_rm_spec
+
+    assert parse_rm_spec("rm:out/rm") == ("out/rm", {})
+    assert parse_rm_spec("rm: out/rm(batch_size=32)") == ("out/rm", {"batch_size": 32})
+    with pytest.raises(ValueError, match="dir after 'rm:'"):
+        parse_rm_spec("rm:")
+    with pytest.raises(ValueError, match="unknown options"):
+        parse_rm_spec("rm:out/rm(temperature=2)")
+
+
 # ----------------------------------------------------------------------------- a run
 
 

@@ -3,8 +3,9 @@
 The path is a Hugging Face sequence-classification checkpoint dir (what ``jaxpt export``
 writes for a reward run, or any one-label ``XForSequenceClassification`` of a llama /
 qwen2 / qwen3 decoder). It is loaded once; each call scores its completions in batches of
-``batch_size`` rows through one jitted forward (rows padded to a bucketed length, so few
-programs compile) and returns one float per completion.
+``batch_size`` rows (``"rm:PATH(batch_size=32)"``; default 16) through one jitted forward
+(rows padded to a bucketed length, so few programs compile) and returns one float per
+completion. The model sits on the first device (a reward model is scored, not trained).
 
 A prompt + completion becomes the row the reward model was trained on: the preference
 tokenization of ``jaxpt.algorithms.reward`` (``tokenize_preference``) with the completion
@@ -95,10 +96,30 @@ def _load(path: str, batch_size: int) -> RewardModelReward:
     return RewardModelReward(path, batch_size=batch_size)
 
 
-def reward_model_function(spec: str, *, batch_size: int = 16) -> RewardModelReward:
-    """``"rm:PATH"`` -> the reward function of the model at PATH, loaded once per
-    (path, batch_size) in this process."""
-    path = spec[len(PREFIX) :].strip()
-    if not path:
+def parse_rm_spec(spec: str) -> tuple[str, dict]:
+    """``"rm:PATH"`` or ``"rm:PATH(batch_size=32)"`` -> (PATH, options)."""
+    from jaxpt.rewards.registry import parse_reward_spec
+
+    body = spec[len(PREFIX) :].strip()
+    options: dict = {}
+    if body.endswith(")") and "(" in body:
+        body, _, opts = body.rpartition("(")
+        _, options = parse_reward_spec(f"rm({opts}")
+    if not body.strip():
         raise ValueError(f"reward function {spec!r}: write the reward model's dir after 'rm:'")
-    return _load(str(Path(path).expanduser()), int(batch_size))
+    unknown = set(options) - {"batch_size"}
+    if unknown:
+        raise ValueError(f"reward function {spec!r}: unknown options {sorted(unknown)}; "
+                         "the one option is batch_size")
+    return body.strip(), options
+
+
+def reward_model_function(spec: str, **options) -> RewardModelReward:
+    """``"rm:PATH"`` (options in the string or as keywords: ``batch_size``) -> the reward
+    function of the model at PATH, loaded once per (path, batch_size) in this process."""
+    path, in_spec = parse_rm_spec(spec)
+    options = {**in_spec, **options}
+    unknown = set(options) - {"batch_size"}
+    if unknown:
+        raise ValueError(f"reward function {spec!r}: unknown options {sorted(unknown)}")
+    return _load(str(Path(path).expanduser()), int(options.get("batch_size", 16)))
