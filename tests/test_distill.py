@@ -177,8 +177,9 @@ def tiny(tmp_path_factory, data_dir):
     return student, teacher, other, data_dir
 
 
-def distill_config(tmp_path, tiny, **distill):
+def distill_config(tmp_path, tiny, *, lora=None, **distill):
     student, teacher, _, data_dir = tiny
+    extra = {"lora": lora} if lora else {}
     section = {"teacher": str(teacher), "task": "arithmetic", "arithmetic_style": "plain",
                "max_completion_length": 8, "max_prompt_length": 128, "temperature": 1.0,
                "reward_funcs": ["math"], "eval_prompts": 4, "eval_batch_size": 4,
@@ -189,7 +190,7 @@ def distill_config(tmp_path, tiny, **distill):
         train={"max_steps": 6, "batch_size": 4, "seed": 0, "logprob_impl": "chunked",
                "eval_every": 0},
         optim={"lr": 3e-2, "schedule": "constant", "warmup_steps": 0},
-        checkpoint={"every": 0}, logging={"every": 1, "progress": False})
+        checkpoint={"every": 0}, logging={"every": 1, "progress": False}, **extra)
     return load_config(path)
 
 
@@ -218,13 +219,17 @@ def test_reverse_kl_reward_run(tmp_path, tiny):
     """The per-token reward variant trains on the student's own samples: every round is
     on-policy, a rollout used once has ratio 1 so the loss is kl_coef times the sampled
     tokens' reverse KL (student log-prob - teacher log-prob, > 0 on average: the student
-    samples what it finds likely), and the student moves."""
+    samples what it finds likely), and the student moves. With LoRA: the base is
+    state.frozen["student"] beside the teacher, and the adapters train."""
     from jaxpt.algorithms.distill import build_distill_trainer
     from jaxpt.engine.loop import run
 
-    cfg = distill_config(tmp_path, tiny, loss="reverse_kl_reward", lmbda=1.0, kl_coef=0.5)
+    cfg = distill_config(tmp_path, tiny, loss="reverse_kl_reward", lmbda=1.0, kl_coef=0.5,
+                         lora={"rank": 4})
     tr = build_distill_trainer(cfg)
     tr.eval_fn = None
+    assert tr.state.frozen["student"]["embed_VE"].shape == (1000, 32)  # the LoRA base
+    assert tr.state.frozen["teacher"]["embed_VE"].shape == (1000, 48)
     p0 = jax.device_get(tr.state.params)
     res = run(tr)
     rows = [r for r in read_metrics(cfg.out_dir) if "loss" in r]
