@@ -1,0 +1,329 @@
+"""Run untrusted Python (the model's code) in a separate, limited process.
+
+What the limits are, honestly: this is a resource fence, not a jail. Every run is a fresh
+interpreter (``python -I -B``: no site-packages of the user, no environment variables, no
+bytecode written) in its own session, with
+
+- a wall-clock timeout (the whole process group, or PID namespace, is killed with SIGKILL),
+- ``RLIMIT_AS`` (address space: a 1 GB allocation fails with MemoryError), ``RLIMIT_CPU``
+  (a busy loop gets SIGXCPU), ``RLIMIT_NPROC`` (a fork bomb gets EAGAIN), ``RLIMIT_FSIZE``
+  (a huge file gets SIGXFSZ / EFBIG), ``RLIMIT_CORE`` 0,
+- a scratch working directory that is removed afterwards,
+- stdout / stderr read by the parent and cut to ``max_output_bytes`` each (the rest is
+  drained and dropped, so a 10 MB print neither blocks nor floods the caller),
+- an audit hook (PEP 578) in the child that refuses Python-level writes, renames and deletes
+  outside the scratch dir; it stops ordinary code, not code that goes around Python
+  (ctypes, a subprocess): audit hooks are not a security boundary.
+
+Where the platform allows it without root (Linux user namespaces, the ``unshare`` tool of
+util-linux >= 2.38), the child also runs in new user, network, mount and PID namespaces: no
+network interface but a down loopback, every mount read-only except the scratch dir (so
+writes outside it fail in the kernel, whatever the code does), and killing the namespace's
+first process kills everything in it. Which isolation a run got is in
+``SandboxResult.isolation`` ("namespaces" or "rlimits"); the probe is done once per process.
+
+``RLIMIT_NPROC`` counts all processes of the real user id and is not enforced for root, so
+when the parent is root the child drops to ``nobody`` (uid/gid 65534) before it runs
+anything (the scratch dir is handed to that user); otherwise the limit is set to the user's
+current process count plus ``max_processes``.
+
+Peers: TRL runs tools in the training process; verl's sandbox-fusion and SkyRL call a remote
+sandbox service. jaxpt needs a local one that works on a laptop and a TPU VM alike, so this
+module uses only the standard library and the ``unshare`` binary when it is there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+NOBODY = 65534
+
+# Runs first in the child: refuses Python-level writes outside the scratch dir (the cwd).
+_CHILD_PRELUDE = r"""
+import os as _os, sys as _sys
+def _sandbox_guard():
+    root = _os.path.realpath(_os.getcwd())
+    write_flags = _os.O_WRONLY | _os.O_RDWR | _os.O_CREAT | _os.O_APPEND | _os.O_TRUNC
+    allowed_devices = {"/dev/null", "/dev/stdout", "/dev/stderr"}
+    def inside(path):
+        if isinstance(path, int):
+            return True  # an fd that is already open
+        p = _os.path.realpath(_os.fsdecode(path))
+        return p == root or p.startswith(root + _os.sep) or p in allowed_devices
+    mutating = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown",
+                "os.truncate", "os.symlink", "os.link", "os.utime", "shutil.rmtree",
+                "shutil.move", "shutil.copyfile"}
+    def hook(event, args):
+        if event == "open":
+            path, mode, flags = args
+            writes = (isinstance(flags, int) and flags & write_flags) or (
+                isinstance(mode, str) and any(c in mode for c in "wax+"))
+            if writes and not inside(path):
+                raise PermissionError(f"sandbox: writing outside the scratch dir is refused: {path}")
+        elif event in mutating:
+            for a in args[:2]:
+                if isinstance(a, (str, bytes, _os.PathLike)) and not inside(a):
+                    raise PermissionError(f"sandbox: {event} outside the scratch dir is refused: {a}")
+    _sys.addaudithook(hook)
+_sandbox_guard()
+del _sandbox_guard
+"""
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxLimits:
+    """Limits of one run. Memory and file sizes in bytes, times in seconds."""
+
+    timeout_s: float = 10.0
+    cpu_s: int = 10
+    memory_bytes: int = 1 << 30
+    max_processes: int = 32
+    max_file_bytes: int = 16 << 20
+    max_output_bytes: int = 16 << 10
+    use_namespaces: bool = True
+
+    def __post_init__(self):
+        for name in ("timeout_s", "cpu_s", "memory_bytes", "max_processes", "max_file_bytes",
+                     "max_output_bytes"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"SandboxLimits.{name} must be > 0, got {getattr(self, name)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SandboxResult:
+    """What a run did. ``error`` is None for a clean exit with status 0."""
+
+    stdout: str
+    stderr: str
+    exit_code: int | None  # negative: killed by that signal; None: never started
+    timed_out: bool
+    stdout_truncated: bool
+    stderr_truncated: bool
+    isolation: str  # "namespaces" | "rlimits"
+    duration_s: float
+    error: str | None
+    run_id: str = ""  # the scratch dir's name, also in every child's command line
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def as_tool_output(self) -> str:
+        """The text a model sees: stdout (and stderr) of a clean run, else an error line."""
+        if self.ok:
+            return self.stdout + (f"\n[stderr]\n{self.stderr}" if self.stderr.strip() else "")
+        tail = self.stderr.strip() or self.stdout.strip()
+        return f"Error: {self.error}" + (f"\n{tail}" if tail else "")
+
+
+def _signal_name(sig: int) -> str:
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+_KILL_REASONS = {
+    "SIGXCPU": "CPU time limit exceeded",
+    "SIGXFSZ": "file size limit exceeded",
+    "SIGSEGV": "crashed (segmentation fault)",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def namespace_prefix(as_nobody: bool) -> tuple[str, ...] | None:
+    """The ``unshare`` command line that puts a child in fresh user / net / mount / PID
+    namespaces, or None when this platform refuses it (no binary, old util-linux, user
+    namespaces disabled). Probed once per process, as the user the child will run as."""
+    exe = shutil.which("unshare")
+    if exe is None or not sys.platform.startswith("linux"):
+        return None
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    prefix = (exe, "--user", "--map-root-user", "--net", "--mount", "--pid", "--fork",
+              "--kill-child")
+    try:
+        probe = subprocess.run(
+            [*prefix, "sh", "-c", "mount -o remount,bind,ro / && exec \"$0\" " + _DROP_CAPS
+             + " echo ok", setpriv],
+            capture_output=True, timeout=10, cwd="/",
+            preexec_fn=_drop_to_nobody if as_nobody else None,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return prefix if probe.returncode == 0 and probe.stdout.strip() == b"ok" else None
+
+
+def _drop_to_nobody() -> None:
+    os.setgroups([])
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+def _user_process_count(uid: int) -> int:
+    count = 0
+    for pid in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if pid.isdigit():
+            try:
+                if os.stat(f"/proc/{pid}").st_uid == uid:
+                    count += 1
+            except OSError:
+                pass
+    return count
+
+
+# Inside the namespaces the child is root of its own user namespace (mapped to the outer
+# user): a private bind of the scratch dir stays writable, every other mount becomes
+# read-only, then setpriv drops every capability (bounding set included, so exec gives none
+# back) and the interpreter replaces the shell: the code cannot remount anything again.
+_DROP_CAPS = "--bounding-set=-all --inh-caps=-all --ambient-caps=-all --no-new-privs"
+_MOUNT_SCRIPT = (
+    'mount --bind "$SCRATCH" "$SCRATCH" && cd "$SCRATCH" || exit 97; '
+    "for m in $(cut -d' ' -f2 /proc/self/mounts | sort -u); do "
+    '[ "$m" = "$SCRATCH" ] || mount -o remount,bind,ro "$m" 2>/dev/null; done; '
+    f'exec "$0" {_DROP_CAPS} "$@"'
+)
+
+
+@functools.lru_cache(maxsize=None)
+def sandbox_interpreter(as_nobody: bool) -> str:
+    """The Python the child runs: this process's interpreter when the sandbox user can run
+    it, else the system ``python3`` (a root parent's venv under /root is out of nobody's
+    reach; the code then sees that interpreter's packages)."""
+    candidates = [sys.executable, getattr(sys, "_base_executable", None),
+                  shutil.which("python3"), "/usr/local/bin/python3", "/usr/bin/python3"]
+    if not as_nobody:
+        return sys.executable
+    for exe in dict.fromkeys(c for c in candidates if c):
+        try:
+            probe = subprocess.run([exe, "-I", "-c", "pass"], capture_output=True, timeout=30,
+                                   cwd="/", preexec_fn=_drop_to_nobody)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if probe.returncode == 0:
+            return exe
+    raise RuntimeError(f"no Python interpreter the sandbox user (uid {NOBODY}) can run: "
+                       f"tried {candidates}")
+
+
+def _limit_child(limits: SandboxLimits, nproc: int, as_nobody: bool) -> None:
+    """preexec_fn: runs in the forked child before exec."""
+    mem = limits.memory_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_bytes, limits.max_file_bytes))
+    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if as_nobody:
+        _drop_to_nobody()
+
+
+def _drain(stream, limit: int, out: list, flag: list) -> None:
+    """Keep the first `limit` bytes of a pipe, read and drop the rest until EOF."""
+    kept = 0
+    while chunk := stream.read(65536):
+        if kept < limit:
+            out.append(chunk[: limit - kept])
+        if kept + len(chunk) > limit:
+            flag[0] = True
+        kept += len(chunk)
+    stream.close()
+
+
+def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
+    """Run `code` with ``python -I -B`` under `limits`; never raises for anything the code
+    does (crash, timeout, huge output, a refused write), only returns a result saying so."""
+    limits = limits or SandboxLimits()
+    as_nobody = os.geteuid() == 0
+    prefix = namespace_prefix(as_nobody) if limits.use_namespaces else None
+    nproc = limits.max_processes + (0 if as_nobody else _user_process_count(os.getuid()))
+    scratch = tempfile.mkdtemp(prefix="jaxpt_sandbox_")
+    start = time.monotonic()
+    try:
+        if as_nobody:
+            os.chown(scratch, NOBODY, NOBODY)
+        script = os.path.join(scratch, "main.py")
+        with open(script, "w") as f:
+            f.write(code)
+        # The code runs as __main__ after the prelude (tracebacks name main.py).
+        run_id = os.path.basename(scratch)
+        runner = (f"# {run_id}\n" + _CHILD_PRELUDE
+                  + "import runpy\nrunpy.run_path('main.py', run_name='__main__')\n")
+        argv = [sandbox_interpreter(as_nobody), "-I", "-B", "-c", runner]
+        if prefix is not None:
+            argv = [*prefix, "sh", "-c", _MOUNT_SCRIPT, shutil.which("setpriv"), *argv]
+        env = {"PATH": "/usr/bin:/bin", "SCRATCH": scratch, "HOME": scratch, "LANG": "C.UTF-8"}
+        try:
+            proc = subprocess.Popen(
+                argv, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE, start_new_session=True,
+                preexec_fn=functools.partial(_limit_child, limits, nproc, as_nobody),
+            )
+        except OSError as e:
+            return SandboxResult("", "", None, False, False, False,
+                                 "namespaces" if prefix else "rlimits",
+                                 time.monotonic() - start, f"could not start the sandbox: {e}",
+                                 run_id)
+        pieces = {"out": ([], [False]), "err": ([], [False])}
+        readers = [
+            threading.Thread(target=_drain, args=(s, limits.max_output_bytes, *pieces[k]),
+                             daemon=True)
+            for k, s in (("out", proc.stdout), ("err", proc.stderr))
+        ]
+        for r in readers:
+            r.start()
+        timed_out = False
+        try:
+            proc.wait(timeout=limits.timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        # Kill the whole session: with namespaces the PID namespace dies with its first
+        # process; without, forked children share the process group (unless they setsid).
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait()
+        for r in readers:
+            r.join(timeout=5)
+        out = b"".join(pieces["out"][0]).decode("utf-8", "replace")
+        err = b"".join(pieces["err"][0]).decode("utf-8", "replace")
+        code_ = proc.returncode
+        error = None
+        if timed_out:
+            error = f"timed out after {limits.timeout_s:g} s (wall clock)"
+        elif prefix is not None and code_ == 97:
+            error = "the sandbox could not set up its mounts"
+        elif code_ is not None and code_ < 0:
+            name = _signal_name(-code_)
+            error = f"killed by {name}: {_KILL_REASONS.get(name, 'terminated')}"
+        elif code_ is not None and code_ > 128 and prefix is not None:
+            # sh / unshare report a signal-killed child as 128 + signal
+            name = _signal_name(code_ - 128)
+            error = f"killed by {name}: {_KILL_REASONS.get(name, 'terminated')}"
+        elif code_ != 0:
+            last = err.strip().splitlines()[-1] if err.strip() else ""
+            error = f"exit status {code_}" + (f": {last}" if last else "")
+        if pieces["out"][1][0]:
+            out += f"\n[stdout truncated to {limits.max_output_bytes} bytes]"
+        if pieces["err"][1][0]:
+            err += f"\n[stderr truncated to {limits.max_output_bytes} bytes]"
+        return SandboxResult(
+            stdout=out, stderr=err, exit_code=code_, timed_out=timed_out,
+            stdout_truncated=pieces["out"][1][0], stderr_truncated=pieces["err"][1][0],
+            isolation="namespaces" if prefix is not None else "rlimits",
+            duration_s=time.monotonic() - start, error=error, run_id=run_id,
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
