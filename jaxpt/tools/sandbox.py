@@ -69,11 +69,11 @@ def _sandbox_guard():
             writes = (isinstance(flags, int) and flags & write_flags) or (
                 isinstance(mode, str) and any(c in mode for c in "wax+"))
             if writes and not inside(path):
-                raise PermissionError(f"sandbox: writing outside the scratch dir is refused: {path}")
+                raise PermissionError(f"sandbox: writing outside the scratch dir: {path}")
         elif event in mutating:
             for a in args[:2]:
                 if isinstance(a, (str, bytes, _os.PathLike)) and not inside(a):
-                    raise PermissionError(f"sandbox: {event} outside the scratch dir is refused: {a}")
+                    raise PermissionError(f"sandbox: {event} outside the scratch dir: {a}")
     _sys.addaudithook(hook)
 _sandbox_guard()
 del _sandbox_guard
@@ -140,7 +140,7 @@ _KILL_REASONS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def namespace_prefix(as_nobody: bool) -> tuple[str, ...] | None:
     """The ``unshare`` command line that puts a child in fresh user / net / mount / PID
     namespaces, or None when this platform refuses it (no binary, old util-linux, user
@@ -196,7 +196,7 @@ _MOUNT_SCRIPT = (
 )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sandbox_interpreter(as_nobody: bool) -> str:
     """The Python the child runs: this process's interpreter when the sandbox user can run
     it, else the system ``python3`` (a root parent's venv under /root is out of nobody's
@@ -227,6 +227,34 @@ def _limit_child(limits: SandboxLimits, nproc: int, as_nobody: bool) -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if as_nobody:
         _drop_to_nobody()
+
+
+def _session_members(sid: int) -> list[int]:
+    """PIDs (zombies included: they still count against RLIMIT_NPROC) in session `sid`."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 3 and int(fields[3]) == sid:
+            pids.append(int(pid))
+    return pids
+
+
+def _kill_session(sid: int, grace_s: float = 5.0) -> None:
+    """SIGKILL session `sid` until none of its processes is left (or `grace_s` passed), so
+    the next run does not meet this one's dying processes in its process count."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            os.killpg(sid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if not os.path.isdir("/proc") or not _session_members(sid) or time.monotonic() > deadline:
+            return
+        time.sleep(0.02)
 
 
 def _drain(stream, limit: int, out: list, flag: list) -> None:
@@ -294,7 +322,8 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
             os.killpg(proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        proc.wait()
+        proc.wait()  # reaped here, so the session can empty
+        _kill_session(proc.pid)
         for r in readers:
             r.join(timeout=5)
         out = b"".join(pieces["out"][0]).decode("utf-8", "replace")
