@@ -168,12 +168,27 @@ class ToolChat:
 
     def tool_result_messages(self, results: Sequence[tuple[str, str]]) -> list[dict]:
         """Messages carrying ``(tool name, output)`` results, in call order."""
-        if not results:
-            return []
+        return self.template_messages(
+            [{"role": "tool", "name": name, "content": out} for name, out in results])
+
+    def template_messages(self, messages: Sequence[dict]) -> list[dict]:
+        """Environment turns (tool results as ``role: tool`` messages) in the form the
+        template renders: as they are when native; in fallback mode each run of
+        consecutive tool messages becomes one ``user`` turn of ``<tool_response>`` blocks."""
         if self.native:
-            return [{"role": "tool", "name": name, "content": out} for name, out in results]
-        body = "\n".join(f"<tool_response>\n{out}\n</tool_response>" for _, out in results)
-        return [{"role": "user", "content": body}]
+            return list(messages)
+        out: list[dict] = []
+        run: list[str] = []
+        for m in [*messages, None]:
+            if m is not None and m.get("role") == "tool":
+                run.append(f"<tool_response>\n{m['content']}\n</tool_response>")
+                continue
+            if run:
+                out.append({"role": "user", "content": "\n".join(run)})
+                run = []
+            if m is not None:
+                out.append(dict(m))
+        return out
 
     # -- text
 
