@@ -242,3 +242,22 @@ def test_environments_by_import_path_and_errors(tokenizer):
         make_environment("self_correction", bonus=1.0)
     with pytest.raises(ValueError, match="needs a 'prompt' column"):
         SingleTurnEnvironment().reset({"question": "x"})
+
+
+def test_readme_example_runs(tokenizer, capsys):
+    """The README's multi-turn example, with a scripted sampler as its `generate`."""
+    from pathlib import Path
+
+    from test_readme import fenced_blocks
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in fenced_blocks(readme, ("python",)) if "run_episodes" in b]
+    call = '<tool_call>{"name": "calculator", "arguments": {"expression": "123 * 456"}}</tool_call>'
+    generate = ScriptedSampler(tokenizer, [[call, "The answer is 56088."]])
+    namespace = {"generate": generate, "tokenizer": tokenizer}
+    exec(compile(block, "README.md", "exec"), namespace)
+    t = namespace["t"]
+    assert t.final_completion == "The answer is 56088." and t.turns == 2
+    assert t.messages[2] == {"role": "tool", "name": "calculator", "content": "56088"}
+    out = capsys.readouterr().out
+    assert "'tools/call_frequency': 1.0" in out and "'turns/mean': 2.0" in out
