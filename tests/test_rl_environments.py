@@ -167,7 +167,7 @@ def test_tool_metrics_failures_and_limits(tokenizer):
         [CALL_12_34 + CALL_12_34 + CALL_12_34, "408"],  # 3 calls in one turn, limit 2
     ])
     trajs = run_episodes(make_environment("tool_use", max_tool_calls=2), rows, sampler,
-                         tokenizer, max_turns=3)
+                         tokenizer, max_turns=3, step_workers=4)
     assert [t.finish for t in trajs] == ["done", "done", "done", "done"]
     assert [t.num_tool_calls for t in trajs] == [0, 2, 2, 3]
     assert [t.tool_failures for t in trajs] == [0, 1, 1, 1]

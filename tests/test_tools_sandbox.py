@@ -126,3 +126,21 @@ def test_no_network_inside_namespaces():
 def test_limits_are_validated():
     with pytest.raises(ValueError, match="timeout_s"):
         SandboxLimits(timeout_s=0)
+
+
+def test_without_namespaces_rlimits_and_the_audit_hook_still_hold(tmp_path):
+    """The fallback where the platform refuses namespaces: forks stop at the limit and
+    Python-level writes outside the scratch dir are refused (a fence, not a jail)."""
+    limits = dataclasses.replace(LIMITS, use_namespaces=False)
+    r = run_python(
+        "import os, time\nn = 0\nfor _ in range(32):\n    try:\n        pid = os.fork()\n"
+        "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(30)\n"
+        "        os._exit(0)\n    n += 1\nprint(n, flush=True)\nos._exit(0)\n", limits)
+    assert r.isolation == "rlimits" and int(r.stdout.split()[0]) < LIMITS.max_processes, r
+    assert _live_processes_of(r.run_id) == []
+    target = tmp_path / "escaped.txt"
+    os.chmod(tmp_path, 0o777)
+    r = run_python(f"import os\nopen({str(target)!r}, 'w')\n", limits)
+    assert not r.ok and "writing outside the scratch dir" in r.error and not target.exists(), r
+    r = run_python(f"import os\nos.remove({str(tmp_path)!r})\n", limits)
+    assert not r.ok and "os.remove outside the scratch dir" in r.error, r

@@ -85,6 +85,9 @@ class ToolEnvironment:
         if max_tool_calls < 1:
             raise ValueError(f"tool_use: max_tool_calls must be >= 1, got {max_tool_calls}")
         self.tools = [t if isinstance(t, Tool) else load_tools([t])[0] for t in tools]
+        names = [t.name for t in self.tools]
+        if len(set(names)) != len(names):
+            raise ValueError(f"tool_use: two tools share a name ({names})")
         self.tool_schemas = [t.schema for t in self.tools]
         self.max_tool_calls = max_tool_calls
         self.tool_timeout_s = tool_timeout_s

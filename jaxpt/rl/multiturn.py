@@ -32,6 +32,7 @@ calls / calls), plus ``turns/mean``, ``turns/max`` and ``tools/<name>/call_frequ
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -89,12 +90,18 @@ def run_episodes(
     max_total_tokens: int = 4096,
     stop_token_ids: Sequence[int] | None = None,
     chat_template_kwargs: dict | None = None,
+    step_workers: int = 1,
 ) -> list[Trajectory]:
-    """Run one fresh environment per row to the end (see the module docstring)."""
+    """Run one fresh environment per row to the end (see the module docstring).
+
+    ``step_workers`` > 1 runs the rows' ``env.step`` calls of a turn in that many threads
+    (tools such as the sandbox spend their time in another process); results are applied
+    in row order either way, so trajectories do not depend on it."""
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
     stops = set(stop_token_ids if stop_token_ids is not None else [tokenizer.eos_token_id])
-    envs, chats, histories, trajs = [], [], [], []
+    envs: list[Environment] = []
+    chats, histories, trajs = [], [], []
     for i, row in enumerate(rows):
         env = make_env()
         messages = env.reset(row)
@@ -117,18 +124,24 @@ def run_episodes(
         if len(outs) != len(active):
             raise ValueError(f"generate returned {len(outs)} completions for {len(active)} "
                              "prompts")
+        parts = [_completion_parts(out) for out in outs]
+        texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in parts]
+        step_args = [(envs[i], list(trajs[i].messages), text) for i, text in zip(active, texts,
+                                                                                 strict=True)]
+        if step_workers > 1 and len(active) > 1:
+            with concurrent.futures.ThreadPoolExecutor(min(step_workers, len(active))) as pool:
+                results = list(pool.map(lambda a: a[0].step(a[1], a[2]), step_args))
+        else:
+            results = [env.step(msgs, text) for env, msgs, text in step_args]
         still = []
-        for i, out in zip(active, outs, strict=True):
-            t, env, chat = trajs[i], envs[i], chats[i]
-            ids, lps = _completion_parts(out)
+        for i, (ids, lps), text, result in zip(active, parts, texts, results, strict=True):
+            t, chat = trajs[i], chats[i]
             t.completion_ids += ids
             t.loss_mask += [1] * len(ids)
             t.logprobs += lps if lps is not None else [0.0] * len(ids)
             t.turns += 1
-            text = tokenizer.decode(ids, skip_special_tokens=True)
             t.final_completion = text
             ended = bool(ids) and ids[-1] in stops
-            result = env.step(list(t.messages), text)
             t.tool_calls.update(result.tool_calls)
             t.tool_failures += result.tool_failures
             for k, v in result.reward_parts.items():
