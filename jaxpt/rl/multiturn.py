@@ -176,6 +176,33 @@ def run_episodes(
     return trajs
 
 
+def sampling_generate(graphdef, params, tokenizer, *, sampler, max_new_tokens: int,
+                      seed: int = 0, batch_size: int | None = None, shardings=None
+                      ) -> Callable[[list[list[int]]], list[Any]]:
+    """A `generate` for :func:`run_episodes` from jaxpt's sampler
+    (:func:`jaxpt.sampling.text.sample_completions`, one sample per prompt, the tokenizer's
+    stop tokens). Each call draws from its own seed (``seed``, ``seed + 1``, ...), so the
+    turns of a run are independent draws and the run is reproducible."""
+    from jaxpt.sampling.text import sample_completions, stop_and_pad_ids
+
+    eos_ids, pad_id = stop_and_pad_ids(tokenizer, None, None)
+    calls = [0]
+
+    def generate(prompts: list[list[int]]) -> list[Any]:
+        _, batches = sample_completions(
+            graphdef, params, tokenizer, prompts, 1, sampler=sampler,
+            max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+            seed=seed + calls[0], batch_size=batch_size, shardings=shardings)
+        calls[0] += 1
+        out: list[Any] = [None] * len(prompts)
+        for batch in batches:
+            for s in batch:
+                out[s.index] = s.completion
+        return out
+
+    return generate
+
+
 def multiturn_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
     """Tool and turn statistics of a batch (TRL's names for the tool ones)."""
     n = len(trajectories)

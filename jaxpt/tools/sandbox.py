@@ -36,8 +36,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -155,20 +155,34 @@ def namespace_prefix(as_nobody: bool) -> tuple[str, ...] | None:
               "--kill-child")
     try:
         probe = subprocess.run(
-            [*prefix, "sh", "-c", "mount -o remount,bind,ro / && exec \"$0\" " + _DROP_CAPS
-             + " echo ok", setpriv],
+            _launched([*prefix, "sh", "-c", "mount -o remount,bind,ro / && exec \"$0\" "
+                       + _DROP_CAPS + " echo ok", setpriv], {}, as_nobody),
             capture_output=True, timeout=10, cwd="/",
-            preexec_fn=_drop_to_nobody if as_nobody else None,
         )
     except (OSError, subprocess.SubprocessError):
         return None
     return prefix if probe.returncode == 0 and probe.stdout.strip() == b"ok" else None
 
 
-def _drop_to_nobody() -> None:
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
+# The first program of every child: sets the rlimits, drops to the sandbox user, then
+# execs the real command line. A separate program rather than subprocess's preexec_fn,
+# which can deadlock in a parent with threads (JAX's runtime, the driver's step workers).
+_LAUNCHER = (
+    "import json, os, resource, sys\n"
+    "spec = json.loads(sys.argv[1])\n"
+    "for name, (soft, hard) in spec['rlimits'].items():\n"
+    "    resource.setrlimit(getattr(resource, name), (soft, hard))\n"
+    "if spec['uid'] is not None:\n"
+    "    os.setgroups([]); os.setgid(spec['uid']); os.setuid(spec['uid'])\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def _launched(argv: list[str], rlimits: dict[str, tuple[int, int]], as_nobody: bool
+              ) -> list[str]:
+    """`argv` (argv[0] an absolute path) behind the launcher."""
+    spec = json.dumps({"rlimits": rlimits, "uid": NOBODY if as_nobody else None})
+    return [sys.executable, "-I", "-S", "-c", _LAUNCHER, spec, *argv]
 
 
 def _user_process_count(uid: int) -> int:
@@ -207,8 +221,8 @@ def sandbox_interpreter(as_nobody: bool) -> str:
         return sys.executable
     for exe in dict.fromkeys(c for c in candidates if c):
         try:
-            probe = subprocess.run([exe, "-I", "-c", "pass"], capture_output=True, timeout=30,
-                                   cwd="/", preexec_fn=_drop_to_nobody)
+            probe = subprocess.run(_launched([exe, "-I", "-c", "pass"], {}, True),
+                                   capture_output=True, timeout=30, cwd="/")
         except (OSError, subprocess.SubprocessError):
             continue
         if probe.returncode == 0:
@@ -217,16 +231,14 @@ def sandbox_interpreter(as_nobody: bool) -> str:
                        f"tried {candidates}")
 
 
-def _limit_child(limits: SandboxLimits, nproc: int, as_nobody: bool) -> None:
-    """preexec_fn: runs in the forked child before exec."""
-    mem = limits.memory_bytes
-    resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_bytes, limits.max_file_bytes))
-    resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    if as_nobody:
-        _drop_to_nobody()
+def _rlimits(limits: SandboxLimits, nproc: int) -> dict[str, tuple[int, int]]:
+    return {
+        "RLIMIT_AS": (limits.memory_bytes, limits.memory_bytes),
+        "RLIMIT_CPU": (limits.cpu_s, limits.cpu_s + 1),  # SIGXCPU at the soft limit
+        "RLIMIT_FSIZE": (limits.max_file_bytes, limits.max_file_bytes),
+        "RLIMIT_NPROC": (nproc, nproc),
+        "RLIMIT_CORE": (0, 0),
+    }
 
 
 def _session_members(sid: int) -> list[int]:
@@ -291,12 +303,12 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
         argv = [sandbox_interpreter(as_nobody), "-I", "-B", "-c", runner]
         if prefix is not None:
             argv = [*prefix, "sh", "-c", _MOUNT_SCRIPT, shutil.which("setpriv"), *argv]
+        argv = _launched(argv, _rlimits(limits, nproc), as_nobody)
         env = {"PATH": "/usr/bin:/bin", "SCRATCH": scratch, "HOME": scratch, "LANG": "C.UTF-8"}
         try:
             proc = subprocess.Popen(
                 argv, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, start_new_session=True,
-                preexec_fn=functools.partial(_limit_child, limits, nproc, as_nobody),
             )
         except OSError as e:
             return SandboxResult("", "", None, False, False, False,
