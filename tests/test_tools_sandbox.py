@@ -144,3 +144,14 @@ def test_without_namespaces_rlimits_and_the_audit_hook_still_hold(tmp_path):
     assert not r.ok and "writing outside the scratch dir" in r.error and not target.exists(), r
     r = run_python(f"import os\nos.remove({str(tmp_path)!r})\n", limits)
     assert not r.ok and "os.remove outside the scratch dir" in r.error, r
+
+
+def test_concurrent_runs_from_threads():
+    """The driver runs tool calls of several rows in threads: runs stay independent."""
+    import concurrent.futures
+
+    codes = [f"import time\ntime.sleep(0.2)\nprint({i} * {i})" for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda c: run_python(c, LIMITS), codes))
+    assert [r.stdout for r in results] == ["0\n", "1\n", "4\n", "9\n"], results
+    assert len({r.run_id for r in results}) == 4

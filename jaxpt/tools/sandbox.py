@@ -23,9 +23,11 @@ first process kills everything in it. Which isolation a run got is in
 ``SandboxResult.isolation`` ("namespaces" or "rlimits"); the probe is done once per process.
 
 ``RLIMIT_NPROC`` counts all processes of the real user id and is not enforced for root, so
-when the parent is root the child drops to ``nobody`` (uid/gid 65534) before it runs
-anything (the scratch dir is handed to that user); otherwise the limit is set to the user's
-current process count plus ``max_processes``.
+when the parent is root the child drops to an unprivileged uid before it runs anything (the
+scratch dir is handed to it): one of 64 uids of a range no account uses, a different one for
+each of up to 64 concurrent runs of a process, so concurrent runs do not share a process
+count (the probes run as ``nobody``). Otherwise the limit is set to the user's current
+process count plus ``max_processes``, and concurrent runs of one user do share it.
 
 Peers: TRL runs tools in the training process; verl's sandbox-fusion and SkyRL call a remote
 sandbox service. jaxpt needs a local one that works on a laptop and a TPU VM alike, so this
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import shutil
@@ -47,6 +50,10 @@ import threading
 import time
 
 NOBODY = 65534
+# Unprivileged uids for runs started by root: 64 per parent process, picked by its pid.
+_UID_SLOTS = 64
+_UID_BASE = 3_000_000_000 + (os.getpid() % 10_000) * _UID_SLOTS
+_run_counter = itertools.count()
 
 # Runs first in the child: refuses Python-level writes outside the scratch dir (the cwd).
 _CHILD_PRELUDE = r"""
@@ -156,7 +163,7 @@ def namespace_prefix(as_nobody: bool) -> tuple[str, ...] | None:
     try:
         probe = subprocess.run(
             _launched([*prefix, "sh", "-c", "mount -o remount,bind,ro / && exec \"$0\" "
-                       + _DROP_CAPS + " echo ok", setpriv], {}, as_nobody),
+                       + _DROP_CAPS + " echo ok", setpriv], {}, NOBODY if as_nobody else None),
             capture_output=True, timeout=10, cwd="/",
         )
     except (OSError, subprocess.SubprocessError):
@@ -178,10 +185,10 @@ _LAUNCHER = (
 )
 
 
-def _launched(argv: list[str], rlimits: dict[str, tuple[int, int]], as_nobody: bool
+def _launched(argv: list[str], rlimits: dict[str, tuple[int, int]], uid: int | None
               ) -> list[str]:
-    """`argv` (argv[0] an absolute path) behind the launcher."""
-    spec = json.dumps({"rlimits": rlimits, "uid": NOBODY if as_nobody else None})
+    """`argv` (argv[0] an absolute path) behind the launcher, as `uid` (None: as is)."""
+    spec = json.dumps({"rlimits": rlimits, "uid": uid})
     return [sys.executable, "-I", "-S", "-c", _LAUNCHER, spec, *argv]
 
 
@@ -221,7 +228,7 @@ def sandbox_interpreter(as_nobody: bool) -> str:
         return sys.executable
     for exe in dict.fromkeys(c for c in candidates if c):
         try:
-            probe = subprocess.run(_launched([exe, "-I", "-c", "pass"], {}, True),
+            probe = subprocess.run(_launched([exe, "-I", "-c", "pass"], {}, NOBODY),
                                    capture_output=True, timeout=30, cwd="/")
         except (OSError, subprocess.SubprocessError):
             continue
@@ -288,11 +295,12 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
     as_nobody = os.geteuid() == 0
     prefix = namespace_prefix(as_nobody) if limits.use_namespaces else None
     nproc = limits.max_processes + (0 if as_nobody else _user_process_count(os.getuid()))
+    uid = _UID_BASE + next(_run_counter) % _UID_SLOTS if as_nobody else None
     scratch = tempfile.mkdtemp(prefix="jaxpt_sandbox_")
     start = time.monotonic()
     try:
-        if as_nobody:
-            os.chown(scratch, NOBODY, NOBODY)
+        if uid is not None:
+            os.chown(scratch, uid, uid)
         script = os.path.join(scratch, "main.py")
         with open(script, "w") as f:
             f.write(code)
@@ -303,7 +311,7 @@ def run_python(code: str, limits: SandboxLimits | None = None) -> SandboxResult:
         argv = [sandbox_interpreter(as_nobody), "-I", "-B", "-c", runner]
         if prefix is not None:
             argv = [*prefix, "sh", "-c", _MOUNT_SCRIPT, shutil.which("setpriv"), *argv]
-        argv = _launched(argv, _rlimits(limits, nproc), as_nobody)
+        argv = _launched(argv, _rlimits(limits, nproc), uid)
         env = {"PATH": "/usr/bin:/bin", "SCRATCH": scratch, "HOME": scratch, "LANG": "C.UTF-8"}
         try:
             proc = subprocess.Popen(
