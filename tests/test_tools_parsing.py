@@ -110,13 +110,13 @@ def test_fallback_rendering_on_smollm2(tokenizer):
     results = chat.tool_result_messages([("calculator", "408")])
     assert results == [{"role": "user", "content": "<tool_response>\n408\n</tool_response>"}]
     # the model sampled <|im_end|> (its EOS): what follows is the newline, then the turns
-    text = chat.continuation_text(history, assistant, results, ended_with_eos=True)
+    text = chat.continuation_text(history, assistant, results, stop_text="<|im_end|>")
     assert text == (
         "\n<|im_start|>user\n<tool_response>\n408\n</tool_response><|im_end|>\n"
         "<|im_start|>assistant\n"
     )
     # cut by the length limit: the template's whole turn end comes first
-    text = chat.continuation_text(history, assistant, results, ended_with_eos=False)
+    text = chat.continuation_text(history, assistant, results, stop_text=None)
     assert text.startswith("<|im_end|>\n<|im_start|>user\n<tool_response>")
 
 
@@ -157,7 +157,7 @@ def test_native_rendering_on_a_qwen_style_template(tokenizer):
     results = chat.tool_result_messages([("calculator", "408"), ("calculator", "11")])
     assert results == [{"role": "tool", "name": "calculator", "content": "408"},
                        {"role": "tool", "name": "calculator", "content": "11"}]
-    text = chat.continuation_text(history, assistant, results, ended_with_eos=True)
+    text = chat.continuation_text(history, assistant, results, stop_text="<|im_end|>")
     assert text == (
         "\n<|im_start|>user\n<tool_response>\n408\n</tool_response>\n"
         "<tool_response>\n11\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
@@ -175,4 +175,4 @@ def test_a_template_that_rewrites_history_is_refused(tokenizer):
     with pytest.raises(ChatTemplateError, match="renders the earlier turns differently"):
         chat.continuation_text([{"role": "user", "content": "q"}],
                                {"role": "assistant", "content": "a"},
-                               [{"role": "user", "content": "check"}], ended_with_eos=True)
+                               [{"role": "user", "content": "check"}], stop_text="<|im_end|>")

@@ -19,10 +19,13 @@ a list of ids, or an object / dict with ``token_ids`` (and optionally ``logprobs
 decode-loop integration that resumes each row's KV cache instead of re-prefilling the whole
 history is a later step; this driver re-submits the full sequence each turn.
 
-Limits: ``max_turns`` model turns; ``max_total_tokens`` for prompt + all turns (a turn that
-would pass it is not appended and the trajectory ends, ``finish="length"``). A turn that did
-not end with a stop token (cut by the sampler's length limit) ends the trajectory
-(``finish="truncated"``) after the environment has seen it.
+A turn has ended when its last token is a stop token (``stop_token_ids``, by default the
+sampler's: the EOS and the template's end-of-turn tokens). Limits: ``max_turns`` model
+turns; ``max_total_tokens`` for prompt + all turns (the environment's next turn that would
+pass it is not appended and the trajectory ends, ``finish="length"``; the sampler's own
+``max_new_tokens`` bounds each turn). A turn that did not end with a stop token (cut by the
+sampler's length limit) ends the trajectory (``finish="truncated"``) after the environment
+has seen it.
 
 Metrics (:func:`multiturn_metrics`) use TRL's names where it has them:
 ``tools/call_frequency`` (tool calls per trajectory), ``tools/failure_frequency`` (failed
@@ -99,7 +102,11 @@ def run_episodes(
     in row order either way, so trajectories do not depend on it."""
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
-    stops = set(stop_token_ids if stop_token_ids is not None else [tokenizer.eos_token_id])
+    if stop_token_ids is None:
+        from jaxpt.sampling.text import default_stop_ids
+
+        stop_token_ids = default_stop_ids(tokenizer)
+    stops = {int(t) for t in stop_token_ids}
     envs: list[Environment] = []
     chats, histories, trajs = [], [], []
     for i, row in enumerate(rows):
@@ -160,8 +167,9 @@ def run_episodes(
                 continue
             new_msgs = chat.template_messages(result.messages)
             templated_assistant = chat.assistant_message(text)
+            stop_text = tokenizer.convert_ids_to_tokens(ids[-1])
             cont = encode(tokenizer, chat.continuation_text(
-                histories[i], templated_assistant, new_msgs, ended_with_eos=True),
+                histories[i], templated_assistant, new_msgs, stop_text=stop_text),
                 add_special_tokens=False)
             if len(t.prompt_ids) + len(t.completion_ids) + len(cont) >= max_total_tokens:
                 t.finish = "length"  # no room for the next turn

@@ -207,10 +207,11 @@ class ToolChat:
         return self.render(self.prompt_messages(messages), add_generation_prompt=True)
 
     def continuation_text(self, history: Sequence[dict], assistant: dict,
-                          new_messages: Sequence[dict], *, ended_with_eos: bool) -> str:
+                          new_messages: Sequence[dict], *, stop_text: str | None) -> str:
         """Text that follows a sampled assistant turn: what the template closes the turn
-        with (less the end-of-sequence token when it was sampled), then `new_messages`
-        and the next generation prompt.
+        with (less its part up to and including `stop_text`, the stop token the model
+        sampled, when the close contains it: SmolLM2 and Qwen sample ``<|im_end|>``), then
+        `new_messages` and the next generation prompt.
 
         `history` is the conversation before the turn (through :meth:`prompt_messages`).
         The turn's close is read from a render with a marker as the content; the new turns
@@ -231,7 +232,6 @@ class ToolChat:
         marked = self.render([*history, {"role": "assistant", "content": _SENTINEL}],
                              add_generation_prompt=False)
         close = marked[marked.rindex(_SENTINEL) + len(_SENTINEL):]
-        eos = getattr(self.tokenizer, "eos_token", None)
-        if ended_with_eos and eos and eos in close:
-            close = close.partition(eos)[2]
+        if stop_text and stop_text in close:
+            close = close.partition(stop_text)[2]
         return close + after[len(before):]
