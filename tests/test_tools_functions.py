@@ -162,14 +162,39 @@ def test_call_tool_turns_every_failure_into_an_error_message():
         "unknown": call_tool(tools, "search_web", {"q": "x"}),
         "not a dict": call_tool(tools, "calculator", ["6 * 7"]),
         "bad keyword": call_tool(tools, "calculator", {"expr": "6 * 7"}),
+        "missing": call_tool(tools, "calculator", {}),
         "raises": call_tool(tools, "calculator", {"expression": "1/0"}),
         "timeout": call_tool(tools, "slow", {"seconds": 2.0}, timeout_s=0.05),
     }
     assert all(o.failed and o.content.startswith("Error: ") for o in outcomes.values()), outcomes
     assert "unknown tool 'search_web' (tools: calculator, slow)" in outcomes["unknown"].content
-    assert "missing a required argument: 'expression'" in outcomes["bad keyword"].content
+    assert outcomes["bad keyword"].content == (
+        "Error: bad arguments for calculator: unexpected ['expr'] (arguments: ['expression'])")
+    assert "missing a required argument: 'expression'" in outcomes["missing"].content
     assert outcomes["raises"].content == "Error: ValueError: division by zero"
     assert "timed out after 0.05 s" in outcomes["timeout"].content
+
+
+def scaled(x: int, scale: int = 2) -> int:
+    """Scale a number.
+
+    Args:
+        x: The number.
+        scale: The factor.
+    """
+    return x * scale
+
+
+def test_options_of_a_tool_are_bound_and_left_out_of_its_schema():
+    (tool,) = load_tools(["tests.test_tools_functions:scaled(scale=3)"])
+    assert tool.name == "scaled"
+    assert tool.schema["function"]["parameters"] == {
+        "type": "object",
+        "properties": {"x": {"type": "integer", "description": "The number."}},
+        "required": ["x"],
+    }
+    assert call_tool([tool], "scaled", {"x": 2}).content == "6"
+    assert call_tool([tool], "scaled", {"x": 2, "scale": 5}).failed  # bound: not the model's
 
 
 def test_load_tools_by_import_path_and_with_options():

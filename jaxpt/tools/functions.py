@@ -133,14 +133,17 @@ def parse_docstring(doc: str) -> tuple[str, dict[str, str], str | None]:
 
 
 def function_schema(fn: Callable) -> dict:
-    """The tool schema of `fn` (see the module docstring)."""
-    name = getattr(fn, "__name__", "operation")
-    doc = inspect.getdoc(fn)
+    """The tool schema of `fn` (see the module docstring). For a ``functools.partial``
+    (a tool with options), the function's, less the arguments the partial binds."""
+    base, bound = (fn.func, set(fn.keywords)) if isinstance(fn, functools.partial) else (fn, set())
+    name = getattr(base, "__name__", "operation")
+    doc = inspect.getdoc(base)
     if not doc:
         raise ToolSchemaError(f"tool {name}: a tool needs a docstring describing it")
     description, arg_docs, returns_doc = parse_docstring(doc)
-    hints = typing.get_type_hints(fn)
-    params = list(inspect.signature(fn).parameters.values())
+    hints = typing.get_type_hints(base)
+    params = [p for p in inspect.signature(fn, follow_wrapped=False).parameters.values()
+              if p.name not in bound]
     if params and params[0].name in ("self", "cls") and params[0].annotation is params[0].empty:
         params = params[1:]
     properties, required = {}, []
@@ -300,7 +303,6 @@ def load_tools(specs: Sequence[str | Callable]) -> list[Tool]:
             fn = import_object(name, what="tool")
             if options:
                 fn = functools.partial(fn, **options)
-                functools.update_wrapper(fn, fn.func)
         tools.append(Tool.from_function(fn))
     names = [t.name for t in tools]
     if len(set(names)) != len(names):
@@ -338,6 +340,12 @@ def call_tool(tools: Sequence[Tool], name: str, arguments: Any,
     if not isinstance(arguments, dict):
         return ToolOutcome(name, _error_text(
             f"arguments of {name} must be a JSON object, got {type(arguments).__name__}"), True)
+    shown = tool.schema["function"]["parameters"]["properties"]
+    unexpected = sorted(set(arguments) - set(shown))
+    if unexpected:  # includes options bound by the run: those are not the model's to set
+        return ToolOutcome(name, _error_text(
+            f"bad arguments for {name}: unexpected {unexpected} (arguments: {sorted(shown)})"),
+            True)
     try:
         inspect.signature(tool.fn).bind(**arguments)
     except TypeError as e:
