@@ -67,9 +67,11 @@ def _sandbox_guard():
             return True  # an fd that is already open
         p = _os.path.realpath(_os.fsdecode(path))
         return p == root or p.startswith(root + _os.sep) or p in allowed_devices
-    mutating = {"os.remove", "os.rename", "os.rmdir", "os.mkdir", "os.chmod", "os.chown",
-                "os.truncate", "os.symlink", "os.link", "os.utime", "shutil.rmtree",
-                "shutil.move", "shutil.copyfile"}
+    # event -> which of its arguments are paths it changes
+    mutating = {"os.remove": (0,), "os.rename": (0, 1), "os.rmdir": (0,), "os.mkdir": (0,),
+                "os.chmod": (0,), "os.chown": (0,), "os.truncate": (0,), "os.symlink": (1,),
+                "os.link": (1,), "os.utime": (0,), "shutil.rmtree": (0,),
+                "shutil.copyfile": (1,), "shutil.copytree": (1,)}
     def hook(event, args):
         if event == "open":
             path, mode, flags = args
@@ -78,7 +80,7 @@ def _sandbox_guard():
             if writes and not inside(path):
                 raise PermissionError(f"sandbox: writing outside the scratch dir: {path}")
         elif event in mutating:
-            for a in args[:2]:
+            for a in (args[i] for i in mutating[event] if i < len(args)):
                 if isinstance(a, (str, bytes, _os.PathLike)) and not inside(a):
                     raise PermissionError(f"sandbox: {event} outside the scratch dir: {a}")
     _sys.addaudithook(hook)
