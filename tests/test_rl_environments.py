@@ -261,3 +261,35 @@ def test_readme_example_runs(tokenizer, capsys):
     assert t.messages[2] == {"role": "tool", "name": "calculator", "content": "56088"}
     out = capsys.readouterr().out
     assert "'tools/call_frequency': 1.0" in out and "'turns/mean': 2.0" in out
+
+
+def test_sampling_generate_drives_jaxpt_sampler(tokenizer):
+    """The adapter from jaxpt's sampler: a tiny random model (SmolLM2's vocabulary) answers
+    the row; its tokens and log-probs are the decode loop's."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from jaxpt.models.config import ModelConfig
+    from jaxpt.models.decoder import init_model
+    from jaxpt.rl.multiturn import sampling_generate
+    from jaxpt.sampling import Sampler, generate, left_pad
+    from jaxpt.sampling.text import stop_and_pad_ids
+
+    cfg = ModelConfig(model_type="llama", vocab_size=len(tokenizer), hidden_size=16,
+                      intermediate_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                      head_dim=8)
+    graphdef, params = nnx.split(init_model(cfg, seed=0))
+    sampler = Sampler(temperature=1.0)
+    gen = sampling_generate(graphdef, params, tokenizer, sampler=sampler, max_new_tokens=3,
+                            seed=7)
+    (t,) = run_episodes(make_environment("single_turn"), [{"prompt": "Hi"}], gen, tokenizer)
+    # the same draw made directly: sample_completions' first batch uses fold_in(key(seed), 0)
+    eos_ids, pad = stop_and_pad_ids(tokenizer, None, None)
+    ids, mask = left_pad([t.prompt_ids], pad)
+    direct = generate(graphdef, params, ids, mask, sampler=sampler, max_new_tokens=3,
+                      eos_ids=eos_ids, pad_id=pad, rng=jax.random.fold_in(jax.random.key(7), 0))
+    n = int(np.asarray(direct.lengths)[0])
+    assert t.completion_ids == np.asarray(direct.tokens)[0, :n].tolist()
+    assert t.logprobs == np.asarray(direct.logprobs)[0, :n].tolist()
+    assert t.loss_mask == [1] * n and t.turns == 1
