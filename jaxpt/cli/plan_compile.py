@@ -68,7 +68,7 @@ def run_compile(args, cfg, model_cfg) -> int:
     topo = aot.topology(args.topology)
     try:
         results = compile_plan(cfg, model_cfg, topo)
-    except aot.LibtpuMissing as e:
+    except (aot.LibtpuMissing, NotImplementedError) as e:
         print(f"jaxpt plan: {e}", flush=True)
         return 2
     n = len(aot.topology_devices(topo))
