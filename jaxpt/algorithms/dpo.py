@@ -44,6 +44,7 @@ from jaxpt.data.pairs import (
 )
 from jaxpt.data.pipeline import INDEX_KEY
 from jaxpt.engine import build
+from jaxpt.engine.aot import AotProgram, train_step_flops
 from jaxpt.engine.logprobs import pair_logps
 from jaxpt.engine.loop import SourceBase, Trainer
 from jaxpt.engine.state import (
@@ -231,6 +232,78 @@ class DPOParts(build.RunParts):
     eval_pairs: list | None
 
 
+def dpo_programs(cfg, bundle, total, batch_sh, *, online_ref, with_eval, eval_bs, ref_logps):
+    """The jitted programs of a DPO run: the train program (state with the reference copy
+    when ``online_ref``), the online reference forward on ``state.frozen`` for train and
+    eval batches (None without ``online_ref``) and the eval step (None without
+    ``with_eval``): what the trainer runs and ``jaxpt plan --compile`` compiles."""
+    dpo, t = cfg.section("dpo"), cfg.train
+    train_opts = dict(with_entropy=t.with_entropy, with_accuracy=t.token_accuracy)
+    loss_fn = make_dpo_loss_fn(bundle.graphdef, dpo, impl=t.logprob_impl, **train_opts)
+    program = build.train_program(cfg, bundle, total, loss_fn, batch_sh,
+                                  batch_stats_fn=dpo_batch_stats, reference=online_ref)
+    ts = program.trainable
+
+    def online(fn):  # jitted reference forward on state.frozen, run by the source
+        sh = (ts.shardings.frozen, batch_sh.pairs)
+        return jax.jit(fn, in_shardings=sh, out_shardings=batch_sh.ref)
+
+    train_ref = online(ref_logps) if online_ref else None
+    eval_ref = eval_step = None
+    if with_eval:
+        eval_ref = train_ref
+        if online_ref and eval_bs != t.batch_size:  # ref_logps splits train micro-batches
+            eval_ref = online(make_ref_logps_fn(bundle.graphdef, impl=t.logprob_impl))
+        eval_step = jax.jit(
+            make_dpo_eval_step(bundle.graphdef, ts.params_fn, dpo, impl=t.logprob_impl),
+            in_shardings=(ts.shardings, batch_sh),
+            out_shardings=replicated(bundle.mesh),
+        )
+    return program, train_ref, eval_ref, eval_step
+
+
+def aot_programs(cfg: RunConfig, bundle) -> list[AotProgram]:
+    """For ``jaxpt plan --compile``: the train step, the reference forward (online, or the
+    precompute pass over the same rows) and, with held-out pairs, the eval step, on
+    ``train.batch_size`` pairs in the flat layout (two rows of ``data.max_length``; the
+    shared-prompt layout, chosen from the data's lengths, is never larger)."""
+    dpo, t, T = cfg.section("dpo"), cfg.train, cfg.data.max_length
+    use_ref = needs_reference(dpo)
+    precompute = use_ref and dpo.precompute_ref_logps
+    ndims = DPOBatch(PairRows.ndims(), RefLogps(1, 1) if use_ref else None)
+    batch_sh = batch_shardings(ndims, bundle.mesh)
+    ref_logps = make_ref_logps_fn(bundle.graphdef, impl=t.logprob_impl, grad_accum=t.grad_accum)
+    with_eval = cfg.data.eval is not None or dpo.eval_holdout > 0
+    eval_bs = t.eval_batch_size or t.batch_size // t.grad_accum
+    program, train_ref, eval_ref, eval_step = dpo_programs(
+        cfg, bundle, t.max_steps or 1000, batch_sh, online_ref=use_ref and not precompute,
+        with_eval=with_eval, eval_bs=eval_bs, ref_logps=ref_logps,
+    )
+
+    def batch(rows):
+        def row(path, sh):  # [rows, T]; the loss masks are float32 like the loaders'
+            dtype = jnp.float32 if "loss_mask" in path_str(path) else jnp.int32
+            return jax.ShapeDtypeStruct((rows, T), dtype, sharding=sh)
+
+        ref = jax.tree.map(lambda sh: jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=sh),
+                           batch_sh.ref)
+        return DPOBatch(jax.tree_util.tree_map_with_path(row, batch_sh.pairs), ref)
+
+    state, m = program.trainable.state, bundle.model_cfg
+    flops = lambda rows, **kw: train_step_flops(m, 2 * rows, T, **kw)  # noqa: E731
+    out = [AotProgram("train step", program.step_fn, (state, batch(t.batch_size)),
+                      flops(t.batch_size))]
+    if use_ref:
+        fn = train_ref or jax.jit(ref_logps, in_shardings=(bundle.params_sh, batch_sh.pairs),
+                                  out_shardings=batch_sh.ref)
+        params = state.frozen if train_ref is not None else bundle.params
+        out.append(AotProgram("reference", fn, (params, batch(t.batch_size).pairs),
+                              flops(t.batch_size) / 3))
+    if eval_step is not None:
+        out.append(AotProgram("eval step", eval_step, (state, batch(eval_bs)), flops(eval_bs) / 3))
+    return out
+
+
 def build_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     """Data, model, state (with the reference where needed), reference log-probs, jitted step
     and eval of a DPO run (see the module doc)."""
@@ -288,30 +361,15 @@ def build_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
             f"in {time.perf_counter() - t0:.1f}s",
             flush=True,
         )
-    train_opts = dict(with_entropy=t.with_entropy, with_accuracy=t.token_accuracy)
-    loss_fn = make_dpo_loss_fn(bundle.graphdef, dpo, impl=t.logprob_impl, **train_opts)
-    program = build.train_program(cfg, bundle, total, loss_fn, batch_sh,
-                                  batch_stats_fn=dpo_batch_stats,
-                                  reference=use_ref and not precompute)
+    program, online_ref, eval_ref, eval_step = dpo_programs(
+        cfg, bundle, total, batch_sh, online_ref=use_ref and not precompute,
+        with_eval=eval_pairs is not None, eval_bs=eval_bs, ref_logps=ref_logps,
+    )
     ts = program.trainable
-
-    def online(fn):  # jitted reference forward on state.frozen, run by the source
-        sh = (ts.shardings.frozen, batch_sh.pairs)
-        return jax.jit(fn, in_shardings=sh, out_shardings=batch_sh.ref)
-
-    online_ref = online(ref_logps) if use_ref and not precompute else None
     eval_fn = None
     if eval_pairs is not None:
         eval_loader = layout.loader(
             eval_pairs, batch_size=eval_bs // n_proc, shuffle=False, num_epochs=1
-        )
-        eval_ref = online_ref
-        if online_ref is not None and eval_bs != t.batch_size:  # the train micro-batches
-            eval_ref = online(make_ref_logps_fn(bundle.graphdef, impl=t.logprob_impl))
-        eval_step = jax.jit(
-            make_dpo_eval_step(bundle.graphdef, ts.params_fn, dpo, impl=t.logprob_impl),
-            in_shardings=(ts.shardings, batch_sh),
-            out_shardings=replicated(mesh),
         )
         eval_fn = make_eval_fn(
             eval_step,

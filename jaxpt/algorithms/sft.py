@@ -32,6 +32,7 @@ from flax import nnx
 from jaxpt.algorithms.registry import register_builder
 from jaxpt.config import RunConfig, SFTConfig
 from jaxpt.data import BATCH_KEYS, DataStats, prepare_sft, sft_loader
+from jaxpt.engine.aot import AotProgram, train_step_flops
 from jaxpt.engine.build import RunParts, read_data_records, start_run, train_program
 from jaxpt.engine.logprobs import sequence_token_logprobs
 from jaxpt.engine.loop import IteratorSource, Trainer
@@ -173,6 +174,54 @@ def default_mask_token_id(tokenizer, sft: SFTConfig) -> int | None:
     raise ValueError("sft.masked_thought needs sft.mask_token_id (the tokenizer has no unk/pad)")
 
 
+def sft_programs(cfg: RunConfig, bundle, total: int, mask_token_id, *, with_eval: bool):
+    """The run's train program (state, optimizer, jitted step), its batch shardings and the
+    jitted eval step (None without ``with_eval``): what the trainer runs and what ``jaxpt
+    plan --compile`` compiles."""
+    t = cfg.train
+    common = dict(impl=t.logprob_impl, with_entropy=t.with_entropy, with_accuracy=t.token_accuracy)
+    loss_fn = make_sft_loss_fn(
+        bundle.graphdef, cfg.section("sft"), mask_token_id=mask_token_id, **common
+    )
+    batch_sh = batch_shardings(SFT_BATCH_NDIMS, bundle.mesh)
+    program = train_program(cfg, bundle, total, loss_fn, batch_sh, batch_stats_fn=sft_batch_stats)
+    eval_step = None
+    if with_eval:
+        ts = program.trainable
+        eval_step = jax.jit(
+            make_sft_eval_step(bundle.graphdef, ts.params_fn, **common),
+            in_shardings=(ts.shardings, batch_sh),
+            out_shardings=replicated(bundle.mesh),
+        )
+    return program, batch_sh, eval_step
+
+
+def aot_programs(cfg: RunConfig, bundle) -> list[AotProgram]:
+    """The train step and (with ``data.eval``) the eval step on ``train.batch_size`` rows of
+    ``data.max_length`` tokens (eval: ``train.eval_batch_size`` rows), for ``jaxpt plan
+    --compile`` (``bundle``: :func:`~jaxpt.engine.build.abstract_bundle`)."""
+    t, T = cfg.train, cfg.data.max_length
+    mask_id = 0 if cfg.section("sft").masked_thought > 0 else None  # any id: shapes only
+    program, batch_sh, eval_step = sft_programs(
+        cfg, bundle, t.max_steps or 1000, mask_id, with_eval=cfg.data.eval is not None
+    )
+
+    def batch(rows):
+        dtype = lambda k: jnp.float32 if k == "loss_mask" else jnp.int32  # noqa: E731
+        return SFTBatch(**{k: jax.ShapeDtypeStruct((rows, T), dtype(k),
+                                                   sharding=getattr(batch_sh, k))
+                           for k in BATCH_KEYS})
+
+    state, m = program.trainable.state, bundle.model_cfg
+    out = [AotProgram("train step", program.step_fn, (state, batch(t.batch_size)),
+                      train_step_flops(m, t.batch_size, T))]
+    if eval_step is not None:
+        rows = t.eval_batch_size or t.batch_size // t.grad_accum
+        out.append(AotProgram("eval step", eval_step, (state, batch(rows)),
+                              train_step_flops(m, rows, T) / 3))
+    return out
+
+
 def build_sft_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     """Data, model, state, jitted step and eval for an SFT run (see module doc)."""
     sft: SFTConfig = cfg.section("sft")
@@ -210,12 +259,9 @@ def build_sft_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
         stats=train_stats,
     )
     total = t.max_steps or max(1, math.ceil(t.num_epochs * loader.batches_per_epoch))
-    common = dict(impl=t.logprob_impl, with_entropy=t.with_entropy, with_accuracy=t.token_accuracy)
-    loss_fn = make_sft_loss_fn(
-        bundle.graphdef, sft, mask_token_id=default_mask_token_id(tok, sft), **common
+    program, batch_sh, eval_step = sft_programs(
+        cfg, bundle, total, default_mask_token_id(tok, sft), with_eval=cfg.data.eval is not None
     )
-    batch_sh = batch_shardings(SFT_BATCH_NDIMS, mesh)
-    program = train_program(cfg, bundle, total, loss_fn, batch_sh, batch_stats_fn=sft_batch_stats)
     ts = program.trainable
 
     def put(host: dict) -> SFTBatch:  # the loaders' dicts -> the step's typed batch
@@ -235,11 +281,6 @@ def build_sft_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
             num_epochs=1,
             pad_id=pad_id,
             seed=0,
-        )
-        eval_step = jax.jit(
-            make_sft_eval_step(bundle.graphdef, ts.params_fn, **common),
-            in_shardings=(ts.shardings, batch_sh),
-            out_shardings=replicated(mesh),
         )
         eval_fn = make_eval_fn(eval_step, eval_loader, put, t.eval_batches)
 

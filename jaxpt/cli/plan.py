@@ -388,6 +388,20 @@ def add_plan_parser(sub) -> argparse.ArgumentParser:
         default=None,
         help="memory per device to compare the total with (e.g. 16 for TPU v5e, 80 for H100)",
     )
+    p.add_argument(
+        "--topology",
+        default=None,
+        metavar="NAME",
+        help="plan for a Cloud TPU slice (v5e-4, v5e-8, v5e-16, v5p-8, v5p-16, v6e-4, v6e-8): "
+        "its device count and HBM",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="with --topology: compile every program of the run with XLA's TPU compiler "
+        "(libtpu, the [tpu] extra) and report each one's per-device HBM; exit 1 if one does "
+        "not fit",
+    )
     p.add_argument("--verbose", action="store_true", help="also list every param's sharding")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes)")
     p.set_defaults(func=run_plan)
@@ -469,7 +483,19 @@ def run_plan(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     model_cfg = load_model_config(cfg, args.model_config)
-    n = args.devices
+    if args.compile and not args.topology:
+        raise ValueError("--compile needs --topology NAME (e.g. v5e-8)")
+    if args.compile:
+        from jaxpt.cli.plan_compile import run_compile
+
+        return run_compile(args, cfg, model_cfg)
+    n, memory_gib = args.devices, args.memory_gib
+    if args.topology:
+        from jaxpt.engine.aot import topology
+
+        topo = topology(args.topology)
+        n = n or math.prod(int(x) for x in topo.topology.split(":")[1].split("x"))
+        memory_gib = memory_gib or topo.hbm_gib
     if n is None:
         import jax
 
@@ -478,7 +504,7 @@ def run_plan(args) -> int:
     if args.json:
         print(json.dumps(plan_to_dict(plan)), flush=True)
         return 0
-    print(format_plan(plan, cfg, model_cfg, args.memory_gib), flush=True)
+    print(format_plan(plan, cfg, model_cfg, memory_gib), flush=True)
     if args.verbose:
         print(format_param_table(model_cfg, cfg, n), flush=True)
     return 0

@@ -36,8 +36,10 @@ from jaxpt.engine.state import (
     compile_step,
     identity_params,
     init_state,
+    is_abstract,
     make_optimizer,
     make_train_step,
+    with_shardings,
 )
 from jaxpt.models import hub
 from jaxpt.models.config import ModelConfig
@@ -102,6 +104,19 @@ def load_model_bundle(cfg: RunConfig, mesh: Mesh | None = None) -> ModelBundle:
     return ModelBundle(mesh, graphdef, params, params_sh, model_cfg, resolved, tokenizer)
 
 
+def abstract_bundle(cfg: RunConfig, mesh: Mesh, model_cfg: ModelConfig) -> ModelBundle:
+    """``cfg``'s model on ``mesh`` with shapes only (``jaxpt plan --compile``): params are
+    ``ShapeDtypeStruct``s in their training shardings; no weights, no tokenizer. The
+    attention kernel is chosen for ``mesh``'s devices."""
+    check_train_batch(cfg, mesh)
+    model_cfg = model_cfg.replace(attention=cfg.model.attention, mesh=mesh)
+    graphdef, abstract = nnx.split(abstract_model(model_cfg))
+    abstract = abstract.to_pure_dict()
+    params_sh = param_shardings(abstract, mesh)
+    params = with_shardings(abstract, params_sh)
+    return ModelBundle(mesh, graphdef, params, params_sh, model_cfg, None, None)
+
+
 @dataclasses.dataclass
 class TrainableState:
     state: TrainState
@@ -134,16 +149,22 @@ def build_train_state(
       ``GroupOptimizer`` of those groups (``make_optimizer({group: OptimConfig})``),
       ``params_fn`` gives ``{model_group: model params, **heads}`` (LoRA merged into the
       model's group only), and ``frozen`` is as above (the model's).
+
+    A bundle whose params are ``ShapeDtypeStruct``s (:func:`abstract_bundle`) gives an
+    abstract state of the same structure, for compiling without weights.
     """
     spec = lora_lib.LoraSpec.from_config(cfg.lora)
     mesh = bundle.mesh
+    abstract = is_abstract(bundle.params)  # shapes only (jaxpt plan --compile)
     model_fn = identity_params
     if spec is not None:
         trained_sh = lora_lib.lora_shardings(lora_lib.lora_shapes(bundle.params, spec), mesh)
         key = jax.random.fold_in(jax.random.PRNGKey(cfg.train.seed), 1)
-        trained = jax.jit(
-            functools.partial(lora_lib.init_lora, bundle.params, spec), out_shardings=trained_sh
-        )(key)
+        init = functools.partial(lora_lib.init_lora, bundle.params, spec)
+        if abstract:
+            trained = with_shardings(jax.eval_shape(init, key), trained_sh)
+        else:
+            trained = jax.jit(init, out_shardings=trained_sh)(key)
         frozen, frozen_sh = bundle.params, bundle.params_sh
 
         def model_fn(params, frozen, rng):
@@ -151,7 +172,8 @@ def build_train_state(
 
     else:
         trained, trained_sh = bundle.params, bundle.params_sh
-        frozen = _copy(bundle.params, bundle.params_sh) if reference else None
+        copy = (lambda p, _: p) if abstract else _copy
+        frozen = copy(bundle.params, bundle.params_sh) if reference else None
         frozen_sh = bundle.params_sh if reference else None
     params_fn = model_fn
     if heads:

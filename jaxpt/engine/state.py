@@ -218,16 +218,22 @@ def init_state(
     """(state, its shardings). The optimizer state is built by a jit whose outputs land in
     the shardings derived from the params' (never unsharded). Params (and frozen) are put
     in their shardings (a no-op when they are already there), so the jitted step sees the
-    same committed inputs on every call and compiles once."""
-    params = jax.device_put(params, params_sh)
-    if frozen is not None:
-        frozen = jax.device_put(frozen, frozen_sh)
+    same committed inputs on every call and compiles once.
+
+    Abstract params (``jax.ShapeDtypeStruct`` leaves: compiling for a TPU slice this machine
+    does not have, ``jaxpt plan --compile``) give an abstract state, every leaf a
+    ``ShapeDtypeStruct`` carrying its sharding; nothing is allocated."""
     abstract = jax.eval_shape(
         lambda p: TrainState(p, tx.init(p), jnp.zeros((), jnp.int32), jax.random.PRNGKey(0)),
         params,
     )
     groups = tx.groups if isinstance(tx, GroupOptimizer) else ()
     shardings = state_shardings(abstract, params_sh, frozen_sh, mesh, groups=groups)
+    if is_abstract(params):
+        return with_shardings(dataclasses.replace(abstract, frozen=frozen), shardings), shardings
+    params = jax.device_put(params, params_sh)
+    if frozen is not None:
+        frozen = jax.device_put(frozen, frozen_sh)
 
     def make(p):
         return tx.init(p), jnp.zeros((), jnp.int32), jax.random.PRNGKey(seed)
@@ -238,6 +244,19 @@ def init_state(
         out_shardings=(shardings.opt_state, shardings.step, shardings.rng),
     )(params)
     return TrainState(params, opt_state, step, rng, frozen), shardings
+
+
+def is_abstract(tree) -> bool:
+    """Whether every leaf of ``tree`` is a ``jax.ShapeDtypeStruct`` (shapes, no data)."""
+    leaves = jax.tree.leaves(tree)
+    return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+
+def with_shardings(tree, shardings):
+    """``ShapeDtypeStruct``s of ``tree``'s leaves carrying ``shardings`` (the same tree)."""
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+    )
 
 
 # ----------------------------------------------------------------------------- the step

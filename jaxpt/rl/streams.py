@@ -13,6 +13,7 @@ prompt_order        [seed, epoch]        the permutation of the prompts in each 
 minibatch_shuffle   [seed, rollout, 1]   the order of a rollout's groups (mini-batches)
 prefix_fractions    [seed, round, 2]     Prefix-RFT's prefix lengths of a sampling round
 sasr                [seed, step, 3]      SASR's SFT-or-RL choice of a step
+distill_on_policy   [seed, round, 40]    distillation's on-policy-or-dataset choice
 ==================  ===================  ==============================================
 
 The decode loop's sampling key of sampling round ``k`` is ``fold_in(key(seed), k)``
@@ -33,6 +34,7 @@ HOST_STREAMS: dict[str, tuple[int, ...]] = {
     "minibatch_shuffle": (1,),
     "prefix_fractions": (2,),
     "sasr": (3,),
+    "distill_on_policy": (40,),
 }
 
 

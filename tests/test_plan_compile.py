@@ -1,0 +1,129 @@
+"""`jaxpt plan --topology NAME --compile`: the run's own programs compiled by XLA's TPU
+compiler (libtpu, in the [test] extra) for a v5e 2x2 slice on this CPU, per-device memory
+read back, an oversized run refused by the compiler, and the shape-based plan checked
+against what the compiler allocates."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+
+import pytest
+import yaml
+
+from jaxpt.cli import main
+from jaxpt.cli.plan import load_model_config, plan_memory
+from jaxpt.config import load_config
+from jaxpt.models.config import ModelConfig
+
+if os.environ.get("CI") != "true":  # CI installs the [test] extra, which brings libtpu
+    pytest.importorskip("libtpu")
+
+# TPU-shaped tiny llama: head_dim 128 and a 256-token sequence fit the splash kernel's
+# 128-wide blocks, so the TPU attention path (model.attention auto) is what compiles.
+TINY = ModelConfig(
+    model_type="llama",
+    vocab_size=512,
+    hidden_size=256,
+    intermediate_size=512,
+    num_layers=2,
+    num_heads=2,
+    num_kv_heads=1,
+    head_dim=128,
+)
+
+
+def write_run(tmp_path, model: ModelConfig, **sections) -> str:
+    cfg_json = tmp_path / "config.json"
+    cfg_json.write_text(json.dumps(model.to_hf_dict()))
+    run = {
+        "algorithm": "sft",
+        "model": {"name": str(cfg_json), "compute_dtype": "bfloat16"},
+        "data": {"max_length": 256},
+        "train": {"batch_size": 8},
+    }
+    for k, v in sections.items():
+        run[k] = {**run.get(k, {}), **v} if isinstance(v, dict) else v
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(run))
+    return str(path)
+
+
+def compiled(capsys, path, *overrides) -> tuple[int, dict]:
+    rc = main(["plan", path, *overrides, "--topology", "v5e-4", "--compile", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    return rc, json.loads(out)
+
+
+def test_sft_programs_compile_for_v5e_and_the_plan_bounds_them(tmp_path, capsys):
+    path = write_run(tmp_path, TINY, data={"max_length": 256, "eval": "unused.jsonl"})
+    rc, report = compiled(capsys, path)
+    assert rc == 0 and report["devices"] == 4
+    progs = {p["name"]: p for p in report["programs"]}
+    assert set(progs) == {"train step", "eval step"}
+    assert all(p["error"] is None and p["fits"] for p in progs.values())
+    train = progs["train step"]
+    # The donated state comes back as the new state: every output but the metrics aliases
+    # an argument.
+    assert train["aliased"] > 0 and train["outputs"] - train["aliased"] <= 8192
+    # The arguments are the state (fp32 params + AdamW mu, nu, fsdp=4) and the batch (5
+    # int32/float32 [8, 256] arrays, 2 rows per device), which the shape-based plan counts
+    # exactly; TPU buffers are allocated in 512-byte granules, so the four scalar-sized
+    # arrays (step, rng, the two optimizer counts) take up to 4 x 512 bytes more.
+    cfg = load_config(path)
+    plan = plan_memory(cfg, load_model_config(cfg), 4)
+    exact = plan.params + plan.opt_state + 5 * 2 * 256 * 4 + 8 + 4
+    assert 0 <= train["arguments"] - exact <= 4 * 512
+    # Temporaries: the plan's gradients + activations + transient buffers bound what XLA
+    # keeps alive (it assumes the written-out attention's T x T scores, which the splash
+    # kernel compiled here never materializes; 0.4x of the estimate when written).
+    assert train["temporaries"] <= plan.grads + plan.activations + plan.transient
+
+
+def test_lora_and_dpo_compile_every_program(tmp_path, capsys):
+    path = write_run(tmp_path, TINY)
+    rc, report = compiled(capsys, path, "lora.rank=8")
+    assert rc == 0 and [p["name"] for p in report["programs"]] == ["train step"]
+    full = compiled(capsys, path)[1]["programs"][0]
+    lora = report["programs"][0]
+    assert lora["arguments"] < full["arguments"]  # no optimizer state for the frozen base
+
+    dpo = write_run(tmp_path, TINY, algorithm="dpo", dpo={"eval_holdout": 8})
+    rc, report = compiled(capsys, dpo)
+    names = [p["name"] for p in report["programs"]]
+    assert rc == 0 and names == ["train step", "reference", "eval step"]
+    assert all(p["error"] is None for p in report["programs"])
+
+
+def test_a_run_too_large_for_the_slice_is_refused_by_the_compiler(tmp_path, capsys):
+    # A 2M x 2048 embedding and LM head in fp32 with AdamW: 8.6e9 params, 137 GB of state,
+    # 34 GB per device over 4 v5e chips of 16 GiB.
+    huge = TINY.replace(vocab_size=2**21, hidden_size=2048, num_heads=16, num_kv_heads=8,
+                        num_layers=1)
+    rc, report = compiled(capsys, write_run(tmp_path, huge, data={"max_length": 128}))
+    train = report["programs"][0]
+    assert rc == 1 and not train["fits"]
+    assert train["error"] is not None or train["total"] > 16 * 2**30
+
+
+def test_missing_libtpu_is_one_line_saying_how_to_install_it(tmp_path, capsys, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_libtpu(name, *a, **kw):
+        if name == "libtpu":
+            raise ImportError("no libtpu")
+        return real_import(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_libtpu)
+    rc = main(["plan", write_run(tmp_path, TINY), "--topology", "v5e-4", "--compile"])
+    assert rc == 2
+    assert "pip install 'jaxpt[tpu]'" in capsys.readouterr().out
+
+
+def test_unknown_topology_and_compile_without_topology_are_refused(tmp_path, capsys):
+    path = write_run(tmp_path, TINY)
+    assert main(["plan", path, "--topology", "v9-8", "--compile"]) == 2
+    assert "'v9-8' is not known; use one of v5e-4, v5e-8" in capsys.readouterr().err
+    assert main(["plan", path, "--compile"]) == 2
+    assert "--compile needs --topology" in capsys.readouterr().err
