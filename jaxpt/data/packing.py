@@ -112,7 +112,9 @@ def truncate_preference(
     room = max_length - p
     if stats is not None:
         stats.truncated += 1
-    return TokenizedPreference(pair.prompt_ids, pair.chosen_ids[:room], pair.rejected_ids[:room])
+    return TokenizedPreference(
+        pair.prompt_ids, pair.chosen_ids[:room], pair.rejected_ids[:room], pair.margin
+    )
 
 
 def truncate_prompt(

@@ -94,12 +94,14 @@ class TokenizedPreference:
     """One preference pair: the shared prompt and the two completions (int32 1-D each).
 
     The training sequences are ``prompt_ids + chosen_ids`` and ``prompt_ids + rejected_ids``
-    with the loss mask on the completion tokens only.
+    with the loss mask on the completion tokens only. ``margin``: the row's optional
+    ``margin`` column (reward models: how much chosen should beat rejected by).
     """
 
     prompt_ids: np.ndarray
     chosen_ids: np.ndarray
     rejected_ids: np.ndarray
+    margin: float | None = None
 
     def __post_init__(self):
         self.prompt_ids = np.asarray(self.prompt_ids, dtype=np.int32)
@@ -458,6 +460,7 @@ def tokenize_preference(
     which keeps the tokens truncation keeps.
     """
     fmt = validate_row(row, "preference")
+    margin = _margin(row)
     kw = chat_template_kwargs
     enc = lambda text, special: encode_bounded(
         tokenizer, text, add_special_tokens=special, max_length=max_length
@@ -466,7 +469,7 @@ def tokenize_preference(
         p = enc(row["prompt"], True)
         c = _with_eos(tokenizer, enc(row["chosen"], False))
         r = _with_eos(tokenizer, enc(row["rejected"], False))
-        return TokenizedPreference(p, c, r)
+        return TokenizedPreference(p, c, r, margin)
     if fmt.implicit_prompt:
         prompt, chosen, rejected = split_implicit_prompt(row["chosen"], row["rejected"])
     else:
@@ -476,7 +479,19 @@ def tokenize_preference(
     )
     c_text = _completion_text(tokenizer, prompt_text, prompt, chosen, "chosen", kw)
     r_text = _completion_text(tokenizer, prompt_text, prompt, rejected, "rejected", kw)
-    return TokenizedPreference(enc(prompt_text, False), enc(c_text, False), enc(r_text, False))
+    return TokenizedPreference(
+        enc(prompt_text, False), enc(c_text, False), enc(r_text, False), margin
+    )
+
+
+def _margin(row: dict[str, Any]) -> float | None:
+    """A preference row's optional ``margin`` column as a float (None when absent)."""
+    value = row.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise DataError(f"margin must be a finite number, got {value!r}", key="margin")
+    return float(value)
 
 
 def tokenize_prompt(

@@ -1,4 +1,5 @@
-"""Checkpoint -> Hugging Face checkpoint (LoRA adapters merged into the base weights)."""
+"""Checkpoint -> Hugging Face checkpoint (LoRA adapters merged into the base weights); a
+reward-model run -> a sequence-classification checkpoint (``jaxpt.algorithms.reward``)."""
 
 from __future__ import annotations
 
@@ -12,14 +13,18 @@ from jaxpt.engine.build import load_model_bundle
 from jaxpt.engine.checkpoint import Checkpointer, find_checkpoint_dir
 from jaxpt.engine.state import TrainState, make_optimizer, state_shardings
 from jaxpt.models.weights import check_export_target, export_hf
-from jaxpt.sharding import make_mesh
+from jaxpt.sharding import make_mesh, replicated
 
 
-def restore_model_params(checkpoint: str | Path, *, mesh=None):
+def restore_model_params(checkpoint: str | Path, *, mesh=None, heads=None, model_group="policy"):
     """(full model params with LoRA merged, bundle, step) of a run's checkpoint.
 
     ``checkpoint`` is a run dir, its ``checkpoints/`` dir, or one step dir; the run's
-    ``config.yaml`` (written by the loop) says which base model and LoRA setup to use."""
+    ``config.yaml`` (written by the loop) says which base model and LoRA setup to use.
+    A run that trained heads beside the model (param groups, ``build_train_state(...,
+    heads=...)``): ``heads`` ``{group: model_cfg -> abstract head params}``, every group
+    trained with ``cfg.optim``; the params are then ``{model_group: model params,
+    **heads}``, the heads replicated."""
     ckpt_dir, step = find_checkpoint_dir(checkpoint)
     run_dir = ckpt_dir.parent
     cfg_path = run_dir / "config.yaml"
@@ -29,7 +34,8 @@ def restore_model_params(checkpoint: str | Path, *, mesh=None):
     mesh = mesh or make_mesh(1, -1, 1)
     bundle = load_model_bundle(cfg, mesh)
     spec = lora_lib.LoraSpec.from_config(cfg.lora)
-    tx, _ = make_optimizer(cfg.optim, 1)
+    groups = [model_group, *(heads or {})]
+    tx, _ = make_optimizer({g: cfg.optim for g in groups} if heads else cfg.optim, 1)
     if spec is not None:
         abstract_params = lora_lib.lora_shapes(bundle.params, spec)
         params_sh = lora_lib.lora_shardings(abstract_params, mesh)
@@ -38,6 +44,15 @@ def restore_model_params(checkpoint: str | Path, *, mesh=None):
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), bundle.params
         )
         params_sh = bundle.params_sh
+    if heads:
+        abstract_params = {
+            model_group: abstract_params,
+            **{g: fn(bundle.model_cfg) for g, fn in heads.items()},
+        }
+        params_sh = {
+            model_group: params_sh,
+            **{g: jax.tree.map(lambda _: replicated(mesh), abstract_params[g]) for g in heads},
+        }
     abstract = jax.eval_shape(
         lambda p: TrainState(p, tx.init(p), jax.numpy.zeros((), "int32"), jax.random.PRNGKey(0)),
         abstract_params,
@@ -57,11 +72,12 @@ def restore_model_params(checkpoint: str | Path, *, mesh=None):
     finally:
         ckpt.close()
     params = restored["params"]
+    model = params[model_group] if heads else params
     if spec is not None:
-        params = jax.jit(lambda b, a: lora_lib.merge(b, a, spec), out_shardings=bundle.params_sh)(
-            bundle.params, params
+        model = jax.jit(lambda b, a: lora_lib.merge(b, a, spec), out_shardings=bundle.params_sh)(
+            bundle.params, model
         )
-    return params, bundle, step
+    return ({**params, model_group: model} if heads else model), bundle, step
 
 
 def export_checkpoint(
@@ -78,6 +94,13 @@ def export_checkpoint(
     ckpt_dir, _ = find_checkpoint_dir(checkpoint)
     protect = (ckpt_dir.parent, Path(checkpoint))
     check_export_target(out_dir, overwrite=overwrite, protect=protect)
+    cfg_path = ckpt_dir.parent / "config.yaml"
+    if cfg_path.exists() and load_config(cfg_path).algorithm == "reward":
+        from jaxpt.algorithms.reward import export_reward_checkpoint
+
+        return export_reward_checkpoint(
+            checkpoint, out_dir, dtype=dtype, overwrite=overwrite, protect=protect
+        )
     params, bundle, step = restore_model_params(checkpoint)
     out = export_hf(
         params,

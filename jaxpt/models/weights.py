@@ -346,9 +346,14 @@ def export_hf(
     max_shard_bytes: int = 2 << 30,
     overwrite: bool = False,
     protect: tuple[str | Path, ...] = (),
+    extra_tensors: dict[str, np.ndarray] | None = None,
+    config_updates: dict | None = None,
+    lm_head: bool = True,
 ) -> Path:
     """Write a Hugging Face checkpoint dir (config.json, safetensors shards + index,
     tokenizer files) that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+    A head beside the decoder (``jaxpt.models.scalar_head``) adds ``extra_tensors`` (HF
+    names), ``config_updates`` to config.json and leaves out the LM head (``lm_head``).
     Written into a temp dir beside ``out_dir`` and renamed into place, so a crash leaves
     nothing half-written. An existing non-empty ``out_dir`` is an error unless
     ``overwrite``; even then `check_export_target` refuses the current directory, its
@@ -377,7 +382,8 @@ def export_hf(
 
         E = cfg.hidden_size
         for name, hf in _global_table(cfg).items():
-            tensors[hf] = get(name)
+            if lm_head or name != "lm_head_VE":
+                tensors[hf] = get(name)
         inverse = {
             "wq_END": lambda w: w.reshape(E, -1).T,
             "wk_EKD": lambda w: w.reshape(E, -1).T,
@@ -395,6 +401,7 @@ def export_hf(
             for i in range(cfg.num_layers):
                 w = inverse.get(name, lambda w: w)(stacked[i])
                 tensors[f"model.layers.{i}.{suffix}"] = w
+        tensors.update(extra_tensors or {})
         tensors = {k: np.ascontiguousarray(v.astype(out_dtype)) for k, v in tensors.items()}
 
         shards, current, size = [], {}, 0
@@ -422,6 +429,7 @@ def export_hf(
         hf_cfg["torch_dtype"] = (
             "bfloat16" if out_dtype == np.dtype(ml_dtypes.bfloat16) else "float32"
         )
+        hf_cfg.update(config_updates or {})
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

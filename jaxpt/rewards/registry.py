@@ -30,6 +30,9 @@ Specs accepted by :func:`get_reward_function`:
   ``"math(equivalence=mypkg.checks:same_value, timeout_s=1)"``,
   ``"overlong(max_completion_length=512, overlong_buffer=64)"``; each value is read as a
   YAML scalar (``true``, ``1.5``, ``null``, else a string);
+* ``"rm:path/to/rm"``: a trained reward model (a Hugging Face sequence-classification
+  dir, e.g. ``jaxpt export`` of a reward run), loaded once and run jitted
+  (``jaxpt.rewards.reward_model``; option ``batch_size``);
 * a callable, used as is.
 
 Failures raise :class:`RewardError` naming the function and a dataset row. Each function
@@ -167,6 +170,10 @@ def get_reward_function(spec: str | Callable, **options) -> Callable:
         raise ValueError(
             f"a reward function spec must be a name, 'module:function' or callable; got {spec!r}."
         )
+    if spec.startswith("rm:"):  # a trained reward model's dir (jaxpt.rewards.reward_model)
+        from jaxpt.rewards.reward_model import reward_model_function
+
+        return reward_model_function(spec, **options)
     name, spec_options = parse_reward_spec(spec)
     options = {**spec_options, **options}
     if name in BUILTIN_REWARDS:
