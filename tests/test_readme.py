@@ -513,8 +513,8 @@ def test_recipes_table_lists_every_config_and_each_loads():
         assert row.count(" | ") == 2 and row.rstrip().endswith("|"), row  # 3 filled columns
     for path in listed:
         cfg = load_config(REPO / path)
-        assert cfg.algorithm in ("sft", "dpo", "grpo", "rft", "distill", "reward"), (
-            path, cfg.algorithm)
+        known = ("sft", "dpo", "grpo", "rft", "distill", "reward", "kto", "online_dpo")
+        assert cfg.algorithm in known, (path, cfg.algorithm)
 
 
 def test_cli_table_documents_every_subcommand():
