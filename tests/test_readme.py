@@ -506,7 +506,7 @@ def test_recipes_table_lists_every_config_and_each_loads():
         assert row.count(" | ") == 2 and row.rstrip().endswith("|"), row  # 3 filled columns
     for path in listed:
         cfg = load_config(REPO / path)
-        assert cfg.algorithm in ("sft", "dpo", "grpo", "rft"), (path, cfg.algorithm)
+        assert cfg.algorithm in ("sft", "dpo", "grpo", "ppo", "rft"), (path, cfg.algorithm)
 
 
 def test_cli_table_documents_every_subcommand():
