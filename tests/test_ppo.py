@@ -209,3 +209,18 @@ def test_ppo_metrics_and_resume_equals_uninterrupted(tmp_path, tiny):
     pick = lambda rows: [{k: r[k] for k in keys if k in r} for r in rows]  # noqa: E731
     assert [r["step"] for r in split] == [1, 2, 3, 4]
     assert pick(split) == pick(whole)
+
+
+def test_section_takes_trls_names_and_refuses_what_ppo_has_not():
+    from jaxpt.algorithms.ppo import PPOSection
+
+    s = PPOSection(num_ppo_epochs=4, num_mini_batches=2)
+    assert (s.num_iterations, s.steps_per_generation) == (4, 2)
+    with pytest.raises(ValueError, match="num_ppo_epochs=4 and ppo.num_iterations=3 name"):
+        PPOSection(num_ppo_epochs=4, num_iterations=3)
+    with pytest.raises(ValueError, match="dynamic_sampling"):
+        PPOSection(dynamic_sampling=True)
+    with pytest.raises(ValueError, match="cliprange=1.5"):
+        PPOSection(cliprange=1.5)
+    with pytest.raises(ValueError, match="kl_estimator='k2'"):
+        L.kl_per_token(np.zeros((1, 1)), np.zeros((1, 1)), "k2")
