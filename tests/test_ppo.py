@@ -148,7 +148,7 @@ def run_ppo(cfg):
     return [r for r in read_metrics(cfg.out_dir) if "loss" in r]
 
 
-TRL_METRICS = ("objective/kl", "objective/entropy", "objective/non_score_reward",
+TRL_METRICS = ("reward", "objective/kl", "objective/entropy", "objective/non_score_reward",
                "objective/rlhf_reward", "objective/scores", "val/num_eos_tokens")
 STEP_METRICS = ("policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg",
                 "loss/value_avg", "val/clipfrac_avg", "policy/entropy_avg", "val/ratio",
@@ -194,6 +194,9 @@ def test_ppo_metrics_and_resume_equals_uninterrupted(tmp_path, tiny):
     # The first rollout is sampled from the reference itself: k3 KL 0.
     assert first["objective/kl"] == pytest.approx(0.0, abs=1e-5)
     assert whole[2]["objective/kl"] > 0
+    # missing_eos_penalty: the score is the reward less 0.5 per row without EOS (of 2).
+    assert first["objective/scores"] == pytest.approx(
+        first["reward"] - 0.5 * (2 - first["val/num_eos_tokens"]) / 2, abs=1e-6)
     assert first["objective/rlhf_reward"] == pytest.approx(
         first["objective/scores"] + first["objective/non_score_reward"], abs=1e-6)
     assert first["learning_rate/value"] == pytest.approx(0.05)

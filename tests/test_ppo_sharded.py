@@ -9,7 +9,7 @@ from conftest import run_with_devices
 from test_sharded_trainers import PRELUDE, parse_rows, write_config
 from test_sharded_trainers import tiny as tiny  # noqa: F401  (the module's fixture)
 
-MESHES = [(1, 1, 1), (8, 1, 1), (1, 4, 2), (2, 2, 2)]
+MESHES = [(1, 1, 1), (1, 4, 2), (2, 2, 2)]  # fsdp x tensor, and every axis
 
 PPO_CODE = """
 import dataclasses

@@ -26,13 +26,17 @@ position after it, and truncated rows may bootstrap (``truncation``; see
 ``num_iterations`` / ``steps_per_generation`` (either name; the mini-batches keep their
 rows across passes, TRL reshuffles each epoch); the ``policy/*``, ``loss/*``, ``val/*``
 metrics are per optimizer step (TRL averages them over a rollout's steps, so there is no
-``val/ratio_var``; ``policy/approxkl_avg`` and ``val/ratio`` are token means over real
-tokens, TRL's include padding at ratio 1).
+``val/ratio_var``); ``policy/approxkl_avg``, ``val/ratio``, ``policy/entropy_avg`` and
+``objective/entropy`` count real completion tokens only (TRL's include padding: ratio 1,
+and a log-prob of ``INVALID_LOGPROB`` = 1 in ``objective/entropy``). ``reward`` is the
+reward functions' mean (GRPO's name), ``objective/scores`` the same after
+``missing_eos_penalty``.
 
 ReFT (``sft_warmup_steps`` > 0): the first steps are SFT on the prompts' demonstrations
 (the policy term weighted 0; the critic already learns the values of the rollouts), then
 PPO with the verifier, in one run and one compiled step (``losses.grpo``'s
-``warmup_then_rl`` weight schedules).
+``warmup_then_rl`` weight schedules). Warm-up steps still sample a rollout each (the
+critic's data); the demonstrations' forward stops with the warm-up.
 """
 
 from __future__ import annotations
@@ -291,6 +295,7 @@ def complete_rollout(ppo: PPOSection, batch: PPOBatch, lp_RC, values_RC1, ref_RC
     last_R = np.asarray(rows.input_ids)[np.arange(R), P + np.maximum(lengths_R - 1, 0)]
     has_eos_R = (lengths_R > 0) & np.isin(last_R, np.asarray(eos_ids))
     scores_R = np.nan_to_num(np.asarray(batch.scores, np.float32), nan=0.0)
+    reward = float(scores_R.mean())  # the reward functions' (GRPO's `reward`)
     if ppo.missing_eos_penalty is not None:
         scores_R = scores_R - ppo.missing_eos_penalty * (~has_eos_R)
     m = mask.astype(np.float32)
@@ -316,6 +321,7 @@ def complete_rollout(ppo: PPOSection, batch: PPOBatch, lp_RC, values_RC1, ref_RC
         "objective/rlhf_reward": non_score + float(scores_R.mean()),
         "objective/scores": float(scores_R.mean()),
         "val/num_eos_tokens": float(has_eos_R.sum()),
+        "reward": reward,
     }
     f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
     out = dataclasses.replace(batch, scores=scores_R, advantages=f32(adv_RC),
