@@ -513,7 +513,7 @@ def test_recipes_table_lists_every_config_and_each_loads():
         assert row.count(" | ") == 2 and row.rstrip().endswith("|"), row  # 3 filled columns
     for path in listed:
         cfg = load_config(REPO / path)
-        known = ("sft", "dpo", "grpo", "rft", "distill", "reward", "kto", "online_dpo")
+        known = ("sft", "dpo", "grpo", "ppo", "rft", "distill", "reward", "kto", "online_dpo")
         assert cfg.algorithm in known, (path, cfg.algorithm)
 
 

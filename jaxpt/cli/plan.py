@@ -224,8 +224,8 @@ def _sequence_shape(cfg) -> tuple[int, int]:
     """(S, T) of the algorithm's train step."""
     if cfg.algorithm == "dpo":
         return 2, cfg.data.max_length
-    if cfg.algorithm == "grpo":
-        g = cfg.section("grpo")
+    if cfg.algorithm in ("grpo", "ppo"):
+        g = cfg.section(cfg.algorithm)
         return 1, g.max_prompt_length + g.max_completion_length
     return 1, cfg.data.max_length
 
@@ -240,6 +240,8 @@ def _has_reference(cfg) -> bool:
         return needs_reference(d) and not d.precompute_ref_logps
     if cfg.algorithm == "grpo":
         return cfg.section("grpo").beta > 0
+    if cfg.algorithm == "ppo":
+        return cfg.section("ppo").kl_coef > 0
     return False
 
 

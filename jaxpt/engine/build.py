@@ -247,13 +247,17 @@ def train_program(
     *,
     batch_stats_fn=None,
     reference: bool = False,
+    heads: Mapping[str, tuple[Any, Any]] | None = None,
+    optim=None,
 ) -> TrainProgram:
     """Optimizer (``cfg.optim`` over ``total_steps``), train state (``reference``: keep a
     frozen copy for a KL / DPO reference; see :func:`build_train_state`) and the pure step
     of ``loss_fn`` with ``train.grad_accum`` micro-batches, jitted once for batches in
-    ``batch_sh`` (any pytree of shardings: a typed batch's)."""
-    tx, schedule = make_optimizer(cfg.optim, total_steps)
-    ts = build_train_state(bundle, cfg, tx, reference=reference)
+    ``batch_sh`` (any pytree of shardings: a typed batch's). ``heads`` and ``optim``
+    (``{group: OptimConfig}``, default ``cfg.optim``): modules trained beside the model, as
+    in :func:`build_train_state` (PPO's value head)."""
+    tx, schedule = make_optimizer(cfg.optim if optim is None else optim, total_steps)
+    ts = build_train_state(bundle, cfg, tx, reference=reference, heads=heads)
     step = make_train_step(
         loss_fn,
         tx,

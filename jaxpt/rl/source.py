@@ -17,7 +17,8 @@ per-row fields, all [R, ...]); the source scores old / reference log-probs into 
 asked, shuffles whole groups and slices mini-batches. The section's keys
 (``jaxpt.rl.config.OnPolicySection``) say how many mini-batches and passes, and whether
 DAPO dynamic sampling runs; optional parts: ``prefixes`` (demonstration prefixes per row,
-Prefix-RFT) and ``mixer`` (a per-step choice made on the host, SASR).
+Prefix-RFT), ``mixer`` (a per-step choice made on the host, SASR) and ``complete`` (the
+algorithm scores the rollout itself, PPO).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class RolloutSource(SourceBase):
                  sampler: RolloutSampler, make_batch: Callable[[Rollout, list, dict], Any],
                  rows_per_step: int, params_of_state: Callable, score_fn: Callable,
                  score_ref: bool, seed: int, prefixes: Callable[[list, int], list] | None = None,
-                 mixer=None):
+                 mixer=None, complete: Callable[[Any, Any], tuple[Any, dict]] | None = None):
         self.section, self.prompts, self.sampler = section, prompts, sampler
         self.make_batch, self.rows_per_step = make_batch, rows_per_step
         G = section.num_generations
@@ -61,6 +62,10 @@ class RolloutSource(SourceBase):
         # old = stop_gradient(new), as TRL does.
         self.score_old, self.score_ref = section.reuses_rollouts(), score_ref
         self.prefixes, self.mixer = prefixes, mixer
+        # complete(state, batch) -> (batch, metrics): an algorithm that scores the whole
+        # rollout itself (PPO: log-probs, values, KL-penalized rewards, GAE) does it here,
+        # in place of the old / reference scoring below.
+        self.complete = complete
         self.seed, self.streams = seed, RandomStreams(seed)
         self.rollouts = 0  # rollouts completed
         self.prompt_batches = 0  # sampling rounds done (the prompt cursor)
@@ -136,7 +141,10 @@ class RolloutSource(SourceBase):
                                             pad_id=self.sampler.pad_id)
         else:
             batch, _, metrics = self.sample_round(params)
-        if self.score_old or self.score_ref:
+        if self.complete is not None:
+            batch, done = self.complete(state, batch)
+            metrics = {**metrics, **done}
+        elif self.score_old or self.score_ref:
             old, ref = self.score_fn(state, batch.rows, old=self.score_old, ref=self.score_ref)
             batch = dataclasses.replace(batch, old_logprobs=old, ref_logprobs=ref)
         R = len(batch.advantages)
