@@ -118,7 +118,7 @@ def test_missing_libtpu_is_one_line_saying_how_to_install_it(tmp_path, capsys, m
     monkeypatch.setattr(builtins, "__import__", no_libtpu)
     rc = main(["plan", write_run(tmp_path, TINY), "--topology", "v5e-4", "--compile"])
     assert rc == 2
-    assert "pip install 'jaxpt[tpu]'" in capsys.readouterr().out
+    assert "pip install 'jaxpt[tpu]'" in capsys.readouterr().err
 
 
 def test_unknown_topology_and_compile_without_topology_are_refused(tmp_path, capsys):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 
 from jaxpt.engine import aot
 
@@ -69,7 +70,7 @@ def run_compile(args, cfg, model_cfg) -> int:
     try:
         results = compile_plan(cfg, model_cfg, topo)
     except (aot.LibtpuMissing, NotImplementedError) as e:
-        print(f"jaxpt plan: {e}", flush=True)
+        print(f"jaxpt plan: {e}", file=sys.stderr, flush=True)
         return 2
     n = len(aot.topology_devices(topo))
     if args.json:
