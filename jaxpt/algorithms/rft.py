@@ -81,7 +81,6 @@ class RFTConfig:
     max_new_tokens: int = 256
     max_prompt_length: int = 512  # longer prompts are dropped (counted in the summary)
     batch_size: int = 32  # decoded rows per generate call
-    engine: str = "static"  # decode loop: static batches | continuous (jaxpt.sampling.continuous)
     verifier: str = "math"  # reward name or package.module:function
     threshold: float = 1.0  # reward >= threshold means correct
     reward_timeout_s: float = 60.0
