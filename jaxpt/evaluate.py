@@ -184,6 +184,7 @@ def sample_and_verify(
     progress: bool | str = False,
     shardings=None,
     on_batch: Callable[[list[EvalSample]], None] | None = None,
+    engine: str = "static",
 ) -> list[list[EvalSample]]:
     """Sample and verify completions; returns the samples of each prompt, in prompt order.
 
@@ -195,6 +196,7 @@ def sample_and_verify(
         apply, e.g. no reference answer) is an error naming the prompt's file and row.
     progress: a tqdm description (or True) to show a progress bar.
     on_batch: called with each batch's samples as soon as they are verified.
+    engine: "static" | "continuous" (`jaxpt.sampling.text.sample_completions`).
     """
     n = len(prompts)
     if isinstance(counts, int | np.integer) and not isinstance(counts, bool):
@@ -232,6 +234,7 @@ def sample_and_verify(
         seed=seed,
         batch_size=batch_size,
         shardings=shardings,
+        engine=engine,
     )
     bar = None
     if progress and total:
@@ -295,6 +298,7 @@ def evaluate(
     reward_timeout_s: float | None = 60.0,
     progress: bool | str = False,
     shardings=None,
+    engine: str = "static",
 ) -> EvalResult:
     """Sample ``num_samples`` completions per prompt, verify them, compute the metrics.
 
@@ -324,6 +328,7 @@ def evaluate(
         reward_timeout_s=reward_timeout_s,
         progress=progress,
         shardings=shardings,
+        engine=engine,
     )
     seconds = time.perf_counter() - t0
     references = [parse_reference(p.columns.get("answer")) for p in prompts]

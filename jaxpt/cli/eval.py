@@ -60,6 +60,13 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--engine",
+        choices=["static", "continuous"],
+        default="static",
+        help="decode loop: static batches of --batch-size prompts, or continuous batching "
+        "(the same cache rows; a finished row's slot takes the next prompt)",
+    )
+    p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
         default=None,
@@ -169,6 +176,7 @@ def run_eval(args: argparse.Namespace) -> int:
             threshold=args.threshold,
             ks=ks,
             progress="eval" if args.progress else False,
+            engine=args.engine,
         )
     except EvalError as e:
         return _fail(str(e))

@@ -42,6 +42,11 @@ class OnPolicySection:
     # treat the value as None (not applicable) and count it (rewards/nonfinite_skipped).
     skip_nonfinite_rewards: bool = False
     mask_truncated_completions: bool = False
+    # Decode loop of the rollouts and the held-out eval (`jaxpt.sampling.continuous`):
+    # "continuous" decodes `rollout_slots` rows at a time (0: all), refilling a finished
+    # row's slot with the next (prompt, sample); one device only.
+    rollout_engine: Literal["static", "continuous"] = "static"
+    rollout_slots: int = 0
     # DAPO dynamic sampling: drop groups whose rewards all agree and sample more prompts
     # until the batch is full, at most `max_sampling_rounds` rounds per rollout.
     dynamic_sampling: bool = False
@@ -73,6 +78,7 @@ class OnPolicySection:
             reward_timeout_s=self.reward_timeout_s,
             skip_nonfinite_rewards=self.skip_nonfinite_rewards,
             mask_truncated_completions=self.mask_truncated_completions,
+            engine=self.rollout_engine, slots=self.rollout_slots,
         )
 
     def prompts(self, *, section: str, demonstrations: bool) -> PromptSpec:
@@ -85,4 +91,5 @@ class OnPolicySection:
         return HeldOutEval(
             prompts=self.eval_prompts, batch_size=self.eval_batch_size,
             max_new_tokens=self.eval_max_completion_length or self.max_completion_length,
-            verifier=self.reward_funcs[0], reward_timeout_s=self.reward_timeout_s)
+            verifier=self.reward_funcs[0], reward_timeout_s=self.reward_timeout_s,
+            engine=self.rollout_engine)

@@ -20,6 +20,7 @@ class HeldOutEval:
     max_new_tokens: int
     verifier: str  # a reward function's name
     reward_timeout_s: float
+    engine: str = "static"  # `jaxpt.sampling.text.sample_completions(engine=...)`
 
 
 def make_eval_fn(sampler: RolloutSampler, params_of_state: Callable, prompts: Sequence,
@@ -39,7 +40,7 @@ def make_eval_fn(sampler: RolloutSampler, params_of_state: Callable, prompts: Se
             sampler=Sampler.greedy(), max_new_tokens=spec.max_new_tokens,
             eos_ids=list(sampler.eos_ids), pad_id=sampler.pad_id,
             batch_size=spec.batch_size, verifier=spec.verifier,
-            reward_timeout_s=spec.reward_timeout_s)
+            reward_timeout_s=spec.reward_timeout_s, engine=spec.engine)
         first = [row[0] for row in samples]
         out = {
             "eval_accuracy": float(np.mean([s.correct for s in first])),

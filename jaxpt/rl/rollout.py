@@ -25,6 +25,7 @@ from jaxpt.losses.grpo import mask_truncated
 from jaxpt.rewards.registry import compute_rewards
 from jaxpt.rl.layout import TokenRows, rollout_sequences
 from jaxpt.sampling import FINISH_LENGTH, Sampler, generate
+from jaxpt.sampling.continuous import ENGINES, generate_continuous
 from jaxpt.sharding import decode_sharding
 
 AdvantageFn = Callable[[np.ndarray], tuple[np.ndarray, dict[str, float]]]
@@ -43,8 +44,16 @@ class RolloutConfig:
     reward_timeout_s: float = 60.0
     skip_nonfinite_rewards: bool = False  # NaN / inf reward: None + counted, not an error
     mask_truncated_completions: bool = False
+    # Decode loop (`jaxpt.sampling.continuous`): "static" decodes all R rows until the
+    # longest is done; "continuous" decodes `slots` rows at a time (0: all R), a finished
+    # row's slot taking the next pending (prompt, sample). One device only.
+    engine: str = "static"
+    slots: int = 0
 
     def __post_init__(self):
+        if self.engine not in ENGINES or self.slots < 0:
+            raise ValueError(f"rollout_engine={self.engine!r} / rollout_slots={self.slots}: "
+                             f"use one of {ENGINES} and slots >= 0")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(
                 f"reward_weights has {len(self.reward_weights)} entries for "
@@ -127,12 +136,7 @@ class RolloutSampler:
         t0 = time.perf_counter()
         if prefixes_R is None or not any(len(p) for p in prefixes_R):
             prefixes_R = None
-            gen = generate(
-                self.graphdef, params, prompt_batch["prompt_ids"], prompt_batch["prompt_mask"],
-                sampler=cfg.sampler(), max_new_tokens=cfg.max_new_tokens,
-                eos_ids=tuple(self.eos_ids), rng=rng, num_samples=G, pad_id=self.pad_id,
-                bucket=False, shardings=self.shardings,
-            )
+            gen = self._generate(params, prompt_batch, rng=rng)
             tokens_RC, lengths_R = np.asarray(gen.tokens), np.asarray(gen.lengths)
             prefix_len_R = np.zeros(len(lengths_R), np.int32)
         else:
@@ -189,6 +193,21 @@ class RolloutSampler:
         return Rollout(rows=rows, advantages_R=np.asarray(advantages_R, np.float32),
                        prefix_lengths_R=prefix_len_R if prefixes_R is not None else None,
                        completions=completions, rewards_R=rewards_R, metrics=metrics)
+
+    def _generate(self, params, prompt_batch, *, rng):
+        cfg, G = self.cfg, self.cfg.num_generations
+        kw = dict(sampler=cfg.sampler(), max_new_tokens=cfg.max_new_tokens,
+                  eos_ids=tuple(self.eos_ids), rng=rng, num_samples=G, pad_id=self.pad_id,
+                  bucket=False)
+        ids, mask = prompt_batch["prompt_ids"], prompt_batch["prompt_mask"]
+        if cfg.engine == "continuous":
+            if self.shardings is not None and self.shardings.mesh.size > 1:
+                raise ValueError(
+                    f"rollout_engine: continuous decodes on one device, the mesh has "
+                    f"{self.shardings.mesh.size}; use rollout_engine: static")
+            return generate_continuous(self.graphdef, params, ids, mask,
+                                       num_slots=cfg.slots or None, **kw)
+        return generate(self.graphdef, params, ids, mask, shardings=self.shardings, **kw)
 
     def _generate_after_prefixes(self, params, prompt_batch, prefixes_R, *, rng):
         """Decode every rollout row from its own prompt + demonstration prefix (one row per

@@ -181,6 +181,22 @@ def stack_cache(cache: DecodeCache) -> DecodeCache:
     )
 
 
+def _write_slot(buf, new_R, index, middle: tuple, layer=None):
+    """buf[(layer,) r, *middle, index] = new_R[r] for every row r: `index` is one cache
+    slot for all rows (a scalar: the static loop) or one per row ([R]: the continuous
+    loop, `jaxpt.sampling.continuous`, where each slot's row started at its own step)."""
+    lead = () if layer is None else (layer,)
+    m = len(middle)
+    if jnp.ndim(index) == 0:
+        zero = jnp.zeros((), jnp.int32)
+        rest = buf.ndim - len(lead) - m - 2
+        start = (*lead, zero, *(zero,) * m, index, *(zero,) * rest)
+        shape = (*(1,) * len(lead), *new_R.shape[: 1 + m], 1, *new_R.shape[1 + m :])
+        return jax.lax.dynamic_update_slice(buf, new_R.reshape(shape), start)
+    rows = jnp.arange(new_R.shape[0])
+    return buf.at[(*lead, rows, *middle, index)].set(new_R)
+
+
 def decode_step(
     cfg: ModelConfig,
     params,
@@ -204,23 +220,19 @@ def decode_step(
     x_RE = jnp.take(embed_VE, tokens_R, axis=0).astype(cfg.dtype)
     cos_R1D, sin_R1D = rope_tables(positions_R[:, None], rope_inv_freq(cfg))
     cos_RD, sin_RD = cos_R1D[:, 0], sin_R1D[:, 0]
-    key_pos_RS = jax.lax.dynamic_update_slice(cache.positions_RS, positions_R[:, None], (0, index))
-    key_seg_RS = jax.lax.dynamic_update_slice(
-        cache.segment_ids_RS, segment_ids_R[:, None], (0, index)
-    )
+    key_pos_RS = _write_slot(cache.positions_RS, positions_R, index, ())
+    key_seg_RS = _write_slot(cache.segment_ids_RS, segment_ids_R, index, ())
     mask_RS = (key_seg_RS == segment_ids_R[:, None]) & (key_pos_RS <= positions_R[:, None])
     mask_R11S = mask_RS[:, None, None, :]
 
-    zero = jnp.zeros((), jnp.int32)
     if layer_loop in ("unroll", "unroll_out_in"):
         if not isinstance(cache.k_LRKSD, tuple):
             raise ValueError("layer_loop='unroll' takes a split_cache(...) cache")
         ks, vs = list(cache.k_LRKSD), list(cache.v_LRKSD)
         for l, w in enumerate(layers):
             q_RND, k_RKD, v_RKD = _qkv(cfg, w, x_RE, cos_RD, sin_RD)
-            at = (zero, zero, index, zero)
-            ks[l] = jax.lax.dynamic_update_slice(ks[l], k_RKD[:, :, None].astype(ks[l].dtype), at)
-            vs[l] = jax.lax.dynamic_update_slice(vs[l], v_RKD[:, :, None].astype(vs[l].dtype), at)
+            ks[l] = _write_slot(ks[l], k_RKD.astype(ks[l].dtype), index, (slice(None),))
+            vs[l] = _write_slot(vs[l], v_RKD.astype(vs[l].dtype), index, (slice(None),))
             x_RE = _attend_mlp(cfg, w, x_RE, q_RND, ks[l], vs[l], mask_R11S)
         k_new, v_new = tuple(ks), tuple(vs)
     elif layer_loop == "scan":
@@ -229,9 +241,8 @@ def decode_step(
             x, k_all, v_all = carry
             w, l = xs
             q_RND, k_RKD, v_RKD = _qkv(cfg, w, x, cos_RD, sin_RD)
-            at = (l, zero, zero, index, zero)
-            k_all = jax.lax.dynamic_update_slice(k_all, k_RKD[None, :, :, None], at)
-            v_all = jax.lax.dynamic_update_slice(v_all, v_RKD[None, :, :, None], at)
+            k_all = _write_slot(k_all, k_RKD, index, (slice(None),), layer=l)
+            v_all = _write_slot(v_all, v_RKD, index, (slice(None),), layer=l)
             k_RKSD = jax.lax.dynamic_index_in_dim(k_all, l, 0, keepdims=False)
             v_RKSD = jax.lax.dynamic_index_in_dim(v_all, l, 0, keepdims=False)
             x = _attend_mlp(cfg, w, x, q_RND, k_RKSD, v_RKSD, mask_R11S)

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from jaxpt.sampling.continuous import ENGINES, generate_continuous
 from jaxpt.sampling.loop import FINISH_REASONS, FINISH_STOP, generate
 from jaxpt.sampling.samplers import Sampler
 
@@ -153,6 +154,7 @@ def sample_completions(
     batch_size: int | None = None,
     shardings=None,
     layer_loop: str = "auto",
+    engine: str = "static",
 ) -> tuple[int, Iterator[list[Sampled]]]:
     """Sample completions of token-id prompts; every non-rollout caller of `generate`
     (`generate_text`, `jaxpt.evaluate.sample_and_verify`) goes through here.
@@ -165,6 +167,11 @@ def sample_completions(
     all; the last one is filled with repeats, dropped from the output), so one compiled
     program serves the run per prompt-length bucket. The batch that starts at sorted row
     ``start`` draws with ``fold_in(key(seed), start)``. A batch is a list of `Sampled`.
+
+    engine: "static" (the above) or "continuous": all rows in ONE batch decoded by
+        `jaxpt.sampling.continuous.generate_continuous` with ``batch_size`` rows' worth of
+        slots (the same cache rows as a static batch), a finished row's slot taking the
+        next row; row j (in prompt order) draws with ``fold_in(key(seed), j)``.
     """
     if isinstance(counts, int):
         rows, sample_no, per_row = list(range(len(prompt_ids))), [0] * len(prompt_ids), counts
@@ -177,6 +184,14 @@ def sample_completions(
     if batch_size < 1:
         raise PromptError(f"batch_size={batch_size}: must be >= 1")
     order = sorted(range(n), key=lambda r: len(prompt_ids[rows[r]]))
+    if engine not in ENGINES:
+        raise PromptError(f"engine={engine!r}: use one of {ENGINES}")
+    if engine == "continuous":
+        return 1, _continuous_batch(
+            graphdef, params, tokenizer, [prompt_ids[r] for r in rows], rows, sample_no,
+            per_row, sampler=sampler, max_new_tokens=max_new_tokens, eos_ids=eos_ids,
+            pad_id=pad_id, seed=seed, num_slots=min(batch_size, max(n, 1)) * per_row,
+            shardings=shardings, layer_loop=layer_loop)
 
     def batches() -> Iterator[list[Sampled]]:
         base = jax.random.key(seed)
@@ -210,6 +225,28 @@ def sample_completions(
             ]
 
     return -(-n // batch_size), batches()
+
+
+def _continuous_batch(graphdef, params, tokenizer, prompts, rows, sample_no, per_row, *,
+                      sampler, max_new_tokens, eos_ids, pad_id, seed, num_slots, shardings,
+                      layer_loop) -> Iterator[list[Sampled]]:
+    """`sample_completions`' one batch with the continuous engine."""
+    if shardings is not None and shardings.mesh.size > 1:
+        raise PromptError("engine='continuous' decodes on one device; use engine='static' "
+                          f"on a {shardings.mesh.size}-device mesh")
+    if not prompts:
+        return
+    ids, mask = left_pad(prompts, pad_id)
+    result = generate_continuous(
+        graphdef, params, ids, mask, sampler=sampler, max_new_tokens=max_new_tokens,
+        eos_ids=tuple(eos_ids), rng=jax.random.key(seed), num_samples=per_row, pad_id=pad_id,
+        num_slots=num_slots, layer_loop=layer_loop)
+    completions = _decode(tokenizer, jax.tree.map(np.asarray, result), len(rows) * per_row)
+    yield [
+        Sampled(r, sample_no[j] + s, completions[j * per_row + s])
+        for j, r in enumerate(rows)
+        for s in range(per_row)
+    ]
 
 
 def _decode(tokenizer, result, num_rows: int) -> list[Completion]:
