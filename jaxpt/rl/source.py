@@ -32,6 +32,7 @@ import numpy as np
 
 from jaxpt.data.pipeline import prompt_batch
 from jaxpt.engine.loop import Served, SourceBase
+from jaxpt.rl import processes
 from jaxpt.rl.config import OnPolicySection
 from jaxpt.rl.dynamic_sampling import DynamicSampler, dynamic_rounds
 from jaxpt.rl.rollout import Rollout, RolloutSampler
@@ -103,7 +104,9 @@ class RolloutSource(SourceBase):
         if self.mixer is not None:
             batch, mixed = self.mixer.serve(batch)
             metrics.update(mixed)
-        return Served(batch, metrics)
+        # Every process holds the whole mini-batch; it serves its block of the rows.
+        return Served(processes.local_rows(batch, self.rows_per_step, what="mini-batch rows"),
+                      metrics)
 
     def observe(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         """Called by the loop with each step's metrics (one step late); returns metrics to
