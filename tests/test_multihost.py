@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import run_with_devices
@@ -489,3 +490,24 @@ def test_rft_two_processes_keep_the_same_samples(tmp_path, model_dir, procs):
         "samples.jsonl", "summary.json", "train.jsonl"]
     assert "rft: kept" in logs[1].read_text() and "rft: kept" not in logs[2].read_text()
     assert_same_run(read_metrics(run_dir), read_metrics(ref_dir))
+
+
+def test_row_blocks_of_processes(monkeypatch):
+    """Process p of P takes rows block p; blocks of the shared-prompt layout hold whole
+    groups (pretend process 1 of 2)."""
+    import jax
+
+    from jaxpt.rl import processes
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert processes.row_block(8) == slice(4, 8)
+    rows = {"ids": np.arange(16).reshape(8, 2)}
+    np.testing.assert_array_equal(processes.local_rows(rows, 8)["ids"][:, 0], [8, 10, 12, 14])
+    with pytest.raises(ValueError, match="7 rollout rows do not split over 2 processes"):
+        processes.row_block(7, what="rollout rows")
+    assert processes.rows_per_process(16, 4, where="run.yaml") == 8
+    with pytest.raises(ValueError, match="run.yaml: train.batch_size=12 over 2 processes is 6 "
+                                         "rows per process, not whole groups"):
+        processes.rows_per_process(12, 4, where="run.yaml")
+    assert processes.rows_per_process(12, None, where="run.yaml") == 6

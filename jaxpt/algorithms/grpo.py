@@ -14,6 +14,10 @@ as options; ``rl.hybrids``):
 - Prefix-RFT (``prefix_rft_ratio`` > 0): that fraction of each group's rollouts continues a
   prefix of the demonstration; the prefix tokens get ``prefix_sft_weight * NLL``, the
   sampled continuation the RL loss (``losses.grpo.prefix_rft_masks``).
+
+Several processes (a pod): one rollout program over every host's devices, rewards scored
+per process and gathered, each process training on its block of every mini-batch; the
+logged metrics equal a single process's (``rl.processes``).
 """
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ asked, shuffles whole groups and slices mini-batches. The section's keys
 (``jaxpt.rl.config.OnPolicySection``) say how many mini-batches and passes, and whether
 DAPO dynamic sampling runs; optional parts: ``prefixes`` (demonstration prefixes per row,
 Prefix-RFT) and ``mixer`` (a per-step choice made on the host, SASR).
+
+With several processes every process holds the whole rollout (``jaxpt.rl.processes``), so
+the shuffles, dynamic-sampling rounds and resume state are the same on each; ``next``
+serves this process's block of the mini-batch's rows.
 """
 
 from __future__ import annotations
