@@ -9,6 +9,7 @@ timeout; on any failure every process it started is killed.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -17,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 from conftest import run_with_devices
 from tolerances import assert_reordered_close, run_depth
 from train_utils import (
@@ -39,6 +42,8 @@ from jaxpt.distributed import (
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 300
+# The GRPO / RFT runs compile more programs (rollout, scoring, eval): more room on a busy machine.
+RL_TIMEOUT = 600
 
 # ----------------------------------------------------------------------------- plan_init
 
@@ -144,7 +149,8 @@ def env_with_devices(n: int) -> dict:
     env.update(
         JAX_PLATFORMS="cpu",
         XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-        PYTHONPATH=str(REPO) + os.pathsep + env.get("PYTHONPATH", ""),
+        # tests/ too: the GRPO / RFT runs load reward functions from test modules.
+        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")]),
         PYTHON=sys.executable,
     )
     return env
@@ -211,9 +217,13 @@ STEPS = 16
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory, data_dir) -> Path:
-    root = tmp_path_factory.mktemp("multihost")
-    model_dir = make_tiny_tokenizer_and_model(root, data_dir)
+def model_dir(tmp_path_factory, data_dir) -> Path:
+    return make_tiny_tokenizer_and_model(tmp_path_factory.mktemp("multihost"), data_dir)
+
+
+@pytest.fixture(scope="module")
+def config(model_dir, data_dir) -> Path:
+    root = model_dir.parent
     return tiny_run_config(
         root / "run.yaml",
         model_dir,
@@ -368,3 +378,136 @@ def test_loading_any_recipe_starts_no_jax_backend():
         n_devices=1,
     )
     assert out.strip() == "initialized: False"
+
+
+# ----------------------------------------------------------------------------- GRPO / RFT
+
+# Device metrics (summed over devices in another order on two processes: rounding) vs
+# host metrics (rewards, lengths, dynamic-sampling counts: from the sampled tokens, equal).
+DEVICE_METRICS = ("loss", "rl_loss", "entropy", "grad_norm", "kl", "clip_ratio/")
+WALL_CLOCK = ("time/", "tokens_per_second", "samples_per_second", "steps_per_second", "mfu")
+
+
+def launch(procs: Procs, config: Path, logs_dir: Path, log: Path, *overrides: str):
+    """``launch/local_multiprocess.sh -n 2 -d 4 CONFIG overrides`` (process 0 -> ``log``)."""
+    cmd = ["bash", "launch/local_multiprocess.sh", "-n", "2", "-d", "4", "-l", str(logs_dir),
+           str(config), *overrides]
+    return procs.start(cmd, env_with_devices(4), log)
+
+
+def assert_same_run(multi: list[dict], reference: list[dict], num_layers: int = 2) -> None:
+    """Same steps and keys; host metrics equal; device metrics equal up to reordering."""
+    assert [r["step"] for r in multi] == [r["step"] for r in reference]
+    for m, r in zip(multi, reference, strict=True):
+        keys = {k for k in r if not k.startswith(WALL_CLOCK)}
+        assert keys == {k for k in m if not k.startswith(WALL_CLOCK)}, (m, r)
+        for k in sorted(keys):
+            if k.startswith(DEVICE_METRICS):
+                # A loss near 0 is a sum of terms of size ~1 (advantages): scale 1.
+                assert_reordered_close(m[k], r[k], n=1000, depth=run_depth(r["step"], num_layers),
+                                       scale=max(1.0, abs(r[k])), err_msg=f"step {r['step']} {k}")
+            else:
+                assert m[k] == r[k], f"step {r['step']} {k}: {m[k]} != {r[k]}"
+
+
+@pytest.fixture(scope="module")
+def grpo_config(model_dir, data_dir) -> Path:
+    """GRPO with the options whose statistics cross processes: mu = 2 passes over each
+    rollout (old log-probs scored across processes), DAPO dynamic sampling (its rounds
+    and stopping decision) and batch-scaled rewards (the whole batch's std)."""
+    grpo = {"num_generations": 4, "max_completion_length": 8, "max_prompt_length": 128,
+            "reward_funcs": ["tests.grpo_rewards:digit_fraction"], "temperature": 1.0,
+            "num_iterations": 2, "dynamic_sampling": True, "max_sampling_rounds": 3,
+            "scale_rewards": "batch"}
+    return tiny_run_config(
+        model_dir.parent / "grpo.yaml", model_dir, data_dir, model_dir.parent / "unused",
+        algorithm="grpo", grpo=grpo, checkpoint={"every": 0},
+        train={"max_steps": 4, "batch_size": 8, "seed": 0, "logprob_impl": "chunked"},
+        optim={"lr": 1e-2, "schedule": "constant", "warmup_steps": 0},
+    )
+
+
+@pytest.mark.e2e
+def test_grpo_two_processes_match_one_and_resume(tmp_path, grpo_config, procs):
+    """GRPO on 2 processes x 4 devices (the launch script, stopped after the first rollout
+    and resumed to the end) logs what 1 process x 8 devices logs uninterrupted."""
+    ref_dir, ref_log = tmp_path / "ref", tmp_path / "ref.log"
+    procs.start(train_cmd(grpo_config, f"out_dir={ref_dir}"), env_with_devices(8), ref_log)
+    run_dir, logs_dir = tmp_path / "multi", tmp_path / "logs"
+    legs = [tmp_path / "leg1.log", tmp_path / "leg2.log"]
+    # Leg 1 runs beside the reference (the machine's two cores); both legs end by themselves.
+    launch(procs, grpo_config, logs_dir, legs[0], f"out_dir={run_dir}", "train.stop_after_steps=2")
+    procs.wait_all(RL_TIMEOUT, [ref_log, legs[0], logs_dir / "process_1.log"])
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir()) == [2]
+    launch(procs, grpo_config, logs_dir, legs[1], f"out_dir={run_dir}")
+    procs.wait_all(RL_TIMEOUT, [legs[1], logs_dir / "process_1.log"])
+    assert "resumed from checkpoint step 2" in legs[1].read_text()
+    assert "grpo: done at step 4" in legs[1].read_text()
+
+    reference, multi = read_metrics(ref_dir), read_metrics(run_dir)
+    assert [r["step"] for r in reference] == [1, 2, 3, 4]
+    # The runs exercised what must be global: two rollouts (mu = 2), dynamic sampling
+    # that took more than one round for one of them.
+    assert [r.get("rollout") for r in reference] == [1.0, None, 2.0, None]
+    assert max(r.get("dynamic_sampling/rounds", 0) for r in reference) > 1, reference
+    assert_same_run(multi, reference)
+
+
+@pytest.mark.e2e
+def test_rft_two_processes_keep_the_same_samples(tmp_path, model_dir, procs):
+    """RFT on 2 processes x 4 devices: the same samples, verdicts, DART rounds and kept rows
+    as 1 process x 8 devices, written once; the SFT stage logs the same losses."""
+    cfg = {
+        "algorithm": "rft",
+        "model": {"name": str(model_dir)},
+        "data": {"max_length": 128, "packing": False},
+        "optim": {"lr": 1.0e-3},
+        "train": {"max_steps": 2, "batch_size": 8, "seed": 0},
+        "checkpoint": {"every": 0},
+        "logging": {"progress": False},
+        "rft": {"num_samples": 3, "min_correct": 2, "keep_per_prompt": 2, "rounds": 2,
+                "budget": 30, "max_samples_per_round": 4, "keep_truncated": True,
+                "max_new_tokens": 4, "batch_size": 8, "temperature": 1.0,
+                "verifier": "tests.test_rft:char_verifier",
+                "arithmetic": {"train": 6, "eval": 0, "seed": 1}},
+    }
+    path = tmp_path / "rft.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    ref_dir, run_dir, logs_dir = tmp_path / "ref", tmp_path / "multi", tmp_path / "logs"
+    logs = [tmp_path / "ref.log", tmp_path / "multi.log", logs_dir / "process_1.log"]
+    procs.start(train_cmd(path, f"out_dir={ref_dir}"), env_with_devices(8), logs[0])
+    launch(procs, path, logs_dir, logs[1], f"out_dir={run_dir}")
+    procs.wait_all(RL_TIMEOUT, logs)
+
+    for name in ("samples.jsonl", "train.jsonl"):
+        assert (run_dir / "rft" / name).read_text() == (ref_dir / "rft" / name).read_text()
+    summary = json.loads((run_dir / "rft" / "summary.json").read_text())
+    ref_summary = json.loads((ref_dir / "rft" / "summary.json").read_text())
+    assert summary["rounds"] == ref_summary["rounds"] and len(summary["rounds"]) == 2
+    assert summary["kept"] == ref_summary["kept"] > 0
+    # Process 0 alone wrote and printed; process 1 read the same files.
+    assert sorted(p.name for p in (run_dir / "rft").iterdir()) == [
+        "samples.jsonl", "summary.json", "train.jsonl"]
+    assert "rft: kept" in logs[1].read_text() and "rft: kept" not in logs[2].read_text()
+    assert_same_run(read_metrics(run_dir), read_metrics(ref_dir))
+
+
+def test_row_blocks_of_processes(monkeypatch):
+    """Process p of P takes rows block p; blocks of the shared-prompt layout hold whole
+    groups (pretend process 1 of 2)."""
+    import jax
+
+    from jaxpt.rl import processes
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert processes.row_block(8) == slice(4, 8)
+    rows = {"ids": np.arange(16).reshape(8, 2)}
+    np.testing.assert_array_equal(processes.local_rows(rows, 8)["ids"][:, 0], [8, 10, 12, 14])
+    with pytest.raises(ValueError, match="7 rollout rows do not split over 2 processes"):
+        processes.row_block(7, what="rollout rows")
+    assert processes.rows_per_process(16, 4, where="run.yaml") == 8
+    with pytest.raises(ValueError, match="run.yaml: train.batch_size=12 over 2 processes is 6 "
+                                         "rows per process, not whole groups"):
+        processes.rows_per_process(12, 4, where="run.yaml")
+    assert processes.rows_per_process(12, None, where="run.yaml") == 6

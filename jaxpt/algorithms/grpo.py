@@ -14,6 +14,10 @@ as options; ``rl.hybrids``):
 - Prefix-RFT (``prefix_rft_ratio`` > 0): that fraction of each group's rollouts continues a
   prefix of the demonstration; the prefix tokens get ``prefix_sft_weight * NLL``, the
   sampled continuation the RL loss (``losses.grpo.prefix_rft_masks``).
+
+Several processes (a pod): one rollout program over every host's devices, rewards scored
+per process and gathered, each process training on its block of every mini-batch; the
+logged metrics equal a single process's (``rl.processes``).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from jaxpt.engine.loop import Trainer
 from jaxpt.losses import grpo as losses
 from jaxpt.rewards.advantages import compute_advantages
 from jaxpt.rewards.registry import check_reward_columns, get_reward_function
-from jaxpt.rl import layout
+from jaxpt.rl import layout, processes
 from jaxpt.rl.config import OnPolicySection
 from jaxpt.rl.evaluation import make_eval_fn
 from jaxpt.rl.hybrids import Demonstrations, PrefixRFT, SASRMixer
@@ -247,8 +251,6 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     if t.batch_size % G:
         raise ValueError(f"{cfg.source}: train.batch_size={t.batch_size} (completions per step)"
                          f" must be a multiple of grpo.num_generations={G}")
-    if jax.process_count() > 1:
-        raise NotImplementedError("multi-process GRPO rollouts are not supported yet")
     bundle = eb.start_run(cfg, mesh)
     mesh, tok = bundle.mesh, bundle.tokenizer
     pad_id, eos_ids = special_token_ids(tok, bundle.resolved.generation_eos_ids())
@@ -274,7 +276,9 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
                              reward_funcs, grpo.advantages, decode_sh)
     score_fn = make_score_fn(bundle.graphdef, ts.params_fn, impl=t.logprob_impl,
                              temperature=grpo.temperature if grpo.temperature > 0 else 1.0,
-                             rows_sh=batch_sh.rows, mesh=mesh, rows_per_call=t.batch_size,
+                             rows_sh=batch_sh.rows, mesh=mesh,
+                             rows_per_call=processes.rows_per_process(
+                                 t.batch_size, G if share else None, where=cfg.source),
                              group_size=G if share else None)
     demos = Demonstrations(tok, pad_id, grpo.max_demo_length, G)
 

@@ -17,6 +17,13 @@ A run (``jaxpt rft CONFIG`` or ``jaxpt train CONFIG`` with ``algorithm: rft``):
 ``rft/summary.json`` holds the per-round counts, totals and held-out accuracy. A rerun
 with the same sampling settings reuses a finished sampling stage (so an interrupted SFT
 resumes from its checkpoint on the same data).
+
+Several processes (one per host): every process runs the same stages on the same prompts
+(``jaxpt.rl.rejection``: the same samples, verdicts and DART allocation everywhere);
+process 0 alone writes ``rft/*`` and prints, and every process waits at a barrier before
+it reads what process 0 wrote (the stage's files, the summary), so all of them take the
+same path (reuse or sample) and run the same collectives. The SFT stage is the
+multi-process SFT run.
 """
 
 from __future__ import annotations
@@ -35,10 +42,12 @@ from jaxpt.config import ConfigError, RunConfig, config_to_dict, register_sectio
 from jaxpt.data.gsm8k import convert_gsm8k
 from jaxpt.data.pipeline import prepare_prompts
 from jaxpt.data.tasks.arithmetic import arithmetic_config, arithmetic_records
+from jaxpt.distributed import is_primary
 from jaxpt.engine.build import load_model_bundle, model_params, read_data_records
 from jaxpt.engine.checkpoint import StopFlag
 from jaxpt.engine.loop import LoopResult, run
 from jaxpt.evaluate import evaluate
+from jaxpt.rl import processes
 from jaxpt.rl.rejection import SAMPLES, SUMMARY, TRAIN, finished_stage, rejection_sample, write_json
 from jaxpt.sampling.samplers import Sampler
 from jaxpt.sampling.text import default_stop_ids
@@ -123,6 +132,16 @@ class RFTConfig:
 # ----------------------------------------------------------------------------- the run
 
 
+def _say(msg: str) -> None:
+    if is_primary():
+        print(msg, flush=True)
+
+
+def _write_summary(path: Path, summary: dict) -> None:
+    if is_primary():
+        write_json(path, summary)
+
+
 def rft_prompt_records(cfg: RunConfig, which: str):
     """Prompt records for ``which`` = "train" (sampling) or "eval" (held-out), or None."""
     a = cfg.section("rft").arithmetic
@@ -188,22 +207,24 @@ def _sample_and_keep(cfg: RunConfig, bundle, rdir: Path) -> dict[str, Any]:
                                       max_prompt_length=rcfg.max_prompt_length)
     if not prompts:
         raise ConfigError(f"{cfg.source}: no usable prompts for rft ({pstats})")
-    print(f"rft: sampling on {len(prompts)} prompts ({pstats.dropped_too_long} dropped as "
-          "longer than rft.max_prompt_length)", flush=True)
+    _say(f"rft: sampling on {len(prompts)} prompts ({pstats.dropped_too_long} dropped as "
+         "longer than rft.max_prompt_length)")
     counts = rejection_sample(bundle.graphdef, bundle.params, bundle.tokenizer, prompts, rcfg,
-                              rdir, eos_ids=_stop_ids(bundle), progress=cfg.logging.progress)
+                              rdir, eos_ids=_stop_ids(bundle),
+                              progress=cfg.logging.progress and is_primary(),
+                              write=is_primary(), log=_say)
     summary = {"fingerprint": sampling_fingerprint(cfg), "prompts": len(prompts),
                "prompts_dropped_too_long": pstats.dropped_too_long, **counts,
                "train_file": str(rdir / TRAIN)}
     if not summary["kept"]:
-        write_json(rdir / SUMMARY, summary)
+        _write_summary(rdir / SUMMARY, summary)
         raise ValueError(
             f"rft: no verified-correct samples among {summary['samples']} on {len(prompts)} "
             f"prompts (see {rdir / SAMPLES}); raise rft.num_samples / rft.budget / "
             "rft.max_new_tokens or use easier prompts")
     summary["complete"] = True
-    print(f"rft: kept {summary['kept']} samples from {summary['prompts_solved']}/"
-          f"{len(prompts)} solved prompts -> {rdir / TRAIN}", flush=True)
+    _say(f"rft: kept {summary['kept']} samples from {summary['prompts_solved']}/"
+         f"{len(prompts)} solved prompts -> {rdir / TRAIN}")
     return summary
 
 
@@ -220,22 +241,25 @@ def train_rft(
     rdir = Path(cfg.out_dir) / "rft"
     rdir.mkdir(parents=True, exist_ok=True)
     summary = finished_stage(rdir, sampling_fingerprint(cfg)) if rcfg.reuse_samples else {}
+    # Every process has read the stage before process 0 may write it (all take one path).
+    processes.barrier("jaxpt rft: stage read")
     if summary:
-        print(f"rft: reusing the finished sampling stage in {rdir} ({summary['kept']} kept "
-              "samples)", flush=True)
+        _say(f"rft: reusing the finished sampling stage in {rdir} ({summary['kept']} kept "
+             "samples)")
     eval_records = rft_prompt_records(cfg, "eval")
     need_before = rcfg.eval_before and eval_records is not None and "eval_before" not in summary
     if not summary or need_before:
         bundle = load_model_bundle(cfg)
         if need_before:
             before = _held_out(cfg, bundle, bundle.params, eval_records)
-            print("rft: held-out before SFT: " + ", ".join(f"{k} {v:.4g}" for k, v in
-                                                          before.items()), flush=True)
+            _say("rft: held-out before SFT: " + ", ".join(f"{k} {v:.4g}" for k, v in
+                                                         before.items()))
         summary = summary or _sample_and_keep(cfg, bundle, rdir)
         if need_before:
             summary["eval_before"] = before
-        write_json(rdir / SUMMARY, summary)
+        _write_summary(rdir / SUMMARY, summary)
         del bundle
+    processes.barrier("jaxpt rft: stage written")  # train.jsonl is there for every process
 
     try:
         trainer = build_sft_trainer(sft_config(cfg, rdir / TRAIN))
@@ -247,11 +271,11 @@ def train_rft(
         params = model_params(trainer.parts.trainable, result.state)
         after = _held_out(cfg, trainer.parts.bundle, params, eval_records)
         summary["eval_after"] = after
-        write_json(rdir / SUMMARY, summary)
+        _write_summary(rdir / SUMMARY, summary)
         result.eval_metrics = {**result.eval_metrics, **after}
         for cb in callbacks:
             cb(result.step, after)
         was = summary.get("eval_before", {}).get("eval_pass@1")
         msg = f"rft: held-out pass@1 after SFT {after['eval_pass@1']:.4f}"
-        print(msg + (f" (before {was:.4f})" if was is not None else ""), flush=True)
+        _say(msg + (f" (before {was:.4f})" if was is not None else ""))
     return result

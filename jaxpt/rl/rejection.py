@@ -23,6 +23,11 @@ Axis legend: N prompts; per prompt i, n_i samples drawn so far, c_i of them usab
   reward, correct, usable, kept) and ``train.jsonl`` (the kept samples as
   prompt-completion rows); the caller writes ``summary.json`` with :func:`write_json`.
   Every file is written to a temporary name and renamed, so a reader never sees half a file.
+* **Several processes** (``jax.process_count() > 1``): every process runs the same rounds
+  on the same prompts (the decode is one program over the whole mesh, its completions
+  reach every host), so the verdicts, the DART allocation and the selection are the same
+  everywhere; process 0 alone writes the files (``write``), and the caller waits for them
+  (``jaxpt.rl.processes.barrier``) before any process reads them.
 """
 
 from __future__ import annotations
@@ -316,17 +321,21 @@ def rejection_sample(
     *,
     eos_ids: Sequence[int],
     progress: bool = True,
+    write: bool = True,
+    log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Rounds, selection and the stage's files (module doc); returns the counts for its
-    summary (``kept`` = rows in ``train.jsonl``; 0 kept: no ``train.jsonl`` is written)."""
+    summary (``kept`` = rows in ``train.jsonl``; 0 kept: no ``train.jsonl`` is written).
+    ``write=False`` (processes other than 0) computes the same counts and writes nothing."""
     state, rounds = run_sampling(
-        graphdef, params, tokenizer, prompts, rcfg, eos_ids=eos_ids, progress=progress
+        graphdef, params, tokenizer, prompts, rcfg, eos_ids=eos_ids, progress=progress, log=log
     )
     kept = select_kept(state, rcfg.keep)
-    write_jsonl(rdir / SAMPLES, sample_rows(prompts, state, kept))
     rows = kept_rows(prompts, state, kept)
-    if rows:
-        write_jsonl(rdir / TRAIN, rows)
+    if write:
+        write_jsonl(rdir / SAMPLES, sample_rows(prompts, state, kept))
+        if rows:
+            write_jsonl(rdir / TRAIN, rows)
     n_i, c_i = state.counts()
     return {
         "rounds": rounds,

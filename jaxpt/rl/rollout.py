@@ -23,6 +23,7 @@ import numpy as np
 from jaxpt.engine.state import identity_params
 from jaxpt.losses.grpo import mask_truncated
 from jaxpt.rewards.registry import compute_rewards
+from jaxpt.rl import processes
 from jaxpt.rl.layout import TokenRows, rollout_sequences
 from jaxpt.sampling import FINISH_LENGTH, Sampler, generate
 from jaxpt.sampling.continuous import ENGINES, generate_continuous
@@ -137,12 +138,12 @@ class RolloutSampler:
         if prefixes_R is None or not any(len(p) for p in prefixes_R):
             prefixes_R = None
             gen = self._generate(params, prompt_batch, rng=rng)
-            tokens_RC, lengths_R = np.asarray(gen.tokens), np.asarray(gen.lengths)
+            tokens_RC, lengths_R = processes.host_rows(gen.tokens), processes.host_rows(gen.lengths)
             prefix_len_R = np.zeros(len(lengths_R), np.int32)
         else:
             tokens_RC, lengths_R, prefix_len_R, gen = self._generate_after_prefixes(
                 params, prompt_batch, prefixes_R, rng=rng)
-        truncated_R = np.asarray(gen.finish_reason) == FINISH_LENGTH
+        truncated_R = processes.host_rows(gen.finish_reason) == FINISH_LENGTH
         rollout_time = time.perf_counter() - t0
 
         columns = dict(prompt_batch.get("columns", {}))
@@ -154,13 +155,18 @@ class RolloutSampler:
             [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
         )
         row_numbers = prompt_batch.get("rows")
-        rewards_R, _, reward_metrics = compute_rewards(
-            self.reward_funcs, cfg.reward_weights, _repeat(prompts, G), completions,
-            [list(map(int, t[:n])) for t, n in zip(tokens_RC, lengths_R, strict=True)],
-            {k: _repeat(v, G) for k, v in columns.items()},
-            _repeat(row_numbers, G) if row_numbers is not None else None,
+        # Several processes: each scores its block of the rows, then every process gets
+        # every reward (`jaxpt.rl.processes`); one process: the block is every row.
+        mine = processes.row_block(len(lengths_R), what="rollout rows")
+        rewards_R, per_function, reward_metrics = compute_rewards(
+            self.reward_funcs, cfg.reward_weights, _repeat(prompts, G)[mine], completions[mine],
+            [list(map(int, t[:n])) for t, n in zip(tokens_RC[mine], lengths_R[mine], strict=True)],
+            {k: _repeat(v, G)[mine] for k, v in columns.items()},
+            _repeat(row_numbers, G)[mine] if row_numbers is not None else None,
             timeout_s=cfg.reward_timeout_s, skip_nonfinite=cfg.skip_nonfinite_rewards,
         )
+        rewards_R, _, reward_metrics = processes.gather_rewards(rewards_R, per_function,
+                                                                reward_metrics)
         advantages_R, adv_metrics = self.advantages(rewards_R)
 
         completion_mask_RC = np.arange(tokens_RC.shape[1])[None, :] < lengths_R[:, None]
@@ -232,7 +238,7 @@ class RolloutSampler:
             max_new_tokens=cfg.max_new_tokens, eos_ids=tuple(self.eos_ids), rng=rng,
             num_samples=1, pad_id=pad_id, bucket=True, shardings=self.shardings,
         )
-        new_RC, new_len_R = np.asarray(gen.tokens), np.asarray(gen.lengths)
+        new_RC, new_len_R = processes.host_rows(gen.tokens), processes.host_rows(gen.lengths)
         prefix_len_R = np.asarray([len(p) for p in prefixes_R], np.int32)
         # Completion width rounded up to a multiple of 16 so that prefix lengths do not
         # compile a new train step each rollout.

@@ -112,7 +112,8 @@ def make_score_fn(graphdef, params_fn, *, impl: str, temperature: float, rows_sh
     (``jaxpt.rl.layout.TokenRows``) under the current params (``old``: the policy that
     sampled, for reused rollouts) and under ``state.frozen`` (``ref``). With ``group_size``
     the rows are scored in the shared-prompt layout; ``rows_sh`` are the shardings of the
-    train step's rows (of either layout)."""
+    train step's rows (of either layout). Every process holds all ``rows``; a call takes
+    ``rows_per_call`` of them per process (``score_rows(across_processes=True)``)."""
 
     def score(params, rows):
         model = nnx.merge(graphdef, params)
@@ -129,7 +130,7 @@ def make_score_fn(graphdef, params_fn, *, impl: str, temperature: float, rows_sh
         def scores(params):
             parts = [part for _, part in score_rows(
                 jitted, params, len(rows.input_ids), rows_per_call=rows_per_call,
-                host_batch=host_batch, batch_sh=rows_sh)]
+                host_batch=host_batch, batch_sh=rows_sh, across_processes=True)]
             return np.concatenate(parts).astype(np.float32)
 
         return (scores(current(state)) if old else None,

@@ -19,6 +19,10 @@ asked, shuffles whole groups and slices mini-batches. The section's keys
 DAPO dynamic sampling runs; optional parts: ``prefixes`` (demonstration prefixes per row,
 Prefix-RFT), ``mixer`` (a per-step choice made on the host, SASR) and ``complete`` (the
 algorithm scores the rollout itself, PPO).
+
+With several processes every process holds the whole rollout (``jaxpt.rl.processes``), so
+the shuffles, dynamic-sampling rounds and resume state are the same on each; ``next``
+serves this process's block of the mini-batch's rows.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 
 from jaxpt.data.pipeline import prompt_batch
 from jaxpt.engine.loop import Served, SourceBase
+from jaxpt.rl import processes
 from jaxpt.rl.config import OnPolicySection
 from jaxpt.rl.dynamic_sampling import DynamicSampler, dynamic_rounds
 from jaxpt.rl.rollout import Rollout, RolloutSampler
@@ -108,7 +113,9 @@ class RolloutSource(SourceBase):
         if self.mixer is not None:
             batch, mixed = self.mixer.serve(batch)
             metrics.update(mixed)
-        return Served(batch, metrics)
+        # Every process holds the whole mini-batch; it serves its block of the rows.
+        return Served(processes.local_rows(batch, self.rows_per_step, what="mini-batch rows"),
+                      metrics)
 
     def observe(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         """Called by the loop with each step's metrics (one step late); returns metrics to
