@@ -54,7 +54,7 @@ from jaxpt.rl import layout
 from jaxpt.rl.config import OnPolicySection
 from jaxpt.rl.evaluation import make_eval_fn
 from jaxpt.rl.hybrids import Demonstrations
-from jaxpt.rl.layout import TokenRows
+from jaxpt.rl.layout import TokenRows, rollout_tokens
 from jaxpt.rl.prompts import load_prompts
 from jaxpt.rl.rollout import RolloutSampler, decode_policy, special_token_ids
 from jaxpt.rl.scoring import make_score_fn
@@ -332,7 +332,7 @@ def build_distill_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     return Trainer(
         cfg=cfg, mesh=mesh, state=state, step_fn=step_fn, source=source,
         put_batch=lambda b: es.put_batch(b, batch_sh), total_steps=total, eval_fn=eval_fn,
-        tokens_fn=lambda b: int(np.sum(b.rows.segment_ids > 0)), num_params=bundle.num_params,
+        tokens_fn=rollout_tokens, num_params=bundle.num_params,
         parts=DistillParts(bundle, student_view, tx, teacher=teacher), data_stats=data_stats,
     )
 

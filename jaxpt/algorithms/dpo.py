@@ -99,16 +99,8 @@ class DPOBatch:
     ref: RefLogps | None = None
 
     def num_tokens(self) -> int:
-        """Non-padding tokens of this process's rows (``Trainer.tokens_fn``): nonzero segment
-        ids in the device batch's addressable shards, one replica of each, so that the loop's
-        sum over processes counts every row once."""
-        return sum(
-            int(np.count_nonzero(shard.data))
-            for path, x in jax.tree_util.tree_leaves_with_path(self.pairs)
-            if path_str(path).endswith("segment_ids")
-            for shard in x.addressable_shards
-            if shard.replica_id == 0
-        )
+        """Non-padding tokens of this process's rows (``Trainer.tokens_fn``)."""
+        return self.pairs.num_tokens()
 
 
 # ----------------------------------------------------------------------------- the math

@@ -54,7 +54,6 @@ from jaxpt.losses.kto import KTOLossConfig, kto_loss
 from jaxpt.models.config import decoder_forward_flops
 from jaxpt.rl.scoring import RefLogps, make_ref_logps_fn, precompute_ref_table
 from jaxpt.sharding import check_batch_size, replicated
-from jaxpt.tree import path_str
 
 
 @register_section("kto")
@@ -96,14 +95,8 @@ class KTOBatch:
     ref: RefLogps | None = None
 
     def num_tokens(self) -> int:
-        """Non-padding tokens of this process's rows, one replica each (``DPOBatch``'s)."""
-        return sum(
-            int(np.count_nonzero(shard.data))
-            for path, x in jax.tree_util.tree_leaves_with_path(self.pairs)
-            if path_str(path).endswith("segment_ids")
-            for shard in x.addressable_shards
-            if shard.replica_id == 0
-        )
+        """Non-padding tokens of this process's rows (``Trainer.tokens_fn``)."""
+        return self.pairs.num_tokens()
 
 
 # ----------------------------------------------------------------------------- the math

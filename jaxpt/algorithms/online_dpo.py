@@ -50,7 +50,7 @@ from jaxpt.rewards.registry import check_reward_columns, get_reward_function
 from jaxpt.rl import layout
 from jaxpt.rl.config import OnPolicySection
 from jaxpt.rl.evaluation import make_eval_fn
-from jaxpt.rl.layout import GroupRows, TokenRows
+from jaxpt.rl.layout import GroupRows, TokenRows, rollout_tokens
 from jaxpt.rl.prompts import load_prompts
 from jaxpt.rl.rollout import RolloutSampler, decode_policy, special_token_ids
 from jaxpt.rl.scoring import make_score_fn
@@ -268,7 +268,7 @@ def build_online_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
         cfg=cfg, mesh=mesh, state=ts.state, step_fn=program.step_fn, source=source,
         put_batch=lambda b: es.put_batch(layout.to_shared_prompt(b, G) if share else b, batch_sh),
         total_steps=total, eval_fn=eval_fn,
-        tokens_fn=lambda b: int(np.sum(b.rows.segment_ids > 0)), num_params=bundle.num_params,
+        tokens_fn=rollout_tokens, num_params=bundle.num_params,
         parts=OnlineDPOParts(bundle, ts, program.tx, share_prompt=share), data_stats=data_stats,
     )
 

@@ -62,7 +62,12 @@ from jaxpt.rewards.registry import check_reward_columns, get_reward_function
 from jaxpt.rl.config import OnPolicySection
 from jaxpt.rl.evaluation import make_eval_fn
 from jaxpt.rl.hybrids import Demonstrations
-from jaxpt.rl.layout import TokenRows, completion_logprobs, completion_token_logprobs
+from jaxpt.rl.layout import (
+    TokenRows,
+    completion_logprobs,
+    completion_token_logprobs,
+    rollout_tokens,
+)
 from jaxpt.rl.prompts import load_prompts
 from jaxpt.rl.rollout import RolloutSampler, special_token_ids
 from jaxpt.rl.scoring import score_rows
@@ -402,7 +407,7 @@ def build_ppo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     return Trainer(
         cfg=cfg, mesh=mesh, state=ts.state, step_fn=program.step_fn, source=source,
         put_batch=lambda b: es.put_batch(b, batch_sh), total_steps=total, eval_fn=eval_fn,
-        tokens_fn=lambda b: int(np.sum(b.rows.segment_ids > 0)), num_params=bundle.num_params,
+        tokens_fn=rollout_tokens, num_params=bundle.num_params,
         parts=eb.RunParts(bundle, ts, program.tx), data_stats=data_stats,
     )
 

@@ -71,7 +71,6 @@ from jaxpt.models.scalar_head import (
     sequence_scores,
 )
 from jaxpt.sharding import check_batch_size, replicated
-from jaxpt.tree import path_str
 
 MODEL, HEAD = "model", "score"  # the two param groups
 
@@ -114,14 +113,8 @@ class RewardBatch:
     margin: Any = None
 
     def num_tokens(self) -> int:
-        """Non-padding tokens of this process's rows, one replica of each (as DPOBatch)."""
-        return sum(
-            int(np.count_nonzero(shard.data))
-            for path, x in jax.tree_util.tree_leaves_with_path(self.pairs)
-            if path_str(path).endswith("segment_ids")
-            for shard in x.addressable_shards
-            if shard.replica_id == 0
-        )
+        """Non-padding tokens of this process's rows (``Trainer.tokens_fn``)."""
+        return self.pairs.num_tokens()
 
 
 # ----------------------------------------------------------------------------- the math

@@ -48,6 +48,18 @@ class _Rows:
         """Every field's ndim (all rows are [B, ·]), for ``batch_shardings``."""
         return cls(**{f.name: 2 for f in dataclasses.fields(cls)})
 
+    def num_tokens(self) -> int:
+        """Non-padding tokens of this process's rows (a batch's ``Trainer.tokens_fn``):
+        nonzero segment ids in the device arrays' addressable shards, one replica of each,
+        so that the loop's sum over processes counts every row once."""
+        return sum(
+            int(np.count_nonzero(shard.data))
+            for f in dataclasses.fields(self)
+            if f.name.endswith("segment_ids")
+            for shard in getattr(self, f.name).addressable_shards
+            if shard.replica_id == 0
+        )
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)

@@ -89,6 +89,12 @@ class GroupRows:
         return self.completion_mask.reshape(B * G, C)
 
 
+def rollout_tokens(batch) -> int:
+    """Non-padding tokens of a served rollout batch's rows on this process (an on-policy
+    algorithm's ``Trainer.tokens_fn``; the loop sums them over processes)."""
+    return int(np.sum(batch.rows.segment_ids > 0))
+
+
 def rollout_sequences(
     prompt_ids_RP, prompt_mask_RP, completion_ids_RC, completion_mask_RC, *, pad_id: int = 0
 ) -> TokenRows:
