@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -77,6 +78,10 @@ def topology_devices(topo: Topology) -> list:
         ) from None
     from jax.experimental import topologies
 
+    # Compile-only: nothing runs on a chip, so libtpu's one-process-per-host lockfile
+    # (/tmp/libtpu_lockfile) need not refuse this process when another one (a CPU run that
+    # loaded libtpu, a second `jaxpt plan --compile`) holds it.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     return topologies.get_topology_desc(
         platform="tpu",
         topology_name=topo.topology,
