@@ -17,8 +17,10 @@ from jaxpt.losses import ppo as L
 G, LAM = 0.9, 0.8
 
 
-def close(a, b, tol=1e-6):
+def close(a, b, tol=1e-6) -> bool:
+    """``a`` equals ``b`` within ``tol`` (raises with numpy's diff report otherwise)."""
     np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), atol=tol)
+    return True
 
 
 # Two rows, C = 4. Row 0 ended with EOS after 3 tokens (terminal); row 1 filled all 4
@@ -37,9 +39,9 @@ def test_gae_terminal_row_by_hand():
     a2 = d2
     a1 = d1 + G * LAM * a2  # 0.356
     a0 = d0 + G * LAM * a1  # 0.11632
-    close(adv[0], [a0, a1, a2, 0.0])
-    close(ret[0], [a0 + 0.5, a1 + 0.4, a2 + 0.2, 0.0])
-    close([a0, a1, a2], [0.11632, 0.356, 0.8])
+    assert close(adv[0], [a0, a1, a2, 0.0])
+    assert close(ret[0], [a0 + 0.5, a1 + 0.4, a2 + 0.2, 0.0])
+    assert close([a0, a1, a2], [0.11632, 0.356, 0.8])
 
 
 @pytest.mark.parametrize("bootstrap", [0.0, 0.7])
@@ -56,26 +58,26 @@ def test_gae_truncated_row_by_hand(bootstrap):
     a2 = d[2] + G * LAM * a3
     a1 = d[1] + G * LAM * a2
     a0 = d[0] + G * LAM * a1
-    close(adv[1], [a0, a1, a2, a3])
-    close(ret[1], [a0 + 0.1, a1 + 0.3, a2 - 0.2, a3 + 0.6])
+    assert close(adv[1], [a0, a1, a2, a3])
+    assert close(ret[1], [a0 + 0.1, a1 + 0.3, a2 - 0.2, a3 + 0.6])
     want = {0.0: [-0.2025568, -0.51744, -0.052, -1.1], 0.7: [0.03258944, -0.190848, 0.4016, -0.47]}
-    close(adv[1], want[bootstrap])
-    close(adv[0], [0.11632, 0.356, 0.8, 0.0])  # the terminal row, as without next_value_R
+    assert close(adv[1], want[bootstrap])
+    assert close(adv[0], [0.11632, 0.356, 0.8, 0.0])  # the terminal row, as without next_value_R
 
 
 def test_token_rewards_k1_k3_and_score_on_the_last_token():
     lp = np.array([[-1.0, -2.0, -0.5, 0.0], [-0.3, -0.1, -2.0, -1.0]], np.float32)
     ref = np.array([[-1.5, -1.0, -0.5, 0.0], [-0.3, -0.6, -1.0, -2.0]], np.float32)
     k1 = L.kl_per_token(lp, ref, "k1")
-    close(k1[0, :3], [0.5, -1.0, 0.0])  # logp - ref
+    assert close(k1[0, :3], [0.5, -1.0, 0.0])  # logp - ref
     k3 = L.kl_per_token(lp, ref, "k3")
     # exp(logr) - 1 - logr with logr = ref - logp
-    close(k3[0, :3], [np.exp(-0.5) - 1 + 0.5, np.exp(1.0) - 1 - 1.0, 0.0], 1e-6)
+    assert close(k3[0, :3], [np.exp(-0.5) - 1 + 0.5, np.exp(1.0) - 1 - 1.0, 0.0], 1e-6)
     rewards, non_score = L.token_rewards(np.array([2.0, -1.0]), k1 * MASK, MASK, kl_coef=0.1)
-    close(non_score[0], [-0.05, 0.1, 0.0, 0.0])
-    close(rewards[0], [-0.05, 0.1, 2.0, 0.0])  # score on token 2 (EOS), none on padding
+    assert close(non_score[0], [-0.05, 0.1, 0.0, 0.0])
+    assert close(rewards[0], [-0.05, 0.1, 2.0, 0.0])  # score on token 2 (EOS), none on padding
     # row 1: k1 = [0, 0.5, -1.0, 1.0], score on token 3
-    close(rewards[1], [0.0, -0.05, 0.1, -0.1 - 1.0])
+    assert close(rewards[1], [0.0, -0.05, 0.1, -0.1 - 1.0])
 
 
 def test_masked_whiten_is_trls():
@@ -83,10 +85,10 @@ def test_masked_whiten_is_trls():
     m = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], np.float32)
     # masked values 1, 2, 3, 4, 5: mean 3, unbiased variance (4+1+0+1+4)/4 = 2.5
     w = L.masked_whiten(x, m)
-    close(w[0, :3], np.array([-2.0, -1.0, 0.0]) / np.sqrt(2.5 + 1e-8), 1e-6)
-    close(w[1, :2], np.array([1.0, 2.0]) / np.sqrt(2.5 + 1e-8), 1e-6)
+    assert close(w[0, :3], np.array([-2.0, -1.0, 0.0]) / np.sqrt(2.5 + 1e-8), 1e-6)
+    assert close(w[1, :2], np.array([1.0, 2.0]) / np.sqrt(2.5 + 1e-8), 1e-6)
     no_shift = L.masked_whiten(x, m, shift_mean=False)
-    close(no_shift[0, :3], np.array([-2.0, -1.0, 0.0]) / np.sqrt(2.5 + 1e-8) + 3.0, 1e-5)
+    assert close(no_shift[0, :3], np.array([-2.0, -1.0, 0.0]) / np.sqrt(2.5 + 1e-8) + 3.0, 1e-5)
 
 
 def test_clipped_policy_loss_by_hand():
@@ -96,12 +98,12 @@ def test_clipped_policy_loss_by_hand():
     adv = np.array([[1.0, 1.0, -2.0, -1.0]], np.float32)
     loss, clipped, ratio, logratio = L.policy_loss_terms(np.log(r)[None], old, adv,
                                                          cliprange=0.2)
-    close(ratio, r[None], 1e-6)
+    assert close(ratio, r[None], 1e-6)
     # A=1, r=1.5: max(-1.5, -1.2) = -1.2 (clipped); A=1, r=0.5: max(-0.5, -0.8) = -0.5;
     # A=-2, r=1.1: max(2.2, 2.2) = 2.2 (inside); A=-1, r=1.5: max(1.5, 1.2) = 1.5.
-    close(loss, [[-1.2, -0.5, 2.2, 1.5]], 1e-6)
+    assert close(loss, [[-1.2, -0.5, 2.2, 1.5]], 1e-6)
     assert clipped.tolist() == [[True, False, False, False]]
-    close(0.5 * jnp.mean(logratio ** 2), 0.5 * np.mean(np.log(r) ** 2), 1e-6)
+    assert close(0.5 * jnp.mean(logratio ** 2), 0.5 * np.mean(np.log(r) ** 2), 1e-6)
 
 
 def test_clipped_value_loss_by_hand():
@@ -112,7 +114,7 @@ def test_clipped_value_loss_by_hand():
     loss, clipped = L.value_loss_terms(v, old, ret, cliprange_value=0.2)
     # v=1 -> clip 0.7: max(0.16, 0.01) = 0.16; v=0 -> stays 0 (in [-0.1, 0.3]): 1.0;
     # v=0.5 in range: 0.25; v=-1 -> clip -0.2: max(0, 0.64) = 0.64 (clipped).
-    close(loss, [[0.16, 1.0, 0.25, 0.64]], 1e-6)
+    assert close(loss, [[0.16, 1.0, 0.25, 0.64]], 1e-6)
     assert clipped.tolist() == [[False, False, False, True]]
 
 
