@@ -31,6 +31,18 @@ RECIPES = {
          "grpo.beta=0.04", "grpo.dynamic_sampling=true"],
     ),
     "rft": ("configs/rft_arithmetic_tiny.yaml", []),
+    # The on-policy algorithms beside GRPO, a few steps each (their rollouts dominate).
+    "online_dpo": ("configs/online_dpo_arithmetic_tiny.yaml",
+                   ["train.max_steps=3", "train.eval_every=0", "online_dpo.eval_prompts=8"]),
+    "ppo": ("configs/ppo_arithmetic_tiny.yaml",
+            ["train.max_steps=3", "train.eval_every=0", "ppo.eval_prompts=8"]),
+    "reft": ("configs/reft_arithmetic_tiny.yaml",
+             ["train.max_steps=3", "train.eval_every=0", "ppo.eval_prompts=8",
+              "ppo.sft_warmup_steps=1"]),
+    "distill": ("configs/distill_arithmetic_tiny.yaml",
+                ["train.max_steps=3", "train.eval_every=0", "distill.eval_prompts=8"]),
+    "kto": ("configs/kto_hh_smollm2_tiny.yaml", ["train.max_steps=3"]),
+    "reward": ("configs/reward_hh_smollm2_tiny.yaml", ["train.max_steps=3"]),
 }
 TIMING = ("time/", "tokens_per_second", "mfu", "samples_per_second", "steps_per_second")
 

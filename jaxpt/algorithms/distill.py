@@ -33,7 +33,6 @@ is not used (the teacher forward and the tiles read flat rows).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Literal
 
 import jax
@@ -49,14 +48,12 @@ from jaxpt.engine import state as es
 from jaxpt.engine.loop import Trainer
 from jaxpt.losses import distill as losses
 from jaxpt.models import hub
-from jaxpt.rewards.registry import check_reward_columns, get_reward_function
 from jaxpt.rl import layout
 from jaxpt.rl.config import OnPolicySection
-from jaxpt.rl.evaluation import make_eval_fn
 from jaxpt.rl.hybrids import Demonstrations
-from jaxpt.rl.layout import TokenRows, rollout_tokens
-from jaxpt.rl.prompts import load_prompts
-from jaxpt.rl.rollout import RolloutSampler, decode_policy, special_token_ids
+from jaxpt.rl.layout import TokenRows
+from jaxpt.rl.rollout import decode_policy
+from jaxpt.rl.run import start_on_policy
 from jaxpt.rl.scoring import make_score_fn
 from jaxpt.rl.source import RolloutSource
 
@@ -263,35 +260,21 @@ class DistillParts(eb.RunParts):
 def build_distill_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     d: DistillSection = cfg.section("distill")
     t, G = cfg.train, d.num_generations
-    if t.batch_size % G:
-        raise ValueError(f"{cfg.source}: train.batch_size={t.batch_size} (completions per step)"
-                         f" must be a multiple of distill.num_generations={G}")
-    if jax.process_count() > 1:
-        raise NotImplementedError("multi-process distillation rollouts are not supported yet")
-    bundle = eb.start_run(cfg, mesh)
-    mesh, tok = bundle.mesh, bundle.tokenizer
-    teacher = load_teacher(cfg, d, bundle)
-    pad_id, eos_ids = special_token_ids(tok, bundle.resolved.generation_eos_ids())
-    reward_funcs = [get_reward_function(f) for f in d.reward_funcs]
-    spec = d.prompts(section="distill", demonstrations=d.lmbda < 1.0)
-    train_prompts, data_stats = load_prompts(cfg, spec, tok, "train")
-    check_reward_columns(reward_funcs, train_prompts)
+    run = start_on_policy(cfg, "distill", mesh=mesh, demonstrations=d.lmbda < 1.0)
+    bundle, mesh = run.bundle, run.mesh
     if d.lmbda < 1.0:
-        missing = [p for p in train_prompts if p.columns.get("completion") is None]
+        missing = [p for p in run.train_prompts if p.columns.get("completion") is None]
         if missing:
             raise ValueError(
                 f"{cfg.source}: distill.lmbda={d.lmbda} trains {1 - d.lmbda:.0%} of the rounds "
                 f"on the dataset's completions, but train row {missing[0].row} (and "
                 f"{len(missing) - 1} more) has no `completion` column (set distill.lmbda: 1 "
                 "for on-policy only)")
-    total = t.max_steps
-    if total is None:
-        total = max(1, math.ceil(t.num_epochs * len(train_prompts) * G / t.batch_size
-                                 * d.num_iterations))
+    teacher = load_teacher(cfg, d, bundle)
 
     loss_fn = make_distill_loss_fn(bundle.graphdef, teacher.graphdef, d, impl=t.logprob_impl)
     batch_sh = es.batch_shardings(DistillBatch.ndims(d), mesh)
-    tx, schedule = es.make_optimizer(cfg.optim, total)
+    tx, schedule = es.make_optimizer(cfg.optim, run.total_steps)
     ts = eb.build_train_state(bundle, cfg, tx)  # frozen: the LoRA base, or None
     student_fn = ts.params_fn
 
@@ -313,34 +296,21 @@ def build_distill_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
             ts, state=state, shardings=shardings,
             params_fn=lambda p, frozen, rng: student_fn(p, frozen["student"], rng))
     params_of_state, decode_sh = decode_policy(student_view, bundle.params, mesh)
-    no_advantages = lambda rewards_R: (np.zeros(len(rewards_R), np.float32), {})  # noqa: E731
-    sampler = RolloutSampler(bundle.graphdef, tok, d.rollout(), eos_ids, pad_id, reward_funcs,
-                             no_advantages, decode_sh)
+    sampler = run.sampler(decode_sh)
     score_fn = make_score_fn(bundle.graphdef, student_view.params_fn, impl=t.logprob_impl,
                              temperature=d.temperature if d.temperature > 0 else 1.0,
                              rows_sh=batch_sh.rows, mesh=mesh, rows_per_call=t.batch_size)
-    demos = Demonstrations(tok, pad_id, d.max_completion_length, G)
+    demos = Demonstrations(bundle.tokenizer, run.pad_id, d.max_completion_length, G)
     source = DistillSource(
-        d, demos=demos, prompts=train_prompts, sampler=sampler,
+        d, demos=demos, prompts=run.train_prompts, sampler=sampler,
         make_batch=lambda ro, chosen, pb: DistillBatch(ro.rows, ro.advantages_R),
         rows_per_step=t.batch_size, params_of_state=params_of_state, score_fn=score_fn,
         score_ref=False, seed=t.seed)
-    eval_fn = None
-    if d.task == "arithmetic" or cfg.data.eval is not None:
-        eval_prompts, _ = load_prompts(cfg, spec, tok, "eval")
-        eval_fn = make_eval_fn(sampler, params_of_state, eval_prompts, d.held_out())
-    return Trainer(
-        cfg=cfg, mesh=mesh, state=state, step_fn=step_fn, source=source,
-        put_batch=lambda b: es.put_batch(b, batch_sh), total_steps=total, eval_fn=eval_fn,
-        tokens_fn=rollout_tokens, num_params=bundle.num_params,
-        parts=DistillParts(bundle, student_view, tx, teacher=teacher), data_stats=data_stats,
-    )
+    return run.trainer(
+        state=state, step_fn=step_fn, source=source, put_batch=run.put_batch(batch_sh),
+        parts=DistillParts(bundle, student_view, tx, teacher=teacher),
+        sampler=sampler, params_of_state=params_of_state)
 
 
-def _print_summary(cfg: RunConfig) -> None:
-    from jaxpt.engine.report import print_run_summary
-
-    print_run_summary(cfg.out_dir, curve_key="loss", eval_key="eval_accuracy")
-
-
-train_distill = register_builder("distill", build_distill_trainer, after=_print_summary)
+train_distill = register_builder("distill", build_distill_trainer,
+                                 summary=("loss", "eval_accuracy"))

@@ -54,7 +54,7 @@ from jaxpt.engine.state import (
 from jaxpt.losses.dpo import DPOLossConfig, dpo_loss, needs_reference
 from jaxpt.models.config import decoder_forward_flops
 from jaxpt.rl.scoring import RefLogps, make_ref_logps_fn, precompute_ref_table
-from jaxpt.sharding import check_batch_size, replicated
+from jaxpt.sharding import replicated
 from jaxpt.tree import path_str
 
 
@@ -170,13 +170,17 @@ class DPOSource(SourceBase):
         self.iterator, self.layout, self.ref_fn, self.table = iter(loader), layout, ref_fn, table
         self.put_sh = dataclasses.replace(batch_sh, ref=None) if ref_fn else batch_sh
 
+    def host_batch(self, host: dict, ref: RefLogps | None):
+        """The typed batch of a loader dict (a subclass may add per-row fields: KTO)."""
+        return DPOBatch(self.layout.rows.from_dict(host), ref)
+
     def next(self, state) -> DPOBatch:
         host = next(self.iterator)
         ref = None
         if self.table is not None:
             logps = self.table[host[INDEX_KEY]]
             ref = RefLogps(logps[:, 0], logps[:, 1])
-        batch = put_batch(DPOBatch(self.layout.rows.from_dict(host), ref), self.put_sh)
+        batch = put_batch(self.host_batch(host, ref), self.put_sh)
         if self.ref_fn is not None:
             batch = dataclasses.replace(batch, ref=self.ref_fn(state.frozen, batch.pairs))
         return batch
@@ -266,7 +270,7 @@ def aot_programs(cfg: RunConfig, bundle) -> list[AotProgram]:
     batch_sh = batch_shardings(ndims, bundle.mesh)
     ref_logps = make_ref_logps_fn(bundle.graphdef, impl=t.logprob_impl, grad_accum=t.grad_accum)
     with_eval = cfg.data.eval is not None or dpo.eval_holdout > 0
-    eval_bs = t.eval_batch_size or t.batch_size // t.grad_accum
+    eval_bs = build.eval_batch_size(cfg)
     program, train_ref, eval_ref, eval_step = dpo_programs(
         cfg, bundle, t.max_steps or 1000, batch_sh, online_ref=use_ref and not precompute,
         with_eval=with_eval, eval_bs=eval_bs, ref_logps=ref_logps,
@@ -307,14 +311,7 @@ def build_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     train_pairs, train_stats, eval_pairs = read_pairs(
         read, bundle.tokenizer, cfg.data, holdout=dpo.eval_holdout, source=cfg.source
     )
-    eval_bs = t.eval_batch_size or t.batch_size // t.grad_accum
-    if eval_pairs is not None:
-        if eval_bs % n_proc:
-            raise ValueError(
-                f"{cfg.source}: eval batch size {eval_bs} is not divisible by the "
-                f"{n_proc} processes"
-            )
-        check_batch_size(eval_bs, mesh, what=f"{cfg.source}: eval batch size")
+    eval_bs = build.eval_batch_size(cfg, mesh if eval_pairs is not None else None)
     pad_id = bundle.tokenizer.pad_token_id
     layout = choose_layout(
         dpo.share_prompt,

@@ -23,7 +23,6 @@ logged metrics equal a single process's (``rl.processes``).
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Literal
 
 import jax
@@ -37,14 +36,12 @@ from jaxpt.engine import state as es
 from jaxpt.engine.loop import Trainer
 from jaxpt.losses import grpo as losses
 from jaxpt.rewards.advantages import compute_advantages
-from jaxpt.rewards.registry import check_reward_columns, get_reward_function
 from jaxpt.rl import layout, processes
 from jaxpt.rl.config import OnPolicySection
-from jaxpt.rl.evaluation import make_eval_fn
 from jaxpt.rl.hybrids import Demonstrations, PrefixRFT, SASRMixer
-from jaxpt.rl.layout import GroupRows, TokenRows, rollout_tokens
-from jaxpt.rl.prompts import load_prompts
-from jaxpt.rl.rollout import RolloutSampler, decode_policy, special_token_ids
+from jaxpt.rl.layout import GroupRows, TokenRows
+from jaxpt.rl.rollout import decode_policy
+from jaxpt.rl.run import start_on_policy
 from jaxpt.rl.scoring import make_score_fn
 from jaxpt.rl.source import RolloutSource
 from jaxpt.rl.streams import RandomStreams
@@ -247,39 +244,26 @@ def make_grpo_loss_fn(graphdef, grpo: GRPOSection, *, impl: str, with_entropy: b
 def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     grpo: GRPOSection = cfg.section("grpo")
     t, G = cfg.train, grpo.num_generations
-    if t.batch_size % G:
-        raise ValueError(f"{cfg.source}: train.batch_size={t.batch_size} (completions per step)"
-                         f" must be a multiple of grpo.num_generations={G}")
-    bundle = eb.start_run(cfg, mesh)
-    mesh, tok = bundle.mesh, bundle.tokenizer
-    pad_id, eos_ids = special_token_ids(tok, bundle.resolved.generation_eos_ids())
-    reward_funcs = [get_reward_function(f) for f in grpo.reward_funcs]
-    demos_used = grpo.sft_weight > 0 or grpo.prefix_rft_ratio > 0
-    spec = grpo.prompts(section="grpo", demonstrations=demos_used)
-    train_prompts, data_stats = load_prompts(cfg, spec, tok, "train")
-    check_reward_columns(reward_funcs, train_prompts)  # before the first rollout
-    total = t.max_steps
-    if total is None:
-        steps_per_epoch = len(train_prompts) * G / t.batch_size
-        total = max(1, math.ceil(t.num_epochs * steps_per_epoch * grpo.num_iterations))
+    run = start_on_policy(cfg, "grpo", mesh=mesh, multi_process=True,
+                          demonstrations=grpo.sft_weight > 0 or grpo.prefix_rft_ratio > 0)
+    bundle, mesh, tok = run.bundle, run.mesh, run.bundle.tokenizer
     loss_fn = make_grpo_loss_fn(bundle.graphdef, grpo, impl=t.logprob_impl,
                                 with_entropy=t.with_entropy)
     share = layout.use_shared_prompt(grpo.share_prompt, group_size=G, batch_size=t.batch_size,
                                      grad_accum=t.grad_accum, mesh=mesh, where=cfg.source)
     batch_sh = es.batch_shardings(GRPOBatch.ndims(grpo, share), mesh)
-    program = eb.train_program(cfg, bundle, total, loss_fn, batch_sh,
+    program = eb.train_program(cfg, bundle, run.total_steps, loss_fn, batch_sh,
                                batch_stats_fn=make_batch_stats(grpo), reference=grpo.beta > 0)
     ts = program.trainable
     params_of_state, decode_sh = decode_policy(ts, bundle.params, mesh)
-    sampler = RolloutSampler(bundle.graphdef, tok, grpo.rollout(), eos_ids, pad_id,
-                             reward_funcs, grpo.advantages, decode_sh)
+    sampler = run.sampler(decode_sh, grpo.advantages)
     score_fn = make_score_fn(bundle.graphdef, ts.params_fn, impl=t.logprob_impl,
                              temperature=grpo.temperature if grpo.temperature > 0 else 1.0,
                              rows_sh=batch_sh.rows, mesh=mesh,
                              rows_per_call=processes.rows_per_process(
                                  t.batch_size, G if share else None, where=cfg.source),
                              group_size=G if share else None)
-    demos = Demonstrations(tok, pad_id, grpo.max_demo_length, G)
+    demos = Demonstrations(tok, run.pad_id, grpo.max_demo_length, G)
 
     def make_batch(ro, chosen, pb) -> GRPOBatch:
         prefix_R = ro.prefix_lengths_R if grpo.prefix_rft_ratio > 0 else None
@@ -294,26 +278,14 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     if grpo.sft_schedule == "adaptive":
         mixer = SASRMixer(grpo.sft_warmup_steps, grpo.sasr_gamma, t.seed)
     source = RolloutSource(
-        grpo, prompts=train_prompts, sampler=sampler, make_batch=make_batch,
+        grpo, prompts=run.train_prompts, sampler=sampler, make_batch=make_batch,
         rows_per_step=t.batch_size, params_of_state=params_of_state, score_fn=score_fn,
         score_ref=grpo.beta > 0, seed=t.seed, prefixes=prefixes, mixer=mixer)
-    eval_fn = None
-    if grpo.task == "arithmetic" or cfg.data.eval is not None:
-        eval_prompts, _ = load_prompts(cfg, spec, tok, "eval")
-        eval_fn = make_eval_fn(sampler, params_of_state, eval_prompts, grpo.held_out())
-    return Trainer(
-        cfg=cfg, mesh=mesh, state=ts.state, step_fn=program.step_fn, source=source,
-        put_batch=lambda b: es.put_batch(layout.to_shared_prompt(b, G) if share else b, batch_sh),
-        total_steps=total, eval_fn=eval_fn,
-        tokens_fn=rollout_tokens, num_params=bundle.num_params,
-        parts=GRPOParts(bundle, ts, program.tx, share_prompt=share), data_stats=data_stats,
-    )
+    return run.trainer(
+        state=ts.state, step_fn=program.step_fn, source=source,
+        put_batch=run.put_batch(batch_sh, share_prompt=share),
+        parts=GRPOParts(bundle, ts, program.tx, share_prompt=share),
+        sampler=sampler, params_of_state=params_of_state)
 
 
-def _print_summary(cfg: RunConfig) -> None:
-    from jaxpt.engine.report import print_run_summary
-
-    print_run_summary(cfg.out_dir, curve_key="reward", eval_key="eval_accuracy")
-
-
-train_grpo = register_builder("grpo", build_grpo_trainer, after=_print_summary)
+train_grpo = register_builder("grpo", build_grpo_trainer, summary=("reward", "eval_accuracy"))

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxpt.algorithms.dpo import DPOSource
 from jaxpt.algorithms.dpo import make_eval_fn as pairs_eval_fn
 from jaxpt.algorithms.registry import register_builder
 from jaxpt.config import RunConfig, register_section
@@ -48,12 +49,12 @@ from jaxpt.data.pipeline import INDEX_KEY
 from jaxpt.data.unpaired import read_unpaired, with_mismatched
 from jaxpt.engine import build
 from jaxpt.engine.logprobs import pair_token_logprobs
-from jaxpt.engine.loop import SourceBase, Trainer
-from jaxpt.engine.state import batch_shardings, put_batch
+from jaxpt.engine.loop import Trainer
+from jaxpt.engine.state import batch_shardings
 from jaxpt.losses.kto import KTOLossConfig, kto_loss
 from jaxpt.models.config import decoder_forward_flops
 from jaxpt.rl.scoring import RefLogps, make_ref_logps_fn, precompute_ref_table
-from jaxpt.sharding import check_batch_size, replicated
+from jaxpt.sharding import replicated
 
 
 @register_section("kto")
@@ -160,35 +161,18 @@ def make_kto_eval_step(graphdef, params_fn, loss_cfg: KTOLossConfig, *, impl: st
 # ----------------------------------------------------------------------------- batches
 
 
-class KTOSource(SourceBase):
+class KTOSource(DPOSource):
     """The loader's dicts -> device :class:`KTOBatch`s: labels looked up by each row's
     ``example_index``, reference log-probs from ``table`` [N, 2] or computed by ``ref_fn``
-    on ``state.frozen`` once the rows are on the devices."""
+    on ``state.frozen`` once the rows are on the devices (``DPOSource``)."""
 
     def __init__(self, loader, layout: PairLayout, labels: np.ndarray, batch_sh: KTOBatch, *,
                  ref_fn=None, table=None):
-        self.iterator, self.layout, self.labels = iter(loader), layout, labels
-        self.ref_fn, self.table = ref_fn, table
-        self.put_sh = dataclasses.replace(batch_sh, ref=None) if ref_fn else batch_sh
+        super().__init__(loader, layout, batch_sh, ref_fn=ref_fn, table=table)
+        self.labels = labels
 
-    def next(self, state) -> KTOBatch:
-        host = next(self.iterator)
-        index = host[INDEX_KEY]
-        ref = None
-        if self.table is not None:
-            logps = self.table[index]
-            ref = RefLogps(logps[:, 0], logps[:, 1])
-        batch = KTOBatch(self.layout.rows.from_dict(host), self.labels[index], ref)
-        batch = put_batch(batch, self.put_sh)
-        if self.ref_fn is not None:
-            batch = dataclasses.replace(batch, ref=self.ref_fn(state.frozen, batch.pairs))
-        return batch
-
-    def get_state(self) -> dict[str, Any]:
-        return self.iterator.get_state()
-
-    def set_state(self, state: dict[str, Any]) -> None:
-        self.iterator.set_state(state)
+    def host_batch(self, host: dict, ref: RefLogps | None) -> KTOBatch:
+        return KTOBatch(self.layout.rows.from_dict(host), self.labels[host[INDEX_KEY]], ref)
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -213,14 +197,10 @@ def build_kto_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     train_ex, train_stats, eval_ex = read_unpaired(
         functools.partial(build.read_data_records, cfg), bundle.tokenizer, cfg.data,
         holdout=kto.eval_holdout, source=cfg.source)
-    eval_bs = t.eval_batch_size or t.batch_size // t.grad_accum
+    eval_bs = build.eval_batch_size(cfg, mesh if eval_ex is not None else None)
     rows, labels = with_mismatched(train_ex, chunk=local_bs, max_length=cfg.data.max_length)
     eval_rows = eval_labels = None
     if eval_ex is not None:
-        if eval_bs % n_proc:
-            raise ValueError(f"{cfg.source}: eval batch size {eval_bs} is not divisible by the "
-                             f"{n_proc} processes")
-        check_batch_size(eval_bs, mesh, what=f"{cfg.source}: eval batch size")
         eval_rows, eval_labels = with_mismatched(eval_ex, chunk=eval_bs // n_proc,
                                                  max_length=cfg.data.max_length)
     pad_id = bundle.tokenizer.pad_token_id

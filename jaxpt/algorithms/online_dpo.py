@@ -46,13 +46,11 @@ from jaxpt.engine import build as eb
 from jaxpt.engine import state as es
 from jaxpt.engine.loop import Trainer
 from jaxpt.losses.dpo import DPOLossConfig, dpo_loss
-from jaxpt.rewards.registry import check_reward_columns, get_reward_function
 from jaxpt.rl import layout
 from jaxpt.rl.config import OnPolicySection
-from jaxpt.rl.evaluation import make_eval_fn
-from jaxpt.rl.layout import GroupRows, TokenRows, rollout_tokens
-from jaxpt.rl.prompts import load_prompts
-from jaxpt.rl.rollout import RolloutSampler, decode_policy, special_token_ids
+from jaxpt.rl.layout import GroupRows, TokenRows
+from jaxpt.rl.rollout import decode_policy
+from jaxpt.rl.run import start_on_policy
 from jaxpt.rl.scoring import make_score_fn
 from jaxpt.rl.source import RolloutSource
 
@@ -223,60 +221,36 @@ class OnlineDPOParts(eb.RunParts):
 def build_online_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     sec: OnlineDPOSection = cfg.section("online_dpo")
     t, G = cfg.train, 2
-    if t.batch_size % G:
-        raise ValueError(f"{cfg.source}: train.batch_size={t.batch_size} (completions per step, "
-                         "two per prompt) must be even")
-    if jax.process_count() > 1:
-        raise NotImplementedError("multi-process online DPO rollouts are not supported yet")
-    bundle = eb.start_run(cfg, mesh)
-    mesh, tok = bundle.mesh, bundle.tokenizer
-    pad_id, eos_ids = special_token_ids(tok, bundle.resolved.generation_eos_ids())
-    reward_funcs = [get_reward_function(f) for f in sec.reward_funcs]
-    spec = sec.prompts(section="online_dpo", demonstrations=False)
-    train_prompts, data_stats = load_prompts(cfg, spec, tok, "train")
-    check_reward_columns(reward_funcs, train_prompts)
-    total = t.max_steps or max(1, math.ceil(t.num_epochs * len(train_prompts) * G / t.batch_size))
+    run = start_on_policy(cfg, "online_dpo", mesh=mesh)
+    bundle, mesh = run.bundle, run.mesh
     share = layout.use_shared_prompt(sec.share_prompt, group_size=G, batch_size=t.batch_size,
                                      grad_accum=t.grad_accum, mesh=mesh, where=cfg.source)
     batch_sh = es.batch_shardings(OnlineDPOBatch.ndims(share), mesh)
     loss_fn = make_online_dpo_loss_fn(bundle.graphdef, sec, impl=t.logprob_impl)
-    program = eb.train_program(cfg, bundle, total, loss_fn, batch_sh, batch_stats_fn=batch_stats,
-                               reference=True)
+    program = eb.train_program(cfg, bundle, run.total_steps, loss_fn, batch_sh,
+                               batch_stats_fn=batch_stats, reference=True)
     ts = program.trainable
     params_of_state, decode_sh = decode_policy(ts, bundle.params, mesh)
-    # The advantage hook is unused by the loss; online DPO ranks the rewards in make_batch.
-    no_advantages = lambda rewards_R: (np.zeros(len(rewards_R), np.float32), {})  # noqa: E731
-    sampler = RolloutSampler(bundle.graphdef, tok, sec.rollout(), eos_ids, pad_id,
-                             reward_funcs, no_advantages, decode_sh)
+    sampler = run.sampler(decode_sh)  # rewards are ranked in make_batch, not advantages
     score_fn = make_score_fn(bundle.graphdef, ts.params_fn, impl=t.logprob_impl, temperature=1.0,
                              rows_sh=batch_sh.rows, mesh=mesh, rows_per_call=t.batch_size,
                              group_size=G if share else None)
 
     def make_batch(ro, chosen, pb) -> OnlineDPOBatch:
-        batch, metrics = make_pair_batch(ro, eos_ids, sec)
+        batch, metrics = make_pair_batch(ro, run.eos_ids, sec)
         ro.metrics.update(metrics)  # RolloutSource logs the rollout's metrics with the step
         return batch
 
-    source = RolloutSource(sec, prompts=train_prompts, sampler=sampler, make_batch=make_batch,
-                           rows_per_step=t.batch_size, params_of_state=params_of_state,
-                           score_fn=score_fn, score_ref=True, seed=t.seed)
-    eval_fn = None
-    if sec.task == "arithmetic" or cfg.data.eval is not None:
-        eval_prompts, _ = load_prompts(cfg, spec, tok, "eval")
-        eval_fn = make_eval_fn(sampler, params_of_state, eval_prompts, sec.held_out())
-    return Trainer(
-        cfg=cfg, mesh=mesh, state=ts.state, step_fn=program.step_fn, source=source,
-        put_batch=lambda b: es.put_batch(layout.to_shared_prompt(b, G) if share else b, batch_sh),
-        total_steps=total, eval_fn=eval_fn,
-        tokens_fn=rollout_tokens, num_params=bundle.num_params,
-        parts=OnlineDPOParts(bundle, ts, program.tx, share_prompt=share), data_stats=data_stats,
-    )
+    source = RolloutSource(sec, prompts=run.train_prompts, sampler=sampler,
+                           make_batch=make_batch, rows_per_step=t.batch_size,
+                           params_of_state=params_of_state, score_fn=score_fn, score_ref=True,
+                           seed=t.seed)
+    return run.trainer(
+        state=ts.state, step_fn=program.step_fn, source=source,
+        put_batch=run.put_batch(batch_sh, share_prompt=share),
+        parts=OnlineDPOParts(bundle, ts, program.tx, share_prompt=share),
+        sampler=sampler, params_of_state=params_of_state)
 
 
-def _print_summary(cfg: RunConfig) -> None:
-    from jaxpt.engine.report import print_run_summary
-
-    print_run_summary(cfg.out_dir, curve_key="reward", eval_key="eval_accuracy")
-
-
-train_online_dpo = register_builder("online_dpo", build_online_dpo_trainer, after=_print_summary)
+train_online_dpo = register_builder("online_dpo", build_online_dpo_trainer,
+                                    summary=("reward", "eval_accuracy"))

@@ -42,7 +42,6 @@ critic's data); the demonstrations' forward stops with the warm-up.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Literal
 
 import jax
@@ -58,21 +57,18 @@ from jaxpt.engine.logprobs import hidden_token_logprobs
 from jaxpt.engine.loop import Trainer
 from jaxpt.losses import grpo as grpo_losses
 from jaxpt.losses import ppo as losses
-from jaxpt.rewards.registry import check_reward_columns, get_reward_function
 from jaxpt.rl.config import OnPolicySection
-from jaxpt.rl.evaluation import make_eval_fn
 from jaxpt.rl.hybrids import Demonstrations
 from jaxpt.rl.layout import (
     TokenRows,
     completion_logprobs,
     completion_token_logprobs,
-    rollout_tokens,
 )
-from jaxpt.rl.prompts import load_prompts
-from jaxpt.rl.rollout import RolloutSampler, special_token_ids
+from jaxpt.rl.rollout import decode_policy
+from jaxpt.rl.run import start_on_policy
 from jaxpt.rl.scoring import score_rows
 from jaxpt.rl.source import RolloutSource
-from jaxpt.sharding import decode_sharding, replicated
+from jaxpt.sharding import replicated
 
 
 @register_section("ppo")
@@ -338,23 +334,8 @@ def complete_rollout(ppo: PPOSection, batch: PPOBatch, lp_RC, values_RC1, ref_RC
 def build_ppo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     ppo: PPOSection = cfg.section("ppo")
     t, G = cfg.train, ppo.num_generations
-    if t.batch_size % G:
-        raise ValueError(f"{cfg.source}: train.batch_size={t.batch_size} (completions per step)"
-                         f" must be a multiple of ppo.num_generations={G}")
-    if jax.process_count() > 1:
-        raise NotImplementedError("multi-process PPO rollouts are not supported yet")
-    bundle = eb.start_run(cfg, mesh)
-    mesh, tok = bundle.mesh, bundle.tokenizer
-    pad_id, eos_ids = special_token_ids(tok, bundle.resolved.generation_eos_ids())
-    reward_funcs = [get_reward_function(f) for f in ppo.reward_funcs]
-    spec = ppo.prompts(section="ppo", demonstrations=ppo.sft_warmup_steps > 0)
-    train_prompts, data_stats = load_prompts(cfg, spec, tok, "train")
-    check_reward_columns(reward_funcs, train_prompts)
-    total = t.max_steps
-    if total is None:
-        steps_per_epoch = len(train_prompts) * G / t.batch_size
-        total = max(1, math.ceil(t.num_epochs * steps_per_epoch * ppo.num_iterations))
-
+    run = start_on_policy(cfg, "ppo", mesh=mesh, demonstrations=ppo.sft_warmup_steps > 0)
+    bundle, mesh = run.bundle, run.mesh
     head_gd, head = init_value_head(bundle.model_cfg.hidden_size, t.seed)
     head_sh = jax.tree.map(lambda _: replicated(mesh), head)
     head = jax.device_put(head, head_sh)
@@ -364,29 +345,17 @@ def build_ppo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
                                with_entropy=t.with_entropy)
     batch_sh = es.batch_shardings(PPOBatch.ndims(ppo), mesh)
     program = eb.train_program(
-        cfg, bundle, total, loss_fn, batch_sh, batch_stats_fn=make_batch_stats(ppo),
+        cfg, bundle, run.total_steps, loss_fn, batch_sh, batch_stats_fn=make_batch_stats(ppo),
         reference=ppo.uses_reference(), heads={"value": (head, head_sh)},
         optim={"policy": cfg.optim, "value": value_optim})
     ts = program.trainable
-
-    decode_sh = decode_sharding(mesh)
-    policy_sh = decode_sh.params(bundle.params)
-    if ts.params_fn is es.identity_params:  # no copy where the layouts agree
-        params_of_state = lambda s: jax.device_put(s.params["policy"], policy_sh)  # noqa: E731
-    else:
-        params_of_state = jax.jit(lambda s: ts.params_fn(s.params, s.frozen, None)["policy"],
-                                  out_shardings=policy_sh)
-
-    def no_advantages(rewards_R):  # PPO's advantages need the critic: see `complete`
-        return np.zeros_like(rewards_R, np.float32), {}
-
-    sampler = RolloutSampler(bundle.graphdef, tok, ppo.rollout(), eos_ids, pad_id,
-                             reward_funcs, no_advantages, decode_sh)
+    params_of_state, decode_sh = decode_policy(ts, bundle.params, mesh, group="policy")
+    sampler = run.sampler(decode_sh)  # PPO's advantages need the critic: see `complete`
     T = ppo.temperature if ppo.temperature > 0 else 1.0
     scorer = make_rollout_scorer(bundle.graphdef, head_gd, ts.params_fn, impl=t.logprob_impl,
                                  temperature=T, rows_sh=batch_sh.rows, mesh=mesh,
                                  rows_per_call=t.batch_size, reference=ppo.uses_reference())
-    demos = Demonstrations(tok, pad_id, ppo.max_demo_length, G)
+    demos = Demonstrations(bundle.tokenizer, run.pad_id, ppo.max_demo_length, G)
 
     def make_batch(ro, chosen, pb) -> PPOBatch:
         demo = demos.rows(chosen, pb) if ppo.sft_warmup_steps > 0 else None
@@ -394,28 +363,16 @@ def build_ppo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
 
     def complete(state, batch):
         lp, values, ref = scorer(state, batch.rows)
-        return complete_rollout(ppo, batch, lp, values, ref, eos_ids)
+        return complete_rollout(ppo, batch, lp, values, ref, run.eos_ids)
 
     source = RolloutSource(
-        ppo, prompts=train_prompts, sampler=sampler, make_batch=make_batch,
+        ppo, prompts=run.train_prompts, sampler=sampler, make_batch=make_batch,
         rows_per_step=t.batch_size, params_of_state=params_of_state, score_fn=None,
         score_ref=False, seed=t.seed, complete=complete)
-    eval_fn = None
-    if ppo.task == "arithmetic" or cfg.data.eval is not None:
-        eval_prompts, _ = load_prompts(cfg, spec, tok, "eval")
-        eval_fn = make_eval_fn(sampler, params_of_state, eval_prompts, ppo.held_out())
-    return Trainer(
-        cfg=cfg, mesh=mesh, state=ts.state, step_fn=program.step_fn, source=source,
-        put_batch=lambda b: es.put_batch(b, batch_sh), total_steps=total, eval_fn=eval_fn,
-        tokens_fn=rollout_tokens, num_params=bundle.num_params,
-        parts=eb.RunParts(bundle, ts, program.tx), data_stats=data_stats,
-    )
+    return run.trainer(
+        state=ts.state, step_fn=program.step_fn, source=source,
+        put_batch=run.put_batch(batch_sh), parts=eb.RunParts(bundle, ts, program.tx),
+        sampler=sampler, params_of_state=params_of_state)
 
 
-def _print_summary(cfg: RunConfig) -> None:
-    from jaxpt.engine.report import print_run_summary
-
-    print_run_summary(cfg.out_dir, curve_key="reward", eval_key="eval_accuracy")
-
-
-train_ppo = register_builder("ppo", build_ppo_trainer, after=_print_summary)
+train_ppo = register_builder("ppo", build_ppo_trainer, summary=("reward", "eval_accuracy"))

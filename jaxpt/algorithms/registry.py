@@ -39,18 +39,21 @@ def register_trainer(name: str):
 
 
 def register_builder(
-    name: str, build: Callable, *, after: Callable | None = None
+    name: str, build: Callable, *, summary: tuple[str, str] | None = None
 ) -> Callable:
     """Register ``build(cfg) -> Trainer`` as algorithm ``name``; returns its entry point
-    ``train(cfg, *, callbacks=(), stop=None) -> LoopResult``: build, run the loop, then
-    ``after(cfg)`` (e.g. a printed summary) when given."""
+    ``train(cfg, *, callbacks=(), stop=None) -> LoopResult``: build, run the loop, then,
+    with ``summary=(curve_key, eval_key)``, print the run's curve of ``curve_key`` and its
+    held-out ``eval_key`` readings (``jaxpt.engine.report.print_run_summary``)."""
 
     def train(cfg, *, callbacks=(), stop=None):
         from jaxpt.engine.loop import run
 
         result = run(build(cfg), callbacks=callbacks, stop=stop)
-        if after is not None:
-            after(cfg)
+        if summary is not None:
+            from jaxpt.engine.report import print_run_summary
+
+            print_run_summary(cfg.out_dir, curve_key=summary[0], eval_key=summary[1])
         return result
 
     train.__name__ = train.__qualname__ = f"train_{name}"

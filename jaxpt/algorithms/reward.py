@@ -70,7 +70,7 @@ from jaxpt.models.scalar_head import (
     score_head_shapes,
     sequence_scores,
 )
-from jaxpt.sharding import check_batch_size, replicated
+from jaxpt.sharding import replicated
 
 MODEL, HEAD = "model", "score"  # the two param groups
 
@@ -268,14 +268,7 @@ def build_reward_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
             f"{cfg.source}: the training pairs {'have' if with_margin else 'have no'} "
             "'margin' column but the held-out pairs do not agree; give both or neither"
         )
-    eval_bs = t.eval_batch_size or t.batch_size // t.grad_accum
-    if eval_pairs is not None:
-        if eval_bs % n_proc:
-            raise ValueError(
-                f"{cfg.source}: eval batch size {eval_bs} is not divisible by the "
-                f"{n_proc} processes"
-            )
-        check_batch_size(eval_bs, mesh, what=f"{cfg.source}: eval batch size")
+    eval_bs = build.eval_batch_size(cfg, mesh if eval_pairs is not None else None)
     length = cfg.data.max_length
     collate = pair_collate(length, pad_id, with_margin)
     loader = preference_loader(

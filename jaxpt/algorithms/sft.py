@@ -33,12 +33,18 @@ from jaxpt.algorithms.registry import register_builder
 from jaxpt.config import RunConfig, SFTConfig
 from jaxpt.data import BATCH_KEYS, DataStats, prepare_sft, sft_loader
 from jaxpt.engine.aot import AotProgram, train_step_flops
-from jaxpt.engine.build import RunParts, read_data_records, start_run, train_program
+from jaxpt.engine.build import (
+    RunParts,
+    eval_batch_size,
+    read_data_records,
+    start_run,
+    train_program,
+)
 from jaxpt.engine.logprobs import sequence_token_logprobs
 from jaxpt.engine.loop import IteratorSource, Trainer
 from jaxpt.engine.state import batch_shardings, put_batch
 from jaxpt.losses.sft import sft_loss
-from jaxpt.sharding import check_batch_size, replicated
+from jaxpt.sharding import replicated
 
 
 @jax.tree_util.register_dataclass
@@ -216,7 +222,7 @@ def aot_programs(cfg: RunConfig, bundle) -> list[AotProgram]:
     out = [AotProgram("train step", program.step_fn, (state, batch(t.batch_size)),
                       train_step_flops(m, t.batch_size, T))]
     if eval_step is not None:
-        rows = t.eval_batch_size or t.batch_size // t.grad_accum
+        rows = eval_batch_size(cfg)
         out.append(AotProgram("eval step", eval_step, (state, batch(rows)),
                               train_step_flops(m, rows, T) / 3))
     return out
@@ -270,8 +276,7 @@ def build_sft_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     eval_fn = None
     if cfg.data.eval is not None:
         eval_ex, _ = examples("eval")
-        eval_bs = t.eval_batch_size or t.batch_size // t.grad_accum
-        check_batch_size(eval_bs, mesh, what=f"{cfg.source}: eval batch size")
+        eval_bs = eval_batch_size(cfg, mesh)
         eval_loader = sft_loader(
             eval_ex,
             batch_size=eval_bs // n_proc,

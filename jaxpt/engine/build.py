@@ -75,6 +75,20 @@ def check_train_batch(cfg: RunConfig, mesh: Mesh) -> None:
     check_batch_size(cfg.train.batch_size, mesh, what=f"{cfg.source}: train.batch_size")
 
 
+def eval_batch_size(cfg: RunConfig, mesh: Mesh | None = None) -> int:
+    """The held-out batch size (``train.eval_batch_size``, default one micro-batch); with
+    ``mesh``, checked to split over the processes and the mesh's batch axes."""
+    t = cfg.train
+    eval_bs = t.eval_batch_size or t.batch_size // t.grad_accum
+    if mesh is not None:
+        n_proc = jax.process_count()
+        if eval_bs % n_proc:
+            raise ValueError(f"{cfg.source}: eval batch size {eval_bs} is not divisible by the "
+                             f"{n_proc} processes")
+        check_batch_size(eval_bs, mesh, what=f"{cfg.source}: eval batch size")
+    return eval_bs
+
+
 def load_tokenizer(cfg: RunConfig, resolved: hub.ResolvedModel):
     if cfg.model.tokenizer:
         from jaxpt.data.tokenizers import load_tokenizer as load

@@ -88,19 +88,23 @@ def special_token_ids(tokenizer, generation_eos_ids: Sequence[int]) -> tuple[int
     return pad_id, tuple(sorted(eos_ids))
 
 
-def decode_policy(train_state, params, mesh):
+def decode_policy(train_state, params, mesh, *, group: str | None = None):
     """(``params_of_state(state)``: the policy's params in the decode preset (tensor-only
     weights, rows over data x fsdp), the preset). ``train_state`` is the engine's
-    ``TrainableState`` (its ``params_fn``), ``params`` the model's params (their tree)."""
+    ``TrainableState`` (its ``params_fn``), ``params`` the model's params (their tree);
+    ``group``: the policy is that param group of several (PPO's ``policy`` beside its
+    ``value`` head)."""
     decode_sh = decode_sharding(mesh)
     params_sh = decode_sh.params(params)
+    pick = (lambda p: p) if group is None else (lambda p: p[group])
     if train_state.params_fn is identity_params:
         # The policy is the trained params themselves: device_put hands the same buffers
         # over where the decode layout is the train layout (one device), with no copy of
         # the weights per rollout (~0.3 s for SmolLM2-135M on CPU), and reshards otherwise.
-        return (lambda s: jax.device_put(s.params, params_sh)), decode_sh
+        return (lambda s: jax.device_put(pick(s.params), params_sh)), decode_sh
     fn = train_state.params_fn
-    return jax.jit(lambda s: fn(s.params, s.frozen, None), out_shardings=params_sh), decode_sh
+    return (jax.jit(lambda s: pick(fn(s.params, s.frozen, None)), out_shardings=params_sh),
+            decode_sh)
 
 
 def _decode(tokenizer, tokens_RC, lengths_R) -> list[str]:

@@ -56,11 +56,11 @@ from jaxpt.sampling.loop import (
     _as_key,
     _is_stop,
     bucket_length,
-    params_vocab,
+    check_ids_and_loop,
+    check_sampling_args,
 )
 from jaxpt.sampling.samplers import Sampler
 from jaxpt.sampling.step import (
-    LAYER_LOOPS,
     DecodeCache,
     cache_from_prefill,
     decode_step,
@@ -337,13 +337,7 @@ def generate_continuous(
         chunks of that many decode steps, the host looping until all rows are done.
     return_stats: also return a `ContinuousStats`.
     """
-    if not isinstance(sampler, Sampler):
-        raise GenerationError(f"sampler: expected a jaxpt Sampler, got {type(sampler).__name__}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer) \
-            or max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens={max_new_tokens!r}: must be an int >= 1")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise GenerationError(f"num_samples={num_samples!r}: must be an int >= 1")
+    check_sampling_args(sampler, max_new_tokens, num_samples)
     ids, mask = np.asarray(prompt_ids_BP), np.asarray(prompt_mask_BP)
     if ids.ndim != 2 or mask.shape != ids.shape:
         raise GenerationError(
@@ -370,15 +364,7 @@ def generate_continuous(
         )
     if chunk_steps is not None and chunk_steps < 1:
         raise GenerationError(f"chunk_steps={chunk_steps!r}: must be >= 1 or None")
-    vocab = params_vocab(params)
-    eos = tuple(dict.fromkeys(int(e) for e in eos_ids))
-    for e in (*eos, int(pad_id)):
-        if vocab is not None and not 0 <= e < vocab:
-            raise GenerationError(f"token id {e} (eos_ids / pad_id) is outside vocab [0, {vocab})")
-    if layer_loop == "auto":
-        layer_loop = {"tpu": "scan", "cpu": "unroll_out_in"}.get(jax.default_backend(), "unroll")
-    if layer_loop not in LAYER_LOOPS:
-        raise GenerationError(f"layer_loop={layer_loop!r}: use one of {('auto', *LAYER_LOOPS)}")
+    eos, layer_loop = check_ids_and_loop(params, eos_ids, pad_id, layer_loop)
     if bucket and bucket_length(P) > P:  # left padding, like `generate`
         extra = bucket_length(P) - P
         ids = np.pad(ids, ((0, 0), (extra, 0)), constant_values=int(pad_id))

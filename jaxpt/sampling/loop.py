@@ -22,6 +22,9 @@ How a batch is decoded:
      stepping (static shapes) with segment id 0 and writes `pad_id` / log-prob 0, so it
      counts nowhere. The cache is updated in place in the loop carry.
 
+The prefill and its packed variant live in `jaxpt.sampling.prefill`, the result and the
+loop carry in `jaxpt.sampling.state`.
+
 The step RNG is `fold_in(rng, t)` for token t, so a run is a pure function of `rng`.
 """
 
@@ -36,302 +39,33 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpt.data.packing import best_fit_decreasing
-from jaxpt.data.packing import bucket_length as _packing_bucket_length
-from jaxpt.models.decoder import KVCache
+from jaxpt.sampling.prefill import (  # noqa: F401  (re-exported)
+    PackedPrompts,
+    pack_prompts,
+    prefill,
+    prefill_packed,
+)
 from jaxpt.sampling.samplers import Sampler
+from jaxpt.sampling.state import (  # noqa: F401  (re-exported)
+    FINISH_LENGTH,
+    FINISH_REASONS,
+    FINISH_STOP,
+    DecodeState,
+    GenerationError,
+    GenerationResult,
+    _constrain,
+    _is_stop,
+    bucket_length,
+    finish_reason_names,
+)
 from jaxpt.sampling.step import (
     LAYER_LOOPS,
-    DecodeCache,
-    cache_from_prefill,
     decode_step,
     layer_weights,
     split_cache,
     stack_cache,
     unstack_layers,
 )
-
-FINISH_REASONS = ("length", "stop")  # index = code in GenerationResult.finish_reason
-FINISH_LENGTH = 0
-FINISH_STOP = 1
-
-
-class GenerationError(ValueError):
-    """Bad inputs to `generate`; the message names the argument and dimension."""
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class GenerationResult:
-    """Completions of B prompts x num_samples, row r = prompt r // num_samples.
-
-    tokens: [R, max_new_tokens] int32; after a row's stop token (and for unused steps)
-        every entry is `pad_id`.
-    logprobs: [R, max_new_tokens] fp32, log_softmax(logits / temperature) of each sampled
-        token before top-k/top-p/min-p truncation (temperature 1 when greedy); 0 where
-        `tokens` is padding.
-    lengths: [R] int32, number of new tokens including the stop token.
-    finish_reason: [R] int32, FINISH_STOP (1) if the row emitted a stop id, else
-        FINISH_LENGTH (0); `finish_reason_names` maps them to "stop" / "length".
-    """
-
-    tokens: jax.Array
-    logprobs: jax.Array
-    lengths: jax.Array
-    finish_reason: jax.Array
-
-    def mask(self) -> jax.Array:
-        """[R, max_new_tokens] bool: True on real (non-padding) completion tokens."""
-        steps = jnp.arange(self.tokens.shape[1], dtype=jnp.int32)
-        return steps[None, :] < self.lengths[:, None]
-
-
-def finish_reason_names(codes) -> list[str]:
-    return [FINISH_REASONS[int(c)] for c in np.asarray(codes).reshape(-1)]
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class DecodeState:
-    """The while_loop carry. `step` = number of tokens sampled so far (>= 1 after
-    prefill); `positions_R` = position of the last sampled token (the next one fed)."""
-
-    step: jax.Array
-    tokens_RM: jax.Array
-    logprobs_RM: jax.Array
-    last_token_R: jax.Array
-    positions_R: jax.Array
-    lengths_R: jax.Array
-    done_R: jax.Array
-    cache: DecodeCache
-    rng: jax.Array
-
-
-def bucket_length(n: int, *, minimum: int = 16) -> int:
-    """Prompt-length bucket (`jaxpt.data.packing.bucket_length`'s "eighths" rule): at most
-    4 buckets per doubling of the length, so new prompt lengths reuse a few programs."""
-    return _packing_bucket_length(n, bucket="eighths", min_length=minimum)
-
-
-def _is_stop(tokens_R: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
-    if not eos_ids:
-        return jnp.zeros(tokens_R.shape, bool)
-    return jnp.isin(tokens_R, jnp.asarray(eos_ids, jnp.int32))
-
-
-def _constrain(tree, shardings):
-    if shardings is None:
-        return tree
-    return jax.lax.with_sharding_constraint(tree, shardings)
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "graphdef",
-        "sampler",
-        "max_new_tokens",
-        "eos_ids",
-        "num_samples",
-        "pad_id",
-        "shardings",
-    ),
-)
-def prefill(
-    graphdef,
-    params,
-    prompt_ids_BP: jax.Array,
-    prompt_mask_BP: jax.Array,
-    rng: jax.Array,
-    *,
-    sampler: Sampler,
-    max_new_tokens: int,
-    eos_ids: tuple[int, ...],
-    num_samples: int,
-    pad_id: int,
-    shardings=None,
-) -> DecodeState:
-    """Run the prompts once, expand to num_samples rows each, sample token 0."""
-    model = nnx.merge(graphdef, params)
-    cfg = model.cfg
-    B, P = prompt_ids_BP.shape
-    M, n = max_new_tokens, num_samples
-
-    mask_BP = prompt_mask_BP.astype(bool)
-    segment_ids_BP = mask_BP.astype(jnp.int32)
-    positions_BP = jnp.where(mask_BP, jnp.cumsum(segment_ids_BP, axis=1) - 1, 0)
-    prompt_len_B = segment_ids_BP.sum(axis=1)
-    cache = KVCache.init(cfg, B, P)
-    if shardings is not None:
-        cache = _constrain(cache, shardings.cache(cache))
-    hidden_BPE, cache = model(
-        prompt_ids_BP.astype(jnp.int32),
-        positions_BP,
-        segment_ids_BP,
-        cache=cache,
-        cache_index=jnp.zeros((), jnp.int32),
-    )
-    # Logits only at each row's last real token (P-1 for left padding).
-    last_B = P - 1 - jnp.argmax(mask_BP[:, ::-1], axis=1)
-    hidden_B1E = jnp.take_along_axis(hidden_BPE, last_B[:, None, None], axis=1)
-    logits_BV = model.logits(hidden_B1E)[:, 0]
-    return _first_token_state(
-        cache,
-        logits_BV,
-        prompt_len_B,
-        rng,
-        sampler=sampler,
-        max_new_tokens=M,
-        eos_ids=eos_ids,
-        num_samples=n,
-        pad_id=pad_id,
-        shardings=shardings,
-    )
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedPrompts:
-    """B prompts packed into Q < B rows of W slots (host arrays, for `prefill_packed`).
-
-    ids_QW / positions_QW / segment_ids_QW: the packed rows; a row's prompts get segment
-        ids 1, 2, ... (0 = padding) and positions from 0 each.
-    row_B / start_B / length_B: where prompt b's tokens sit (row, first slot, count).
-    """
-
-    ids_QW: np.ndarray
-    positions_QW: np.ndarray
-    segment_ids_QW: np.ndarray
-    row_B: np.ndarray
-    start_B: np.ndarray
-    length_B: np.ndarray
-
-
-def pack_prompts(ids_BP, mask_BP, width: int, pad_id: int = 0) -> PackedPrompts | None:
-    """Pack the real tokens of B prompts (any padding) into rows of `width` slots, best fit
-    longest first; None when that does not take fewer rows than B."""
-    ids_BP, mask_BP = np.asarray(ids_BP), np.asarray(mask_BP).astype(bool)
-    length_B = mask_BP.sum(axis=1)
-    bins = best_fit_decreasing(length_B.tolist(), width)
-    if len(bins) >= len(length_B):
-        return None
-    Q = len(bins)
-    ids_QW = np.full((Q, width), pad_id, np.int32)
-    positions_QW = np.zeros((Q, width), np.int32)
-    segment_ids_QW = np.zeros((Q, width), np.int32)
-    row_B = np.zeros(len(length_B), np.int32)
-    start_B = np.zeros(len(length_B), np.int32)
-    for q, members in enumerate(bins):
-        at = 0
-        for seg, b in enumerate(sorted(members), start=1):
-            n = int(length_B[b])
-            ids_QW[q, at : at + n] = ids_BP[b][mask_BP[b]]
-            positions_QW[q, at : at + n] = np.arange(n)
-            segment_ids_QW[q, at : at + n] = seg
-            row_B[b], start_B[b] = q, at
-            at += n
-    return PackedPrompts(
-        ids_QW, positions_QW, segment_ids_QW, row_B, start_B, length_B.astype(np.int32)
-    )
-
-
-@functools.partial(
-    jax.jit,
-    static_argnames=("graphdef", "sampler", "max_new_tokens", "eos_ids", "num_samples", "pad_id"),
-)
-def prefill_packed(
-    graphdef,
-    params,
-    ids_QW: jax.Array,
-    positions_QW: jax.Array,
-    segment_ids_QW: jax.Array,
-    row_B: jax.Array,
-    start_B: jax.Array,
-    length_B: jax.Array,
-    rng: jax.Array,
-    *,
-    sampler: Sampler,
-    max_new_tokens: int,
-    eos_ids: tuple[int, ...],
-    num_samples: int,
-    pad_id: int,
-) -> DecodeState:
-    """`prefill` over packed prompts (`PackedPrompts`): the Q packed rows run through the
-    model once, then prompt b's keys and values are gathered to slots [0, len_b) of its
-    own row of W slots (the rest: segment 0, never attended), and decoding goes on as
-    after `prefill`."""
-    model = nnx.merge(graphdef, params)
-    cfg = model.cfg
-    Q, W = ids_QW.shape
-    cache = KVCache.init(cfg, Q, W)
-    hidden_QWE, cache = model(
-        ids_QW, positions_QW, segment_ids_QW, cache=cache, cache_index=jnp.zeros((), jnp.int32)
-    )
-    hidden_B1E = hidden_QWE[row_B, start_B + length_B - 1][:, None]
-    logits_BV = model.logits(hidden_B1E)[:, 0]
-
-    slot_W = jnp.arange(W, dtype=jnp.int32)
-    real_BW = slot_W[None, :] < length_B[:, None]
-    col_BW = start_B[:, None] + jnp.minimum(slot_W[None, :], length_B[:, None] - 1)
-    row_BW = jnp.broadcast_to(row_B[:, None], col_BW.shape)
-    cache = KVCache(
-        k_LBSKD=cache.k_LBSKD[:, row_BW, col_BW],
-        v_LBSKD=cache.v_LBSKD[:, row_BW, col_BW],
-        positions_BS=jnp.where(real_BW, slot_W[None, :], 0),
-        segment_ids_BS=real_BW.astype(jnp.int32),
-    )
-    return _first_token_state(
-        cache,
-        logits_BV,
-        length_B,
-        rng,
-        sampler=sampler,
-        max_new_tokens=max_new_tokens,
-        eos_ids=eos_ids,
-        num_samples=num_samples,
-        pad_id=pad_id,
-    )
-
-
-def _first_token_state(
-    cache: KVCache,
-    logits_BV: jax.Array,
-    prompt_len_B: jax.Array,
-    rng: jax.Array,
-    *,
-    sampler: Sampler,
-    max_new_tokens: int,
-    eos_ids: tuple[int, ...],
-    num_samples: int,
-    pad_id: int,
-    shardings=None,
-) -> DecodeState:
-    """The decode state after a prefill: each prompt's cache and last-token logits
-    repeated for its `num_samples` rows, and token 0 of every row sampled."""
-    n, M = num_samples, max_new_tokens
-    # n samples per prompt share one prefill: repeat rows, grow to S slots, and move to
-    # the decode layout, in one copy.
-    rep = lambda x: jnp.repeat(x, n, axis=0) if n > 1 else x  # noqa: E731
-    cache = cache_from_prefill(cache, n, M - 1)
-    if shardings is not None:
-        cache = _constrain(cache, shardings.cache(cache))
-    logits_RV = rep(logits_BV)
-    prompt_len_R = rep(prompt_len_B)
-    R = logits_RV.shape[0]
-
-    token_R, logprob_R = sampler.sample(jax.random.fold_in(rng, 0), logits_RV)
-    tokens_RM = jnp.full((R, M), pad_id, jnp.int32).at[:, 0].set(token_R)
-    logprobs_RM = jnp.zeros((R, M), jnp.float32).at[:, 0].set(logprob_R)
-    return DecodeState(
-        step=jnp.ones((), jnp.int32),
-        tokens_RM=tokens_RM,
-        logprobs_RM=logprobs_RM,
-        last_token_R=token_R,
-        positions_R=prompt_len_R.astype(jnp.int32),
-        lengths_R=jnp.ones((R,), jnp.int32),
-        done_R=_is_stop(token_R, eos_ids),
-        cache=cache,
-        rng=rng,
-    )
 
 
 @functools.partial(
@@ -450,6 +184,33 @@ def _as_key(rng) -> jax.Array:
     )
 
 
+def check_sampling_args(sampler, max_new_tokens, num_samples) -> None:
+    """The argument checks `generate` and `generate_continuous` share."""
+    if not isinstance(sampler, Sampler):
+        raise GenerationError(f"sampler: expected a jaxpt Sampler, got {type(sampler).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer):
+        raise GenerationError(f"max_new_tokens={max_new_tokens!r}: must be an int >= 1")
+    if max_new_tokens < 1:
+        raise GenerationError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise GenerationError(f"num_samples={num_samples!r}: must be an int >= 1")
+
+
+def check_ids_and_loop(params, eos_ids, pad_id, layer_loop: str) -> tuple[tuple[int, ...], str]:
+    """(the stop ids without repeats, the layer loop with "auto" resolved for this backend);
+    ids outside the vocab and unknown loops are errors."""
+    vocab = params_vocab(params)
+    eos = tuple(dict.fromkeys(int(e) for e in eos_ids))
+    for e in (*eos, int(pad_id)):
+        if vocab is not None and not 0 <= e < vocab:
+            raise GenerationError(f"token id {e} (eos_ids / pad_id) is outside vocab [0, {vocab})")
+    if layer_loop == "auto":
+        layer_loop = {"tpu": "scan", "cpu": "unroll_out_in"}.get(jax.default_backend(), "unroll")
+    if layer_loop not in LAYER_LOOPS:
+        raise GenerationError(f"layer_loop={layer_loop!r}: use one of {('auto', *LAYER_LOOPS)}")
+    return eos, layer_loop
+
+
 def generate(
     graphdef,
     params,
@@ -490,14 +251,7 @@ def generate(
     Returns a `GenerationResult` with R = B * num_samples rows, row r = prompt
     r // num_samples.
     """
-    if not isinstance(sampler, Sampler):
-        raise GenerationError(f"sampler: expected a jaxpt Sampler, got {type(sampler).__name__}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer):
-        raise GenerationError(f"max_new_tokens={max_new_tokens!r}: must be an int >= 1")
-    if max_new_tokens < 1:
-        raise GenerationError(f"max_new_tokens={max_new_tokens}: must be >= 1")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise GenerationError(f"num_samples={num_samples!r}: must be an int >= 1")
+    check_sampling_args(sampler, max_new_tokens, num_samples)
     ids = prompt_ids_BP if isinstance(prompt_ids_BP, jax.Array) else jnp.asarray(prompt_ids_BP)
     mask = prompt_mask_BP if isinstance(prompt_mask_BP, jax.Array) else jnp.asarray(prompt_mask_BP)
     if ids.ndim != 2:
@@ -519,15 +273,7 @@ def generate(
             raise GenerationError(
                 f"prompt_mask_BP: row {int(empty[0])} has no real tokens (every prompt needs >= 1)"
             )
-    vocab = params_vocab(params)
-    eos = tuple(dict.fromkeys(int(e) for e in eos_ids))
-    for e in (*eos, int(pad_id)):
-        if vocab is not None and not 0 <= e < vocab:
-            raise GenerationError(f"token id {e} (eos_ids / pad_id) is outside vocab [0, {vocab})")
-    if layer_loop == "auto":
-        layer_loop = {"tpu": "scan", "cpu": "unroll_out_in"}.get(jax.default_backend(), "unroll")
-    if layer_loop not in LAYER_LOOPS:
-        raise GenerationError(f"layer_loop={layer_loop!r}: use one of {('auto', *LAYER_LOOPS)}")
+    eos, layer_loop = check_ids_and_loop(params, eos_ids, pad_id, layer_loop)
     if shardings is not None:
         shardings.check_batch(B, num_samples)
     static = dict(graphdef=graphdef, sampler=sampler, eos_ids=eos, pad_id=int(pad_id))
