@@ -15,6 +15,11 @@ as options; ``rl.hybrids``):
   prefix of the demonstration; the prefix tokens get ``prefix_sft_weight * NLL``, the
   sampled continuation the RL loss (``losses.grpo.prefix_rft_masks``).
 
+Rollout-vs-trainer correction (``rollout_correction``, off by default): truncated or masked
+importance weights between the decode loop's and the trainer's log-probs of the sampled
+tokens (``rl.correction``, TRL's ``vllm_importance_sampling_*``); the old log-probs are then
+scored at rollout time and used by the loss, as in TRL.
+
 Several processes (a pod): one rollout program over every host's devices, rewards scored
 per process and gathered, each process training on its block of every mini-batch; the
 logged metrics equal a single process's (``rl.processes``).
@@ -23,6 +28,7 @@ logged metrics equal a single process's (``rl.processes``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Literal
 
 import jax
@@ -38,6 +44,7 @@ from jaxpt.losses import grpo as losses
 from jaxpt.rewards.advantages import compute_advantages
 from jaxpt.rl import layout, processes
 from jaxpt.rl.config import OnPolicySection
+from jaxpt.rl.correction import correction_weights
 from jaxpt.rl.hybrids import Demonstrations, PrefixRFT, SASRMixer
 from jaxpt.rl.layout import GroupRows, TokenRows
 from jaxpt.rl.rollout import decode_policy
@@ -81,6 +88,12 @@ class GRPOSection(OnPolicySection):
     prefix_min_fraction: float = 0.2  # prefix length as a fraction of the demonstration
     prefix_max_fraction: float = 0.8
     prefix_sft_weight: float = 1.0  # weight of the prefix tokens' NLL
+    # Rollout-vs-trainer mismatch correction (`rl.correction`; TRL's
+    # vllm_importance_sampling_mode / _cap): importance weights between the trainer's and
+    # the decode loop's log-probs of the sampled tokens, truncated or masked at the cap.
+    rollout_correction: Literal["none", "token_truncate", "token_mask", "sequence_truncate",
+                                "sequence_mask"] = "none"
+    rollout_correction_cap: float = 3.0
 
     def __post_init__(self):
         if self.num_generations < 2:
@@ -100,6 +113,9 @@ class GRPOSection(OnPolicySection):
         if not 0.0 <= self.prefix_rft_ratio < 1.0:
             raise ValueError(f"grpo.prefix_rft_ratio={self.prefix_rft_ratio}: must be in "
                              "[0, 1) (some rollouts of each group must be the policy's own)")
+        if not (math.isfinite(self.rollout_correction_cap) and self.rollout_correction_cap > 0):
+            raise ValueError(f"grpo.rollout_correction_cap={self.rollout_correction_cap}: "
+                             "must be a finite number > 0")
         if not 0.0 <= self.prefix_min_fraction <= self.prefix_max_fraction < 1.0:
             raise ValueError(
                 f"grpo.prefix_min_fraction={self.prefix_min_fraction}, prefix_max_fraction="
@@ -120,8 +136,11 @@ class GRPOSection(OnPolicySection):
 
     def optional_parts(self) -> dict[str, tuple[bool, str]]:
         """GRPOBatch's optional field -> (whether this config uses it, the keys that say so)."""
-        return {"old_logprobs": (self.reuses_rollouts(),
-                                 "grpo.num_iterations or steps_per_generation > 1"),
+        corrected = self.rollout_correction != "none"
+        return {"old_logprobs": (self.reuses_rollouts() or corrected,
+                                 "grpo.num_iterations or steps_per_generation > 1, or "
+                                 "grpo.rollout_correction"),
+                "sampling_weights": (corrected, "grpo.rollout_correction"),
                 "ref_logprobs": (self.beta > 0, "grpo.beta > 0"),
                 "prefix_lengths": (self.prefix_rft_ratio > 0, "grpo.prefix_rft_ratio > 0"),
                 "sft_mode": (self.sft_schedule == "adaptive", "grpo.sft_schedule=adaptive"),
@@ -142,13 +161,17 @@ class GRPOBatch:
     prefix_lengths: Any = None  # [R] demonstration tokens a completion starts with
     sft_mode: Any = None  # [R] SASR: 1.0 this step is SFT, 0.0 RL
     demo: TokenRows | None = None  # the prompt's demonstration, mask weighted 1/G
+    sampling_weights: Any = None  # [R, C] rollout-vs-trainer importance weights
+    # [R, C] the decode loop's log-probs of the sampled tokens: on the host only, until
+    # `rl.correction` turns them into `sampling_weights`.
+    sampling_logprobs: Any = dataclasses.field(default=None, metadata={"per_token": True})
 
     @staticmethod
     def ndims(grpo: GRPOSection, shared: bool) -> GRPOBatch:
         """The tree of the batch's leaf ndims (for its shardings)."""
         rows, used = TokenRows(2, 2, 2, 2, 2), grpo.optional_parts()
         nd = {"old_logprobs": 2, "ref_logprobs": 2, "prefix_lengths": 1, "sft_mode": 1,
-              "demo": TokenRows(2, 2, 2, 2, 2)}
+              "demo": TokenRows(2, 2, 2, 2, 2), "sampling_weights": 2}
         flat = GRPOBatch(rows, 1, **{k: n if used[k][0] else None for k, n in nd.items()})
         return layout.grouped_ndims(flat) if shared else flat
 
@@ -220,7 +243,8 @@ def make_grpo_loss_fn(graphdef, grpo: GRPOSection, *, impl: str, with_entropy: b
         loss, metrics = losses.grpo_loss(
             loss_cfg, lp_RC, b.old_logprobs, b.advantages, rl_mask_RC,
             ref_logprobs_BT=b.ref_logprobs, num_items_in_batch=stats.num_items,
-            entropy_BT=ent_RC, rl_weight=stats.rl_weight)
+            entropy_BT=ent_RC, rl_weight=stats.rl_weight,
+            sampling_weights_BT=b.sampling_weights)
         if loss_cfg.loss_type not in ("dapo", "cispo"):
             loss = loss * share  # per-micro-batch means: average over micro-batches
         metrics = {k: v * share for k, v in metrics.items()}
@@ -264,11 +288,20 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
                                  t.batch_size, G if share else None, where=cfg.source),
                              group_size=G if share else None)
     demos = Demonstrations(tok, run.pad_id, grpo.max_demo_length, G)
+    corrected = grpo.rollout_correction != "none"
 
     def make_batch(ro, chosen, pb) -> GRPOBatch:
         prefix_R = ro.prefix_lengths_R if grpo.prefix_rft_ratio > 0 else None
         demo = demos.rows(chosen, pb) if grpo.sft_weight > 0 else None
-        return GRPOBatch(ro.rows, ro.advantages_R, prefix_lengths=prefix_R, demo=demo)
+        sampled = ro.sampling_logprobs_RC if corrected else None
+        return GRPOBatch(ro.rows, ro.advantages_R, prefix_lengths=prefix_R, demo=demo,
+                         sampling_logprobs=sampled)
+
+    def correct(batch: GRPOBatch):  # the scored rollout -> its importance weights
+        w_RC, metrics = correction_weights(
+            batch.old_logprobs, batch.sampling_logprobs, batch.rows.completion_mask,
+            mode=grpo.rollout_correction, cap=grpo.rollout_correction_cap)
+        return dataclasses.replace(batch, sampling_weights=w_RC, sampling_logprobs=None), metrics
 
     prefixes = mixer = None
     if grpo.prefix_rft_ratio > 0:
@@ -280,7 +313,9 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     source = RolloutSource(
         grpo, prompts=run.train_prompts, sampler=sampler, make_batch=make_batch,
         rows_per_step=t.batch_size, params_of_state=params_of_state, score_fn=score_fn,
-        score_ref=grpo.beta > 0, seed=t.seed, prefixes=prefixes, mixer=mixer)
+        score_ref=grpo.beta > 0, seed=t.seed, prefixes=prefixes, mixer=mixer,
+        correct=correct if corrected else None,
+        score_old=grpo.optional_parts()["old_logprobs"][0])
     return run.trainer(
         state=ts.state, step_fn=program.step_fn, source=source,
         put_batch=run.put_batch(batch_sh, share_prompt=share),

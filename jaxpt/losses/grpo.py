@@ -320,6 +320,7 @@ def grpo_loss(
     num_items_in_batch: jax.Array | float | None = None,
     entropy_BT: jax.Array | None = None,
     rl_weight: jax.Array | float = 1.0,
+    sampling_weights_BT: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """GRPO-family policy loss and its metrics.
 
@@ -343,6 +344,9 @@ def grpo_loss(
         rl_weight: multiplier of the RL term (float or traced scalar; 0 during an SFT
             warm-up, see :func:`rl_weight_schedule`). The SFT terms of hybrids are added by
             the caller (:func:`sft_nll`).
+        sampling_weights_BT: optional rollout-vs-trainer importance weights (no gradient;
+            ``jaxpt.rl.correction``) multiplying each token's policy term before the KL
+            term is added (TRL's ``importance_sampling_ratio``).
 
     Returns:
         ``(loss, metrics)`` with ``loss = rl_weight * rl_loss``. Metrics (all scalar, fp32,
@@ -410,6 +414,8 @@ def grpo_loss(
         is_high = jnp.logical_and(ratio > 1.0 + eps_hi, advantages > 0)
         metrics.update(_clip_metrics(is_low, is_high, mask_BT))
 
+    if sampling_weights_BT is not None:
+        per_token_BT = per_token_BT * jax.lax.stop_gradient(_f32(sampling_weights_BT))
     if cfg.beta > 0.0:
         kl_BT = k3_kl(logprobs_BT, ref_logprobs_BT)
         per_token_BT = per_token_BT + cfg.beta * kl_BT

@@ -201,9 +201,16 @@ def dynamic_sample(
 def repad(batches: list, pad_id: int) -> list:
     """Rollout batches of several rounds with every :class:`TokenRows` field (the rollout
     rows, demonstration rows) re-padded to its widest prompt and completion over the
-    rounds, so their rows stack."""
+    rounds, so their rows stack; so are per-completion-token fields (a dataclass field
+    with ``metadata={"per_token": True}``: [R, C] like ``rows``), right-padded with 0."""
     out = list(batches)
+    C = max(b.rows.widths[1] for b in batches)
     for f in dataclasses.fields(batches[0]):
+        if f.metadata.get("per_token") and getattr(batches[0], f.name) is not None:
+            out = [dataclasses.replace(b, **{f.name: np.pad(
+                v, ((0, 0), (0, C - v.shape[1])))}) for b in out
+                   for v in [np.asarray(getattr(b, f.name))]]
+            continue
         if not isinstance(getattr(batches[0], f.name), TokenRows):
             continue
         widths = [getattr(b, f.name).widths for b in batches]

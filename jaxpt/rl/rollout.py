@@ -77,6 +77,11 @@ class Rollout:
     completions: list[Any]
     rewards_R: np.ndarray
     metrics: dict[str, float]
+    # [R, C] float32: each sampled token's log-prob as the decode loop computed it (at the
+    # sampling temperature, before top-k/p truncation); NaN on demonstration-prefix tokens
+    # (not sampled), 0 on padding. The rollout-vs-trainer correction compares them with
+    # the trainer's (`jaxpt.rl.correction`).
+    sampling_logprobs_RC: np.ndarray | None = None
 
 
 def special_token_ids(tokenizer, generation_eos_ids: Sequence[int]) -> tuple[int, tuple[int, ...]]:
@@ -143,10 +148,11 @@ class RolloutSampler:
             prefixes_R = None
             gen = self._generate(params, prompt_batch, rng=rng)
             tokens_RC, lengths_R = processes.host_rows(gen.tokens), processes.host_rows(gen.lengths)
+            sampled_lp_RC = processes.host_rows(gen.logprobs).astype(np.float32)
             prefix_len_R = np.zeros(len(lengths_R), np.int32)
         else:
-            tokens_RC, lengths_R, prefix_len_R, gen = self._generate_after_prefixes(
-                params, prompt_batch, prefixes_R, rng=rng)
+            tokens_RC, lengths_R, prefix_len_R, sampled_lp_RC, gen = (
+                self._generate_after_prefixes(params, prompt_batch, prefixes_R, rng=rng))
         truncated_R = processes.host_rows(gen.finish_reason) == FINISH_LENGTH
         rollout_time = time.perf_counter() - t0
 
@@ -202,7 +208,8 @@ class RolloutSampler:
         }
         return Rollout(rows=rows, advantages_R=np.asarray(advantages_R, np.float32),
                        prefix_lengths_R=prefix_len_R if prefixes_R is not None else None,
-                       completions=completions, rewards_R=rewards_R, metrics=metrics)
+                       completions=completions, rewards_R=rewards_R, metrics=metrics,
+                       sampling_logprobs_RC=sampled_lp_RC)
 
     def _generate(self, params, prompt_batch, *, rng):
         cfg, G = self.cfg, self.cfg.num_generations
@@ -223,7 +230,8 @@ class RolloutSampler:
         """Decode every rollout row from its own prompt + demonstration prefix (one row per
         sample: rows of a group no longer share a prompt). Returns completion tokens
         [R, max_prefix + max_new] = prefix then continuation, their lengths, the prefix
-        lengths and the generation result (finish reasons)."""
+        lengths, the sampled tokens' log-probs (NaN on the prefix) and the generation
+        result (finish reasons)."""
         cfg, G, pad_id = self.cfg, self.cfg.num_generations, self.pad_id
         ids_BP = np.asarray(prompt_batch["prompt_ids"])
         mask_BP = np.asarray(prompt_batch["prompt_mask"]).astype(bool)
@@ -248,8 +256,12 @@ class RolloutSampler:
         # compile a new train step each rollout.
         C = -(-int(prefix_len_R.max()) // 16) * 16 + cfg.max_new_tokens
         tokens_RC = np.full((len(rows), C), pad_id, np.int32)
+        new_lp_RC = processes.host_rows(gen.logprobs)
+        lp_RC = np.zeros((len(rows), C), np.float32)
         for r, prefix in enumerate(prefixes_R):
-            n = len(prefix)
+            n, m = len(prefix), new_len_R[r]
             tokens_RC[r, :n] = prefix
-            tokens_RC[r, n : n + new_len_R[r]] = new_RC[r, : new_len_R[r]]
-        return tokens_RC, prefix_len_R + new_len_R, prefix_len_R, gen
+            tokens_RC[r, n : n + m] = new_RC[r, :m]
+            lp_RC[r, :n] = np.nan  # demonstration tokens: not sampled
+            lp_RC[r, n : n + m] = new_lp_RC[r, :m]
+        return tokens_RC, prefix_len_R + new_len_R, prefix_len_R, lp_RC, gen

@@ -17,8 +17,9 @@ per-row fields, all [R, ...]); the source scores old / reference log-probs into 
 asked, shuffles whole groups and slices mini-batches. The section's keys
 (``jaxpt.rl.config.OnPolicySection``) say how many mini-batches and passes, and whether
 DAPO dynamic sampling runs; optional parts: ``prefixes`` (demonstration prefixes per row,
-Prefix-RFT), ``mixer`` (a per-step choice made on the host, SASR) and ``complete`` (the
-algorithm scores the rollout itself, PPO).
+Prefix-RFT), ``mixer`` (a per-step choice made on the host, SASR), ``complete`` (the
+algorithm scores the rollout itself, PPO) and ``correct`` (a last pass over the scored
+rollout: GRPO's rollout-vs-trainer importance weights).
 
 With several processes every process holds the whole rollout (``jaxpt.rl.processes``), so
 the shuffles, dynamic-sampling rounds and resume state are the same on each; ``next``
@@ -54,7 +55,9 @@ class RolloutSource(SourceBase):
                  sampler: RolloutSampler, make_batch: Callable[[Rollout, list, dict], Any],
                  rows_per_step: int, params_of_state: Callable, score_fn: Callable,
                  score_ref: bool, seed: int, prefixes: Callable[[list, int], list] | None = None,
-                 mixer=None, complete: Callable[[Any, Any], tuple[Any, dict]] | None = None):
+                 mixer=None, complete: Callable[[Any, Any], tuple[Any, dict]] | None = None,
+                 correct: Callable[[Any], tuple[Any, dict]] | None = None,
+                 score_old: bool | None = None):
         self.section, self.prompts, self.sampler = section, prompts, sampler
         self.make_batch, self.rows_per_step = make_batch, rows_per_step
         G = section.num_generations
@@ -63,14 +66,19 @@ class RolloutSource(SourceBase):
         self.whole_groups = rows_per_step % G == 0
         self.prompts_per_rollout = rows_per_step * section.steps_per_generation // G
         self.params_of_state, self.score_fn = params_of_state, score_fn
-        # Old log-probs are scored only when a rollout is reused; otherwise the loss takes
-        # old = stop_gradient(new), as TRL does.
-        self.score_old, self.score_ref = section.reuses_rollouts(), score_ref
+        # Old log-probs are scored only when a rollout is reused (or ``score_old``: the
+        # rollout correction needs them); otherwise the loss takes old =
+        # stop_gradient(new), as TRL does.
+        self.score_old = section.reuses_rollouts() if score_old is None else score_old
+        self.score_ref = score_ref
         self.prefixes, self.mixer = prefixes, mixer
         # complete(state, batch) -> (batch, metrics): an algorithm that scores the whole
         # rollout itself (PPO: log-probs, values, KL-penalized rewards, GAE) does it here,
         # in place of the old / reference scoring below.
         self.complete = complete
+        # correct(batch) -> (batch, metrics): after scoring, e.g. the rollout-vs-trainer
+        # importance weights from the old and the sampling log-probs (`rl.correction`).
+        self.correct = correct
         self.seed, self.streams = seed, RandomStreams(seed)
         self.rollouts = 0  # rollouts completed
         self.prompt_batches = 0  # sampling rounds done (the prompt cursor)
@@ -154,6 +162,9 @@ class RolloutSource(SourceBase):
         elif self.score_old or self.score_ref:
             old, ref = self.score_fn(state, batch.rows, old=self.score_old, ref=self.score_ref)
             batch = dataclasses.replace(batch, old_logprobs=old, ref_logprobs=ref)
+        if self.correct is not None:
+            batch, corrected = self.correct(batch)
+            metrics = {**metrics, **corrected}
         R = len(batch.advantages)
         rs = self.streams.host("minibatch_shuffle", self.rollouts)
         if self.whole_groups:  # shuffle groups, keep each group's rows together
