@@ -127,3 +127,43 @@ def test_unknown_topology_and_compile_without_topology_are_refused(tmp_path, cap
     assert "'v9-8' is not known; use one of v5e-4, v5e-8" in capsys.readouterr().err
     assert main(["plan", path, "--compile"]) == 2
     assert "--compile needs --topology" in capsys.readouterr().err
+
+
+def test_grpo_train_step_and_rollout_compile_and_the_plan_counts_the_kv_cache(tmp_path, capsys):
+    """GRPO's programs (train step on the shared-prompt layout, the rollout's prefill and
+    decode loop) compile for the slice; the decode loop's arguments are the decode params
+    and the loop carry, which the shape-based plan's rollout lines count."""
+    grpo = {"num_generations": 4, "max_prompt_length": 128, "max_completion_length": 128,
+            "task": "arithmetic", "beta": 0.04, "num_iterations": 2}
+    path = write_run(tmp_path, TINY, algorithm="grpo", grpo=grpo)
+    rc, report = compiled(capsys, path)
+    progs = report["programs"]
+    assert rc == 0, report
+    assert [p["name"].split(" (")[0] for p in progs] == [
+        "train step", "rollout prefill", "rollout decode"]
+    assert all(p["error"] is None and p["fits"] for p in progs)
+    cfg = load_config(path)
+    parts = plan_memory(cfg, load_model_config(cfg), 4).rollout_parts
+    # 8 rows over 4 devices x 2 layers x (128 + 128 - 1) slots x 1 kv head x 128 x (k, v)
+    # x bf16, plus positions and segment ids (int32).
+    cache = 2 * 2 * 255 * 128 * 2 * 2 + 2 * 255 * 4 * 2
+    assert parts["KV cache (static, 8 rows, 255 slots)"] == cache
+    decode = progs[2]
+    counted = (parts["decode params (decode preset)"] + cache
+               + parts["completion tokens + log-probs"])
+    # The rest of the carry: per-row last token, position, length, done flag, the step
+    # and the key, each in its own 512-byte TPU granule at most.
+    assert 0 <= decode["arguments"] - counted <= 8 * 512
+    assert decode["aliased"] >= cache  # the cache is donated and updated in place
+
+
+def test_the_plan_counts_the_continuous_engines_slots(tmp_path):
+    path = write_run(tmp_path, TINY, algorithm="grpo", grpo={
+        "num_generations": 4, "max_prompt_length": 128, "max_completion_length": 128,
+        "rollout_engine": "continuous", "rollout_slots": 4}, train={"batch_size": 16})
+    cfg = load_config(path)
+    parts = plan_memory(cfg, load_model_config(cfg), 4).rollout_parts
+    slots = {k: v for k, v in parts.items() if k.startswith("KV cache")}
+    (name, got), = slots.items()
+    assert name == "KV cache (continuous, 4 rows, 255 slots)"
+    assert got == 1 * 2 * 255 * 128 * 2 * 2 + 1 * 255 * 4 * 2  # 4 slots over 4 devices

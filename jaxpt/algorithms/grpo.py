@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxpt.algorithms.registry import register_builder
@@ -263,6 +264,37 @@ def make_grpo_loss_fn(graphdef, grpo: GRPOSection, *, impl: str, with_entropy: b
         return loss, metrics
 
     return loss_fn
+
+
+def aot_programs(cfg: RunConfig, bundle) -> list:
+    """The train step on a rollout batch at the section's full widths (in the layout the run
+    would use) and the rollout's prefill and decode loop, for ``jaxpt plan --compile``
+    (``bundle``: ``engine.build.abstract_bundle``)."""
+    from jaxpt.rl.aot import full_rows, rollout_programs, train_step_program
+
+    grpo: GRPOSection = cfg.section("grpo")
+    t, G, R = cfg.train, grpo.num_generations, cfg.train.batch_size
+    loss_fn = make_grpo_loss_fn(bundle.graphdef, grpo, impl=t.logprob_impl,
+                                with_entropy=t.with_entropy)
+    share = layout.use_shared_prompt(grpo.share_prompt, group_size=G, batch_size=R,
+                                     grad_accum=t.grad_accum, mesh=bundle.mesh, where=cfg.source)
+    batch_sh = es.batch_shardings(GRPOBatch.ndims(grpo, share), bundle.mesh)
+    program = eb.train_program(cfg, bundle, t.max_steps or 1000, loss_fn, batch_sh,
+                               batch_stats_fn=make_batch_stats(grpo), reference=grpo.beta > 0)
+    P, C = grpo.max_prompt_length, grpo.max_completion_length
+    if grpo.prefix_rft_ratio > 0:  # prefix + continuation, the prefix width rounded to 16
+        C += -(-grpo.max_demo_length // 16) * 16
+    per_token, used = np.zeros((R, C), np.float32), grpo.optional_parts()
+    parts = {"old_logprobs": per_token, "ref_logprobs": per_token,
+             "prefix_lengths": np.zeros(R, np.int32), "sft_mode": np.zeros(R, np.float32),
+             "demo": full_rows(R, P, grpo.max_demo_length), "sampling_weights": per_token}
+    batch = GRPOBatch(full_rows(R, P, C), np.zeros(R, np.float32),
+                      **{k: v if used[k][0] else None for k, v in parts.items()})
+    if share:
+        batch = layout.to_shared_prompt(batch, G)
+    return [train_step_program(program, batch, batch_sh, bundle, rows=R, length=P + C,
+                               forwards=int(grpo.beta > 0)),
+            *rollout_programs(grpo, bundle, R * grpo.steps_per_generation)]
 
 
 def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:

@@ -51,8 +51,11 @@ Estimated (what XLA keeps alive; real buffers can differ by its fusion and sched
   accuracy argmax chunk min(1024, n) V_t 4 when ``train.token_accuracy``; LoRA's merged
   weights W + (alpha/r) A B and their gradient, 2 x the adapted weights' bytes.
 
-Not included: XLA workspace and fragmentation, the eval step, and GRPO's rollout KV cache
-(sampling has its own sharding).
+On-policy runs (GRPO, PPO, online DPO, distillation) also get the rollout: the KV cache,
+the prompts' prefill cache, the decode params and per-token buffers of one rollout, exact
+from the decode preset's shardings, and the total while sampling (``plan_rollout``).
+
+Not included: XLA workspace and fragmentation, the eval step.
 """
 
 from __future__ import annotations
@@ -199,6 +202,9 @@ class MemoryPlan:
     grads: int
     activation_parts: dict[str, int]
     transient_parts: dict[str, int]
+    # On-policy runs: what sampling a rollout holds beside the train state
+    # (`jaxpt.cli.plan_rollout`); empty otherwise.
+    rollout_parts: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def activations(self) -> int:
@@ -207,6 +213,15 @@ class MemoryPlan:
     @property
     def transient(self) -> int:
         return sum(self.transient_parts.values())
+
+    @property
+    def rollout(self) -> int:
+        return sum(self.rollout_parts.values())
+
+    @property
+    def rollout_peak(self) -> int:
+        """While sampling: the resident train state plus the rollout's buffers."""
+        return self.params + self.frozen + self.opt_state + self.rollout if self.rollout else 0
 
     @property
     def total(self) -> int:
@@ -224,10 +239,21 @@ def _sequence_shape(cfg) -> tuple[int, int]:
     """(S, T) of the algorithm's train step."""
     if cfg.algorithm == "dpo":
         return 2, cfg.data.max_length
-    if cfg.algorithm in ("grpo", "ppo"):
-        g = cfg.section(cfg.algorithm)
+    g = _on_policy_section(cfg)
+    if g is not None:
         return 1, g.max_prompt_length + g.max_completion_length
     return 1, cfg.data.max_length
+
+
+def _on_policy_section(cfg):
+    from jaxpt.config import ConfigError
+    from jaxpt.rl.config import OnPolicySection
+
+    try:
+        sec = cfg.section(cfg.algorithm)
+    except ConfigError:
+        return None
+    return sec if isinstance(sec, OnPolicySection) else None
 
 
 def _has_reference(cfg) -> bool:
@@ -242,7 +268,7 @@ def _has_reference(cfg) -> bool:
         return cfg.section("grpo").beta > 0
     if cfg.algorithm == "ppo":
         return cfg.section("ppo").kl_coef > 0
-    return False
+    return cfg.algorithm == "online_dpo"
 
 
 def plan_memory(cfg, model_cfg, n_devices: int) -> MemoryPlan:
@@ -250,6 +276,7 @@ def plan_memory(cfg, model_cfg, n_devices: int) -> MemoryPlan:
     import jax
     import numpy as np
 
+    from jaxpt.cli.plan_rollout import rollout_memory
     from jaxpt.engine import lora as lora_lib
     from jaxpt.engine.state import make_optimizer, shardings_like_params
     from jaxpt.sharding import TRAIN_RULES, ShardingError, batch_divisor, param_shardings
@@ -342,6 +369,7 @@ def plan_memory(cfg, model_cfg, n_devices: int) -> MemoryPlan:
         grads=grads,
         activation_parts=acts,
         transient_parts=trans,
+        rollout_parts=rollout_memory(cfg, model_cfg, mesh, params, local_bytes),
     )
 
 
@@ -451,11 +479,16 @@ def format_plan(plan: MemoryPlan, cfg, model_cfg, memory_gib: float | None = Non
     lines.append(f"{'  transient buffers (estimate)':44s}{_mib(plan.transient)}")
     lines += [f"{'    ' + k:44s}{_mib(v)}" for k, v in plan.transient_parts.items()]
     lines.append(f"{'  total':44s}{_mib(plan.total)}")
+    if plan.rollout_parts:
+        lines.append(f"{'  rollout, beside params + optimizer state':44s}{_mib(plan.rollout)}")
+        lines += [f"{'    ' + k:44s}{_mib(v)}" for k, v in plan.rollout_parts.items()]
+        lines.append(f"{'  total while sampling':44s}{_mib(plan.rollout_peak)}")
+    peak = max(plan.total, plan.rollout_peak)
     if memory_gib:
         cap = memory_gib * 2**30
-        verdict = "fits" if plan.total <= cap else "DOES NOT FIT"
+        verdict = "fits" if peak <= cap else "DOES NOT FIT"
         lines.append(
-            f"{verdict} in {memory_gib:g} GiB per device ({100 * plan.total / cap:.0f}% used; "
+            f"{verdict} in {memory_gib:g} GiB per device ({100 * peak / cap:.0f}% used; "
             "XLA needs some headroom beyond this estimate)"
         )
     return "\n".join(lines)
@@ -515,5 +548,6 @@ def run_plan(args) -> int:
 def plan_to_dict(plan: MemoryPlan) -> dict[str, Any]:
     """JSON-ready bytes per device (for scripts)."""
     out = dataclasses.asdict(plan)
-    out.update(activations=plan.activations, transient=plan.transient, total=plan.total)
+    out.update(activations=plan.activations, transient=plan.transient, total=plan.total,
+               rollout=plan.rollout, rollout_peak=plan.rollout_peak)
     return json.loads(json.dumps(out))

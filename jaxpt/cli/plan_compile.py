@@ -36,20 +36,21 @@ def fits(p: aot.CompiledProgram, topo: aot.Topology) -> bool:
 
 
 def format_compiled(results, cfg, topo: aot.Topology, n_devices: int) -> str:
+    w = max(16, *(len(p.name) + 2 for p in results))  # the name column
     lines = [
         f"jaxpt plan --compile: {cfg.source} ({cfg.algorithm}) on {topo.name} "
         f"({n_devices} devices, {topo.hbm_gib:g} GiB HBM each), mesh data={cfg.mesh.data} "
         f"fsdp={cfg.mesh.fsdp} tensor={cfg.mesh.tensor}, attention {cfg.model.attention}",
         "",
-        f"{'program':16s}{'args':>10s}{'outputs':>10s}{'temps':>10s}{'code':>8s}"
+        f"{'program':{w}s}{'args':>10s}{'outputs':>10s}{'temps':>10s}{'code':>8s}"
         f"{'aliased':>10s}{'total':>10s}  MiB per device",
     ]
     for p in results:
         if p.error:
-            lines.append(f"{p.name:16s}DOES NOT COMPILE: {p.error}")
+            lines.append(f"{p.name:{w}s}DOES NOT COMPILE: {p.error}")
             continue
         lines.append(
-            f"{p.name:16s}{p.arguments / MiB:10.0f}{p.outputs / MiB:10.0f}"
+            f"{p.name:{w}s}{p.arguments / MiB:10.0f}{p.outputs / MiB:10.0f}"
             f"{p.temporaries / MiB:10.0f}{p.generated_code / MiB:8.1f}{p.aliased / MiB:10.0f}"
             f"{p.total / MiB:10.0f}  {'fits' if fits(p, topo) else 'DOES NOT FIT'} "
             f"({100 * p.total / (topo.hbm_gib * 2**30):.0f}% of HBM)"
@@ -59,7 +60,7 @@ def format_compiled(results, cfg, topo: aot.Topology, n_devices: int) -> str:
         if p.flops:
             at_peak = p.flops / (n_devices * topo.peak_bf16_flops)
             lines.append(
-                f"{p.name:16s}{p.flops:.3e} model FLOPs per call; >= {at_peak * 1e3:.1f} ms "
+                f"{p.name:{w}s}{p.flops:.3e} model FLOPs per call; >= {at_peak * 1e3:.1f} ms "
                 f"at {topo.peak_bf16_flops / 1e12:g} TFLOP/s x {n_devices} (bf16 peak)"
             )
     return "\n".join(lines)
