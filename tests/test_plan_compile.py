@@ -167,3 +167,13 @@ def test_the_plan_counts_the_continuous_engines_slots(tmp_path):
     (name, got), = slots.items()
     assert name == "KV cache (continuous, 4 rows, 255 slots)"
     assert got == 1 * 2 * 255 * 128 * 2 * 2 + 1 * 255 * 4 * 2  # 4 slots over 4 devices
+
+
+def test_online_dpo_programs_compile(tmp_path, capsys):
+    path = write_run(tmp_path, TINY, algorithm="online_dpo", online_dpo={
+        "max_prompt_length": 128, "max_completion_length": 128, "task": "arithmetic"})
+    rc, report = compiled(capsys, path)
+    assert rc == 0, report
+    assert [p["name"].split(" (")[0] for p in report["programs"]] == [
+        "train step", "rollout prefill", "rollout decode"]
+    assert all(p["error"] is None and p["fits"] for p in report["programs"])

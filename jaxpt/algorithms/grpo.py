@@ -266,6 +266,21 @@ def make_grpo_loss_fn(graphdef, grpo: GRPOSection, *, impl: str, with_entropy: b
     return loss_fn
 
 
+def grpo_program(cfg: RunConfig, bundle, total_steps: int):
+    """(shared-prompt layout?, the batch's shardings, the ``TrainProgram``) of a run."""
+    grpo: GRPOSection = cfg.section("grpo")
+    t = cfg.train
+    loss_fn = make_grpo_loss_fn(bundle.graphdef, grpo, impl=t.logprob_impl,
+                                with_entropy=t.with_entropy)
+    share = layout.use_shared_prompt(grpo.share_prompt, group_size=grpo.num_generations,
+                                     batch_size=t.batch_size, grad_accum=t.grad_accum,
+                                     mesh=bundle.mesh, where=cfg.source)
+    batch_sh = es.batch_shardings(GRPOBatch.ndims(grpo, share), bundle.mesh)
+    program = eb.train_program(cfg, bundle, total_steps, loss_fn, batch_sh,
+                               batch_stats_fn=make_batch_stats(grpo), reference=grpo.beta > 0)
+    return share, batch_sh, program
+
+
 def aot_programs(cfg: RunConfig, bundle) -> list:
     """The train step on a rollout batch at the section's full widths (in the layout the run
     would use) and the rollout's prefill and decode loop, for ``jaxpt plan --compile``
@@ -273,14 +288,8 @@ def aot_programs(cfg: RunConfig, bundle) -> list:
     from jaxpt.rl.aot import full_rows, rollout_programs, train_step_program
 
     grpo: GRPOSection = cfg.section("grpo")
-    t, G, R = cfg.train, grpo.num_generations, cfg.train.batch_size
-    loss_fn = make_grpo_loss_fn(bundle.graphdef, grpo, impl=t.logprob_impl,
-                                with_entropy=t.with_entropy)
-    share = layout.use_shared_prompt(grpo.share_prompt, group_size=G, batch_size=R,
-                                     grad_accum=t.grad_accum, mesh=bundle.mesh, where=cfg.source)
-    batch_sh = es.batch_shardings(GRPOBatch.ndims(grpo, share), bundle.mesh)
-    program = eb.train_program(cfg, bundle, t.max_steps or 1000, loss_fn, batch_sh,
-                               batch_stats_fn=make_batch_stats(grpo), reference=grpo.beta > 0)
+    G, R = grpo.num_generations, cfg.train.batch_size
+    share, batch_sh, program = grpo_program(cfg, bundle, cfg.train.max_steps or 1000)
     P, C = grpo.max_prompt_length, grpo.max_completion_length
     if grpo.prefix_rft_ratio > 0:  # prefix + continuation, the prefix width rounded to 16
         C += -(-grpo.max_demo_length // 16) * 16
@@ -303,13 +312,7 @@ def build_grpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     run = start_on_policy(cfg, "grpo", mesh=mesh, multi_process=True,
                           demonstrations=grpo.sft_weight > 0 or grpo.prefix_rft_ratio > 0)
     bundle, mesh, tok = run.bundle, run.mesh, run.bundle.tokenizer
-    loss_fn = make_grpo_loss_fn(bundle.graphdef, grpo, impl=t.logprob_impl,
-                                with_entropy=t.with_entropy)
-    share = layout.use_shared_prompt(grpo.share_prompt, group_size=G, batch_size=t.batch_size,
-                                     grad_accum=t.grad_accum, mesh=mesh, where=cfg.source)
-    batch_sh = es.batch_shardings(GRPOBatch.ndims(grpo, share), mesh)
-    program = eb.train_program(cfg, bundle, run.total_steps, loss_fn, batch_sh,
-                               batch_stats_fn=make_batch_stats(grpo), reference=grpo.beta > 0)
+    share, batch_sh, program = grpo_program(cfg, bundle, run.total_steps)
     ts = program.trainable
     params_of_state, decode_sh = decode_policy(ts, bundle.params, mesh)
     sampler = run.sampler(decode_sh, grpo.advantages)

@@ -218,17 +218,43 @@ class OnlineDPOParts(eb.RunParts):
     share_prompt: bool
 
 
+def online_dpo_program(cfg: RunConfig, bundle, total_steps: int):
+    """(shared-prompt layout?, the batch's shardings, the ``TrainProgram``) of a run."""
+    sec: OnlineDPOSection = cfg.section("online_dpo")
+    t = cfg.train
+    share = layout.use_shared_prompt(sec.share_prompt, group_size=2, batch_size=t.batch_size,
+                                     grad_accum=t.grad_accum, mesh=bundle.mesh,
+                                     where=cfg.source)
+    batch_sh = es.batch_shardings(OnlineDPOBatch.ndims(share), bundle.mesh)
+    loss_fn = make_online_dpo_loss_fn(bundle.graphdef, sec, impl=t.logprob_impl)
+    program = eb.train_program(cfg, bundle, total_steps, loss_fn, batch_sh,
+                               batch_stats_fn=batch_stats, reference=True)
+    return share, batch_sh, program
+
+
+def aot_programs(cfg: RunConfig, bundle) -> list:
+    """The train step on a step's pairs at full widths and the rollout's prefill and decode
+    loop, for ``jaxpt plan --compile``."""
+    from jaxpt.rl.aot import full_rows, rollout_programs, train_step_program
+
+    sec: OnlineDPOSection = cfg.section("online_dpo")
+    R, P, C = cfg.train.batch_size, sec.max_prompt_length, sec.max_completion_length
+    share, batch_sh, program = online_dpo_program(cfg, bundle, cfg.train.max_steps or 1000)
+    batch = OnlineDPOBatch(full_rows(R, P, C), np.ones(R, np.float32),
+                           np.zeros((R, C), np.float32))
+    if share:
+        batch = layout.to_shared_prompt(batch, 2)
+    return [train_step_program(program, batch, batch_sh, bundle, rows=R, length=P + C,
+                               forwards=1),
+            *rollout_programs(sec, bundle, R)]
+
+
 def build_online_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     sec: OnlineDPOSection = cfg.section("online_dpo")
     t, G = cfg.train, 2
     run = start_on_policy(cfg, "online_dpo", mesh=mesh)
     bundle, mesh = run.bundle, run.mesh
-    share = layout.use_shared_prompt(sec.share_prompt, group_size=G, batch_size=t.batch_size,
-                                     grad_accum=t.grad_accum, mesh=mesh, where=cfg.source)
-    batch_sh = es.batch_shardings(OnlineDPOBatch.ndims(share), mesh)
-    loss_fn = make_online_dpo_loss_fn(bundle.graphdef, sec, impl=t.logprob_impl)
-    program = eb.train_program(cfg, bundle, run.total_steps, loss_fn, batch_sh,
-                               batch_stats_fn=batch_stats, reference=True)
+    share, batch_sh, program = online_dpo_program(cfg, bundle, run.total_steps)
     ts = program.trainable
     params_of_state, decode_sh = decode_policy(ts, bundle.params, mesh)
     sampler = run.sampler(decode_sh)  # rewards are ranked in make_batch, not advantages
