@@ -26,8 +26,10 @@ $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 demo: setup
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(BIN)/jaxpt train configs/grpo_arithmetic_tiny.yaml
 
+# Two workers, one test file each at a time (a file's module fixtures are built once).
+TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check jaxpt tests bench

@@ -20,6 +20,22 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The compile-for-TPU tests only compile; libtpu's one-process lockfile must not fail them
 # when another process on the machine has loaded libtpu (jaxpt.engine.aot does the same).
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# One persistent XLA compilation cache for the session, its xdist workers and the processes
+# its tests start (they inherit the variable): the suite builds the same small programs
+# many times over (every tiny trainer, every resume), and XLA's CPU compile is most of a
+# test's time. Removed at the end by the process that made it; a run with its own
+# JAX_COMPILATION_CACHE_DIR keeps it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    _XLA_CACHE = tempfile.mkdtemp(prefix="jaxpt-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    # A size cap turns on JAX's file lock, so concurrent writers never tear an entry.
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+    atexit.register(shutil.rmtree, _XLA_CACHE, True)
 
 
 def shared_data_dir() -> Path | None:
