@@ -17,6 +17,10 @@ Exact per device, from the same shardings the decode loop uses (``DecodeSharding
 * decode params: the policy in the decode preset (weights over tensor only), a copy beside
   the train params on a mesh of more than one device or with LoRA (merged weights);
 * completion tokens and log-probs, R x M x (4 + 4); one step's fp32 logits, N x V x 4.
+
+These are logical bytes: on a TPU the cache's minor dimension is padded to 128 lanes, so a
+head_dim of 64 takes twice the plan's figure there (``jaxpt plan --compile`` shows it;
+BENCHMARKS.md).
 """
 
 from __future__ import annotations
