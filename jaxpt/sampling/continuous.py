@@ -47,7 +47,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpt.models.decoder import KVCache
 from jaxpt.sampling.loop import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -59,6 +58,7 @@ from jaxpt.sampling.loop import (
     check_ids_and_loop,
     check_sampling_args,
 )
+from jaxpt.sampling.prefill import prompt_forward
 from jaxpt.sampling.samplers import Sampler
 from jaxpt.sampling.step import (
     DecodeCache,
@@ -112,25 +112,11 @@ class SlotState:
 def prefill_prompts(graphdef, params, prompt_ids_BP, prompt_mask_BP) -> PromptSource:
     """Run the B prompts (any padding) once; keep their cache and last-token logits."""
     model = nnx.merge(graphdef, params)
-    B, P = prompt_ids_BP.shape
-    mask_BP = prompt_mask_BP.astype(bool)
-    segment_ids_BP = mask_BP.astype(jnp.int32)
-    positions_BP = jnp.where(mask_BP, jnp.cumsum(segment_ids_BP, axis=1) - 1, 0)
-    cache = KVCache.init(model.cfg, B, P)
-    hidden_BPE, cache = model(
-        prompt_ids_BP.astype(jnp.int32),
-        positions_BP,
-        segment_ids_BP,
-        cache=cache,
-        cache_index=jnp.zeros((), jnp.int32),
-    )
-    last_B = P - 1 - jnp.argmax(mask_BP[:, ::-1], axis=1)
-    hidden_B1E = jnp.take_along_axis(hidden_BPE, last_B[:, None, None], axis=1)
-    logits_BV = model.logits(hidden_B1E)[:, 0].astype(jnp.float32)
+    cache, logits_BV, prompt_len_B = prompt_forward(model, prompt_ids_BP, prompt_mask_BP)
     dc = cache_from_prefill(cache, 1, 0)  # decode layout [L, B, K, P, D]
     return PromptSource(
         dc.k_LRKSD, dc.v_LRKSD, dc.positions_RS, dc.segment_ids_RS,
-        segment_ids_BP.sum(axis=1), logits_BV,
+        prompt_len_B, logits_BV.astype(jnp.float32),
     )
 
 

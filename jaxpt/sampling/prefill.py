@@ -22,6 +22,30 @@ from jaxpt.sampling.state import DecodeState, _constrain, _is_stop
 from jaxpt.sampling.step import cache_from_prefill
 
 
+def prompt_forward(model, prompt_ids_BP, prompt_mask_BP, *, shardings=None):
+    """The B prompts (padded anywhere) through ``model`` once: (their KV cache [B, P slots],
+    the logits at each row's last real token [B, V], the prompt lengths [B]). Padding gets
+    segment id 0 (never attended), real tokens segment 1 and positions 0..len-1."""
+    B, P = prompt_ids_BP.shape
+    mask_BP = prompt_mask_BP.astype(bool)
+    segment_ids_BP = mask_BP.astype(jnp.int32)
+    positions_BP = jnp.where(mask_BP, jnp.cumsum(segment_ids_BP, axis=1) - 1, 0)
+    cache = KVCache.init(model.cfg, B, P)
+    if shardings is not None:
+        cache = _constrain(cache, shardings.cache(cache))
+    hidden_BPE, cache = model(
+        prompt_ids_BP.astype(jnp.int32),
+        positions_BP,
+        segment_ids_BP,
+        cache=cache,
+        cache_index=jnp.zeros((), jnp.int32),
+    )
+    # Logits only at each row's last real token (P-1 for left padding).
+    last_B = P - 1 - jnp.argmax(mask_BP[:, ::-1], axis=1)
+    hidden_B1E = jnp.take_along_axis(hidden_BPE, last_B[:, None, None], axis=1)
+    return cache, model.logits(hidden_B1E)[:, 0], segment_ids_BP.sum(axis=1)
+
+
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -50,28 +74,10 @@ def prefill(
 ) -> DecodeState:
     """Run the prompts once, expand to num_samples rows each, sample token 0."""
     model = nnx.merge(graphdef, params)
-    cfg = model.cfg
-    B, P = prompt_ids_BP.shape
     M, n = max_new_tokens, num_samples
 
-    mask_BP = prompt_mask_BP.astype(bool)
-    segment_ids_BP = mask_BP.astype(jnp.int32)
-    positions_BP = jnp.where(mask_BP, jnp.cumsum(segment_ids_BP, axis=1) - 1, 0)
-    prompt_len_B = segment_ids_BP.sum(axis=1)
-    cache = KVCache.init(cfg, B, P)
-    if shardings is not None:
-        cache = _constrain(cache, shardings.cache(cache))
-    hidden_BPE, cache = model(
-        prompt_ids_BP.astype(jnp.int32),
-        positions_BP,
-        segment_ids_BP,
-        cache=cache,
-        cache_index=jnp.zeros((), jnp.int32),
-    )
-    # Logits only at each row's last real token (P-1 for left padding).
-    last_B = P - 1 - jnp.argmax(mask_BP[:, ::-1], axis=1)
-    hidden_B1E = jnp.take_along_axis(hidden_BPE, last_B[:, None, None], axis=1)
-    logits_BV = model.logits(hidden_B1E)[:, 0]
+    cache, logits_BV, prompt_len_B = prompt_forward(model, prompt_ids_BP, prompt_mask_BP,
+                                                    shardings=shardings)
     return _first_token_state(
         cache,
         logits_BV,
