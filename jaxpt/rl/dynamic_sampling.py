@@ -205,11 +205,15 @@ def repad(batches: list, pad_id: int) -> list:
     with ``metadata={"per_token": True}``: [R, C] like ``rows``), right-padded with 0."""
     out = list(batches)
     C = max(b.rows.widths[1] for b in batches)
+
+    def pad_right(v):
+        v = np.asarray(v)
+        return np.pad(v, ((0, 0), (0, C - v.shape[1])))
+
     for f in dataclasses.fields(batches[0]):
         if f.metadata.get("per_token") and getattr(batches[0], f.name) is not None:
-            out = [dataclasses.replace(b, **{f.name: np.pad(
-                v, ((0, 0), (0, C - v.shape[1])))}) for b in out
-                   for v in [np.asarray(getattr(b, f.name))]]
+            out = [dataclasses.replace(b, **{f.name: pad_right(getattr(b, f.name))})
+                   for b in out]
             continue
         if not isinstance(getattr(batches[0], f.name), TokenRows):
             continue
