@@ -109,8 +109,8 @@ def run_jaxpt(args) -> dict:
     import jax
     import yaml
 
-    from jaxpt.algorithms.dpo import build_dpo_trainer
     from jaxpt.config import load_config
+    from jaxpt.trainers.dpo import build_dpo_trainer
 
     cfg_path = Path(args.workdir) / "jaxpt.yaml"
     cfg_path.write_text(

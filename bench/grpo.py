@@ -12,7 +12,7 @@ batch, so no old/reference log-probs). Completions are exactly 64 tokens on both
 (jaxpt: no stop ids; TRL: ``min_new_tokens=64``) so both decode the same work; ``--eos``
 lets both stop at the end-of-turn token instead.
 
-jaxpt side: the GRPO trainer (``jaxpt.algorithms.grpo.build_grpo_trainer``) driven step by
+jaxpt side: the GRPO trainer (``jaxpt.trainers.grpo.build_grpo_trainer``) driven step by
 step: rollout = its batch source (jitted KV-cache decode with 4 samples per prefill,
 rewards, group advantages); train = its jitted step (decoder over each group's prompt once
 and its 4 completions, the ``share_prompt`` layout, fused log-prob kernel on the completion
@@ -71,8 +71,8 @@ def bench_jaxpt(warmup: int, steps: int, eos: bool) -> dict[str, list[float]]:
     source rolls out (decode, rewards, advantages) and its jitted step trains."""
     import jax
 
-    from jaxpt.algorithms.grpo import build_grpo_trainer
     from jaxpt.config import build_config
+    from jaxpt.trainers.grpo import build_grpo_trainer
 
     out_dir = tempfile.mkdtemp(prefix="bench_grpo_")
     cfg = build_config(

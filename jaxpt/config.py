@@ -18,14 +18,14 @@ Sections are frozen dataclasses. The common ones (`model`, `data`, `optim`, `tra
 `lora`, `checkpoint`, `mesh`, `logging`) are fields of :class:`RunConfig`; each algorithm
 adds its own section (`sft:`, `dpo:`, `grpo:` ...) with :func:`register_section`, and reads
 it back with ``cfg.section("dpo")`` (or ``cfg.dpo``). A section that is not registered yet
-is looked up by importing ``jaxpt.algorithms.<name>`` (the trainer module registers it), so a
+is looked up by importing ``jaxpt.algorithms.<name>`` (the algorithm module registers it), so a
 new algorithm plugs in without touching the loader.
 
-``algorithm:`` names jaxpt's own algorithms by name (``sft`` -> ``jaxpt.algorithms.sft``) and
+``algorithm:`` names jaxpt's own algorithms by name (``sft`` -> ``jaxpt.trainers.sft``) and
 any other by import path (``algorithm: mypkg.my_algo``): that module is imported when the
 config loads, so the sections it registers are known to the loader (an import path that
 does not import is an error naming the key), and it registers its trainer under its
-import path (``register_builder(__name__, build)``, see ``jaxpt.algorithms.registry``).
+import path (``register_builder(__name__, build)``, see ``jaxpt.trainers.registry``).
 
 Every key is checked: an unknown key, or a value of the wrong type, is an error naming the
 file (or ``command line``) and the dotted key path, with a did-you-mean suggestion.
@@ -232,19 +232,21 @@ def _import_if_present(module: str) -> bool:
     return True
 
 
-def algorithm_module(name: str) -> str | None:
-    """The module that defines algorithm `name`: ``jaxpt.algorithms.<name>`` for a plain
-    name, `name` itself for an import path (``mypkg.my_algo``), None for anything else."""
+def trainer_module(name: str) -> str | None:
+    """The module that registers algorithm `name`'s trainer: ``jaxpt.trainers.<name>`` for a
+    plain name (it imports ``jaxpt.algorithms.<name>``, which registers the sections), `name`
+    itself for an import path (``mypkg.my_algo``: one module may be both), None otherwise."""
     if _IMPORT_PATH.fullmatch(name):
         return name
-    return f"jaxpt.algorithms.{name}" if _NAME.fullmatch(name) else None
+    return f"jaxpt.trainers.{name}" if _NAME.fullmatch(name) else None
 
 
 def import_algorithm(name: str, where: str = "algorithm") -> None:
-    """Import the module of algorithm `name` (it registers its trainer and sections). A
-    plain name with no module in ``jaxpt.algorithms`` is left to the trainer lookup; an
-    import path that does not import is a ConfigError starting with `where`."""
-    module = algorithm_module(name)
+    """Import the trainer module of algorithm `name` (it registers its trainer and, through
+    its algorithm module, its sections). A plain name with no module in ``jaxpt.trainers``
+    is left to the trainer lookup; an import path that does not import is a ConfigError
+    starting with `where`."""
+    module = trainer_module(name)
     if module is not None and not _import_if_present(module) and module == name:
         raise ConfigError(
             f"{where}: {name!r} is not a jaxpt algorithm and no module {name!r} can be "

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from jaxpt.algorithms.registry import get_trainer
 from jaxpt.config import (
     ConfigError,
     RunConfig,
@@ -18,6 +17,7 @@ from jaxpt.config import (
     parse_override,
     register_section,
 )
+from jaxpt.trainers.registry import get_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 

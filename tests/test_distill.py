@@ -197,8 +197,8 @@ def distill_config(tmp_path, tiny, *, lora=None, **distill):
 def test_distill_run_moves_the_student_to_the_teacher(tmp_path, tiny):
     """6 steps, half of the rounds on the dataset's completions: the JSD to a teacher of
     another size falls, both kinds of rounds occur, and the teacher is in state.frozen."""
-    from jaxpt.algorithms.distill import build_distill_trainer
     from jaxpt.engine.loop import run
+    from jaxpt.trainers.distill import build_distill_trainer
 
     cfg = distill_config(tmp_path, tiny, lmbda=0.5, beta=0.5)
     tr = build_distill_trainer(cfg)
@@ -221,8 +221,8 @@ def test_reverse_kl_reward_run(tmp_path, tiny):
     tokens' reverse KL (student log-prob - teacher log-prob, > 0 on average: the student
     samples what it finds likely), and the student moves. With LoRA: the base is
     state.frozen["student"] beside the teacher, and the adapters train."""
-    from jaxpt.algorithms.distill import build_distill_trainer
     from jaxpt.engine.loop import run
+    from jaxpt.trainers.distill import build_distill_trainer
 
     cfg = distill_config(tmp_path, tiny, loss="reverse_kl_reward", lmbda=1.0, kl_coef=0.5,
                          lora={"rank": 4})
@@ -245,7 +245,7 @@ def test_reverse_kl_reward_run(tmp_path, tiny):
 
 
 def test_teacher_with_another_tokenizer_is_refused(tmp_path, tiny):
-    from jaxpt.algorithms.distill import build_distill_trainer
+    from jaxpt.trainers.distill import build_distill_trainer
 
     student, _, other, _ = tiny
     cfg = distill_config(tmp_path, tiny, teacher=str(other))
@@ -258,7 +258,8 @@ def test_teacher_with_another_tokenizer_is_refused(tmp_path, tiny):
 
 
 def test_section_checks(tmp_path, tiny):
-    from jaxpt.algorithms.distill import DistillSection, build_distill_trainer
+    from jaxpt.algorithms.distill import DistillSection
+    from jaxpt.trainers.distill import build_distill_trainer
 
     with pytest.raises(ValueError, match=r"distill.beta=1.5: must be in \[0, 1\]"):
         DistillSection(beta=1.5)

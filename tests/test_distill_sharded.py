@@ -11,7 +11,8 @@ from train_utils import tiny_model_config
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 2, 2)]
 
 DISTILL_CODE = """
-from jaxpt.algorithms.distill import DistillBatch, build_distill_trainer
+from jaxpt.algorithms.distill import DistillBatch
+from jaxpt.trainers.distill import build_distill_trainer
 from jaxpt.rl.layout import rollout_sequences
 cfg = load_config({path!r})
 # Student (2 layers) + teacher (3 layers) forward, then the tiles and the update.

@@ -21,13 +21,7 @@ from flax import nnx
 from tolerances import assert_reordered_close, assert_trees_reordered_close, rejects, run_depth
 from train_utils import make_tiny_tokenizer_and_model, read_metrics
 
-from jaxpt.algorithms.dpo import (
-    DPOBatch,
-    DPOSection,
-    build_dpo_trainer,
-    dpo_batch_stats,
-    make_dpo_loss_fn,
-)
+from jaxpt.algorithms.dpo import DPOBatch, DPOSection, dpo_batch_stats, make_dpo_loss_fn
 from jaxpt.config import ConfigError, load_config
 from jaxpt.data.packing import (
     collate_preference,
@@ -43,6 +37,7 @@ from jaxpt.losses.dpo import DPOLossConfig
 from jaxpt.models.config import decoder_forward_flops
 from jaxpt.models.decoder import init_model
 from jaxpt.rl.scoring import RefLogps
+from jaxpt.trainers.dpo import build_dpo_trainer
 from jaxpt.tree import path_names
 
 LOG2 = math.log(2.0)
@@ -514,7 +509,7 @@ def test_sharded_precomputed_run_matches_single_device_online(tiny, tmp_path):
         import json, jax
         from jaxpt.config import load_config
         from jaxpt.sharding import make_mesh
-        from jaxpt.algorithms.dpo import build_dpo_trainer
+        from jaxpt.trainers.dpo import build_dpo_trainer
         from jaxpt.engine.loop import run
         single = make_mesh(1, 1, 1, devices=jax.devices()[:1])
         for name, path in {{"single": {str(paths["single"])!r},

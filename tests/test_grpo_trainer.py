@@ -255,7 +255,7 @@ def test_shared_prompt_step_equals_flat_step(tmp_path, tiny):
     """The trainer with share_prompt=always and =never: same rollouts, same first-step
     loss, gradient norm and entropy (the layout changes the work, not the math)."""
     runs = {}
-    from jaxpt.algorithms.grpo import build_grpo_trainer
+    from jaxpt.trainers.grpo import build_grpo_trainer
 
     for mode in ("always", "never"):
         (tmp_path / mode).mkdir()
@@ -306,7 +306,7 @@ def grpo_config(tmp_path, tiny, **sections):
 
 
 def run_grpo(cfg):
-    from jaxpt.algorithms.grpo import train_grpo
+    from jaxpt.trainers.grpo import train_grpo
 
     train_grpo(cfg)
     return read_metrics(cfg.out_dir)
@@ -349,7 +349,7 @@ def test_sft_hybrid_with_sft_warmup_then_rl(tmp_path, tiny):
 
 
 def test_batch_must_hold_whole_groups(tmp_path, tiny):
-    from jaxpt.algorithms.grpo import build_grpo_trainer
+    from jaxpt.trainers.grpo import build_grpo_trainer
 
     cfg = grpo_config(tmp_path, tiny, train={"batch_size": 6})
     with pytest.raises(ValueError, match="multiple of grpo.num_generations=4"):
@@ -360,7 +360,7 @@ def test_prefix_rft_rollouts_start_from_the_demonstration(tmp_path, tiny):
     """Prefix-RFT: the first rollout of each group starts with a prefix of the prompt's
     demonstration (its tokens are the completion's first tokens), the others are the
     policy's own; the prefix gets the SFT loss and the continuation the RL loss."""
-    from jaxpt.algorithms.grpo import build_grpo_trainer
+    from jaxpt.trainers.grpo import build_grpo_trainer
 
     cfg = grpo_config(tmp_path, tiny, grpo={"prefix_rft_ratio": 0.25, "prefix_min_fraction": 0.3,
                                             "prefix_max_fraction": 0.6},
@@ -432,7 +432,7 @@ def test_dynamic_sampling_keeps_the_batch_shape_and_stops(tmp_path, tiny, reward
     """With no signal anywhere (constant reward) dynamic sampling stops after
     max_sampling_rounds and fills the batch (zero advantages); with a dense reward the
     first round already fills it."""
-    from jaxpt.algorithms.grpo import build_grpo_trainer
+    from jaxpt.trainers.grpo import build_grpo_trainer
 
     cfg = grpo_config(tmp_path, tiny, grpo={"dynamic_sampling": True, "max_sampling_rounds": 3,
                                             "dynamic_sampling_fill": fill,

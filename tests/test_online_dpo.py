@@ -13,12 +13,7 @@ import pytest
 import yaml
 from train_utils import make_tiny_tokenizer_and_model, read_metrics
 
-from jaxpt.algorithms.online_dpo import (
-    OnlineDPOSection,
-    contains_eos,
-    make_pair_batch,
-    rank_pairs,
-)
+from jaxpt.algorithms.online_dpo import OnlineDPOSection, contains_eos, make_pair_batch, rank_pairs
 from jaxpt.rl.layout import rollout_sequences
 
 EOS = 7

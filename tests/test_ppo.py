@@ -144,7 +144,7 @@ def ppo_config(tmp_path, tiny, name="run", **sections):
 
 
 def run_ppo(cfg):
-    from jaxpt.algorithms.ppo import train_ppo
+    from jaxpt.trainers.ppo import train_ppo
 
     train_ppo(cfg)
     return [r for r in read_metrics(cfg.out_dir) if "loss" in r]

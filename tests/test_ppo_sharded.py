@@ -13,7 +13,8 @@ MESHES = [(1, 1, 1), (1, 4, 2), (2, 2, 2)]  # fsdp x tensor, and every axis
 
 PPO_CODE = """
 import dataclasses
-from jaxpt.algorithms.ppo import PPOBatch, build_ppo_trainer
+from jaxpt.algorithms.ppo import PPOBatch
+from jaxpt.trainers.ppo import build_ppo_trainer
 from jaxpt.rl.layout import rollout_sequences
 cfg = load_config({path!r})
 

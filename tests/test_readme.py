@@ -656,7 +656,7 @@ def test_architecture_names_existing_files():
         b for b in fenced_blocks(README.read_text(), ("",)) if b.lstrip().startswith("jaxpt/")
     ]
     named = architecture_paths(block)
-    assert "jaxpt/algorithms/registry.py" in named and "bench/plot.py" in named, named
+    assert "jaxpt/trainers/registry.py" in named and "bench/plot.py" in named, named
     missing = [p for p in named if not (REPO / p).exists() and p not in PENDING_FILES]
     assert not missing, f"README architecture names files that do not exist: {missing}"
     # every subpackage and top-level module of jaxpt/ is on the map
@@ -666,8 +666,8 @@ def test_architecture_names_existing_files():
         if (p.is_dir() and (p / "__init__.py").exists()) or p.suffix == ".py"
     } - {"jaxpt/__init__.py"}
     assert in_code <= set(named), f"not in the README architecture: {sorted(in_code - set(named))}"
-    # and every module of the layout's packages (algorithms, rl, engine, cli)
-    for pkg in ("algorithms", "rl", "engine", "cli"):
+    # and every module of the layout's packages (algorithms, trainers, rl, engine, cli)
+    for pkg in ("algorithms", "trainers", "rl", "engine", "cli"):
         modules = {f"jaxpt/{pkg}/{p.name}" for p in (REPO / "jaxpt" / pkg).glob("*.py")}
         unnamed = modules - set(named) - {f"jaxpt/{pkg}/__init__.py", f"jaxpt/{pkg}/__main__.py"}
         assert not unnamed, f"not in the README architecture: {sorted(unnamed)}"

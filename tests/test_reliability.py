@@ -109,9 +109,9 @@ def test_export_hf_writes_beside_and_swaps_into_place(tmp_path):
 def test_nan_lr_skips_every_update_and_checkpoints_stay_finite(tiny, tmp_path):
     """optim.lr=nan (past config validation): finite loss and gradients, NaN update. The
     step must skip it, so the checkpoints hold the finite initial weights."""
-    from jaxpt.algorithms.sft import build_sft_trainer
     from jaxpt.engine.checkpoint import Checkpointer, abstract_like
     from jaxpt.engine.loop import NonFiniteError, run
+    from jaxpt.trainers.sft import build_sft_trainer
 
     cfg = config(tiny, tmp_path, train={"max_steps": 6, "max_bad_steps": 3},
                  checkpoint={"every": 2})
@@ -219,8 +219,8 @@ def test_bad_out_dir_fails_before_the_model_loads(tmp_path, capsys, where):
 
 
 def test_resume_skips_uncommitted_and_unreadable_steps(tiny, tmp_path, capsys):
-    from jaxpt.algorithms.sft import build_sft_trainer
     from jaxpt.engine.loop import run
+    from jaxpt.trainers.sft import build_sft_trainer
 
     cfg = config(tiny, tmp_path, train={"max_steps": 4}, checkpoint={"every": 2})
     run(build_sft_trainer(cfg))
@@ -336,8 +336,8 @@ def test_none_rewards_are_not_applicable_and_the_report_survives_nan_metrics(tmp
 def test_skipped_rows_are_reported_at_start_and_in_data_stats_json(tiny, tmp_path, capsys):
     import json
 
-    from jaxpt.algorithms.sft import build_sft_trainer
     from jaxpt.engine.loop import run
+    from jaxpt.trainers.sft import build_sft_trainer
 
     _, _, data_dir = tiny
     good = (data_dir / "gsm8k" / "train.jsonl").read_bytes().splitlines(keepends=True)[:40]
@@ -365,8 +365,8 @@ def test_a_non_finite_state_is_never_saved(tiny, tmp_path):
     written over the checkpoints; the error says so and names the last finite one."""
     import jax.numpy as jnp
 
-    from jaxpt.algorithms.sft import build_sft_trainer
     from jaxpt.engine.loop import NonFiniteError, run
+    from jaxpt.trainers.sft import build_sft_trainer
 
     cfg = config(tiny, tmp_path, train={"max_steps": 6, "max_bad_steps": 5},
                  checkpoint={"every": 2})

@@ -18,12 +18,7 @@ from conftest import run_with_devices
 from test_sharded_trainers import PRELUDE, parse_rows, tiny, write_config  # noqa: F401
 from train_utils import read_metrics
 
-from jaxpt.algorithms.reward import (
-    RewardSection,
-    bradley_terry_loss,
-    check_margins,
-    pair_collate,
-)
+from jaxpt.algorithms.reward import RewardSection, bradley_terry_loss, check_margins, pair_collate
 from jaxpt.cli import main as cli_main
 from jaxpt.config import ConfigError, load_config
 from jaxpt.data.tokenize import TokenizedPreference, tokenize_preference
@@ -174,9 +169,9 @@ def hf_scores(hf_dir, rows_ids, pad_id):
 @pytest.mark.e2e
 def test_tiny_run_exports_a_sequence_classifier_and_scores_as_rm(tiny, tmp_path):  # noqa: F811
     """The sharded tests' tiny model (one fixture for the module: one tokenizer training)."""
-    from jaxpt.algorithms.reward import build_reward_trainer
     from jaxpt.engine.loop import run as run_loop
     from jaxpt.rewards.registry import get_reward_function
+    from jaxpt.trainers.reward import build_reward_trainer
 
     model_dir, data_dir = tiny
     run = tmp_path / "run"
@@ -241,7 +236,7 @@ def test_tiny_run_exports_a_sequence_classifier_and_scores_as_rm(tiny, tmp_path)
 RM_MESHES = [(1, 1, 1), (2, 2, 2)]
 
 REWARD_CODE = """
-from jaxpt.algorithms.reward import build_reward_trainer
+from jaxpt.trainers.reward import build_reward_trainer
 cfg = load_config({path!r})
 ref = None
 for shape in MESHES:

@@ -107,7 +107,7 @@ def test_a_run_lines_up_the_decode_loops_logprobs_with_the_trainers(tmp_path, ti
     """The decode loop (KV cache, one token at a time) and the train step (whole rows)
     compute the same fp32 policy: every sampled token's log-probs agree to float error, so
     the ratios are 1 (a token shifted by one position would be off by whole nats)."""
-    from jaxpt.algorithms.grpo import train_grpo
+    from jaxpt.trainers.grpo import train_grpo
 
     model_dir, data_dir = tiny
     section = {"num_generations": 4, "max_completion_length": 8, "max_prompt_length": 128,

@@ -11,7 +11,7 @@ from test_sharded_trainers import MESHES, PRELUDE, check_rows, parse_rows, write
 tiny = sharded.tiny  # the tiny model fixture of test_sharded_trainers
 
 KTO_CODE = """
-from jaxpt.algorithms.kto import build_kto_trainer
+from jaxpt.trainers.kto import build_kto_trainer
 cfg = load_config({path!r})
 ref = None
 for shape in MESHES:
@@ -45,7 +45,8 @@ def test_kto_step_matches_single_device(tiny, tmp_path, data_dir):
 
 
 ONLINE_DPO_CODE = """
-from jaxpt.algorithms.online_dpo import OnlineDPOBatch, build_online_dpo_trainer
+from jaxpt.algorithms.online_dpo import OnlineDPOBatch
+from jaxpt.trainers.online_dpo import build_online_dpo_trainer
 from jaxpt.rl.layout import rollout_sequences
 cfg = load_config({path!r})
 

@@ -233,7 +233,7 @@ def check_rows(rows):
 
 
 SFT_CODE = """
-from jaxpt.algorithms.sft import build_sft_trainer
+from jaxpt.trainers.sft import build_sft_trainer
 cfg = load_config({path!r})
 ref = None
 for shape in MESHES:
@@ -285,7 +285,7 @@ def test_sft_step_matches_single_device(tiny, tmp_path):
 
 
 DPO_CODE = """
-from jaxpt.algorithms.dpo import build_dpo_trainer
+from jaxpt.trainers.dpo import build_dpo_trainer
 cfg = load_config({path!r})
 ref = None
 for shape in MESHES:
@@ -332,7 +332,8 @@ def test_dpo_step_matches_single_device(tiny, tmp_path, data_dir, share_prompt):
 
 
 GRPO_CODE = """
-from jaxpt.algorithms.grpo import GRPOBatch, build_grpo_trainer
+from jaxpt.algorithms.grpo import GRPOBatch
+from jaxpt.trainers.grpo import build_grpo_trainer
 from jaxpt.rl.layout import rollout_sequences
 cfg = load_config({path!r})
 ROLLOUT_MESHES = {rollout_meshes!r}
@@ -409,7 +410,7 @@ def test_grpo_step_and_rollout_match_single_device(tiny, tmp_path):
 RESHARD_CODE = """
 import dataclasses, shutil
 from jaxpt.config import MeshConfig
-from jaxpt.algorithms.sft import build_sft_trainer
+from jaxpt.trainers.sft import build_sft_trainer
 from jaxpt.engine.loop import run
 
 cfg = load_config({path!r})

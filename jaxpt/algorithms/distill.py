@@ -40,21 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpt.algorithms.registry import register_builder
-from jaxpt.config import RunConfig, register_section
+from jaxpt.config import register_section
 from jaxpt.data.pipeline import prompt_batch
-from jaxpt.engine import build as eb
-from jaxpt.engine import state as es
-from jaxpt.engine.loop import Trainer
 from jaxpt.losses import distill as losses
-from jaxpt.models import hub
 from jaxpt.rl import layout
 from jaxpt.rl.config import OnPolicySection
 from jaxpt.rl.hybrids import Demonstrations
 from jaxpt.rl.layout import TokenRows
-from jaxpt.rl.rollout import decode_policy
-from jaxpt.rl.run import start_on_policy
-from jaxpt.rl.scoring import make_score_fn
 from jaxpt.rl.source import RolloutSource
 
 
@@ -186,41 +178,6 @@ def make_distill_loss_fn(graphdef, teacher_graphdef, d: DistillSection, *, impl:
 # ----------------------------------------------------------------------------- the teacher
 
 
-def check_same_vocab(where: str, student_name: str, student_tok, student_vocab: int,
-                     teacher_name: str, teacher_tok, teacher_vocab: int) -> None:
-    """The teacher's distribution is compared with the student's token by token, so both
-    need one vocabulary: the same LM-head size and the same token -> id map. Raises a
-    ValueError naming both models and the first difference."""
-    head = (f"{where}: distill.teacher={teacher_name!r} and model.name={student_name!r} do not "
-            "share a vocabulary (distillation compares the two models' distributions over the "
-            "same token ids; use a teacher with the student's tokenizer): ")
-    if teacher_vocab != student_vocab:
-        raise ValueError(head + f"the teacher's LM head has {teacher_vocab} rows, the "
-                         f"student's {student_vocab}")
-    s_vocab, t_vocab = student_tok.get_vocab(), teacher_tok.get_vocab()
-    if s_vocab != t_vocab:
-        s_ids = {i: t for t, i in s_vocab.items()}
-        t_ids = {i: t for t, i in t_vocab.items()}
-        first = min(i for i in set(s_ids) | set(t_ids) if s_ids.get(i) != t_ids.get(i))
-        raise ValueError(head + f"the tokenizers have {len(t_vocab)} (teacher) and "
-                         f"{len(s_vocab)} (student) tokens; id {first} is "
-                         f"{t_ids.get(first)!r} in the teacher, {s_ids.get(first)!r} in the "
-                         "student")
-
-
-def load_teacher(cfg: RunConfig, d: DistillSection, student: eb.ModelBundle) -> eb.ModelBundle:
-    """The teacher in the student's mesh and training shardings, after checking that it
-    shares the student's vocabulary (before its weights are read)."""
-    if not d.teacher:
-        raise ValueError(f"{cfg.source}: distill.teacher is not set: name the teacher model "
-                         "(a name or path, as for model.name)")
-    resolved = hub.resolve(d.teacher)
-    check_same_vocab(cfg.source, cfg.model.name, student.tokenizer, student.model_cfg.vocab_size,
-                     d.teacher, resolved.tokenizer(), resolved.config().vocab_size)
-    teacher_cfg = cfg.replace(model=dataclasses.replace(cfg.model, name=d.teacher, tokenizer=None))
-    return eb.load_model_bundle(teacher_cfg, student.mesh)
-
-
 # ----------------------------------------------------------------------------- batches
 
 
@@ -250,67 +207,3 @@ class DistillSource(RolloutSource):
         lengths = rows.completion_mask.sum(axis=1) * self.section.num_generations
         return (DistillBatch(rows, np.zeros(R, np.float32)), np.zeros(R, np.float32),
                 {"distill/on_policy": 0.0, "completions/mean_length": float(lengths.mean())})
-
-
-@dataclasses.dataclass
-class DistillParts(eb.RunParts):
-    teacher: eb.ModelBundle  # its params live in the trainer's state.frozen["teacher"]
-
-
-def build_distill_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
-    d: DistillSection = cfg.section("distill")
-    t, G = cfg.train, d.num_generations
-    run = start_on_policy(cfg, "distill", mesh=mesh, demonstrations=d.lmbda < 1.0)
-    bundle, mesh = run.bundle, run.mesh
-    if d.lmbda < 1.0:
-        missing = [p for p in run.train_prompts if p.columns.get("completion") is None]
-        if missing:
-            raise ValueError(
-                f"{cfg.source}: distill.lmbda={d.lmbda} trains {1 - d.lmbda:.0%} of the rounds "
-                f"on the dataset's completions, but train row {missing[0].row} (and "
-                f"{len(missing) - 1} more) has no `completion` column (set distill.lmbda: 1 "
-                "for on-policy only)")
-    teacher = load_teacher(cfg, d, bundle)
-
-    loss_fn = make_distill_loss_fn(bundle.graphdef, teacher.graphdef, d, impl=t.logprob_impl)
-    batch_sh = es.batch_shardings(DistillBatch.ndims(d), mesh)
-    tx, schedule = es.make_optimizer(cfg.optim, run.total_steps)
-    ts = eb.build_train_state(bundle, cfg, tx)  # frozen: the LoRA base, or None
-    student_fn = ts.params_fn
-
-    def params_fn(params, frozen, rng):  # what the loss takes: both models
-        return {"student": student_fn(params, frozen["student"], rng),
-                "teacher": frozen["teacher"]}
-
-    state = ts.state.replace(frozen={"student": ts.state.frozen, "teacher": teacher.params})
-    shardings = ts.shardings.replace(
-        frozen={"student": ts.shardings.frozen, "teacher": teacher.params_sh})
-    step = es.make_train_step(loss_fn, tx, schedule, grad_accum=t.grad_accum,
-                              batch_stats_fn=batch_stats, params_fn=params_fn)
-    step_fn = es.compile_step(step, shardings, batch_sh, mesh)
-    # The student alone, for sampling, scoring and evaluation.
-    if student_fn is es.identity_params:
-        student_view = dataclasses.replace(ts, state=state, shardings=shardings)
-    else:
-        student_view = dataclasses.replace(
-            ts, state=state, shardings=shardings,
-            params_fn=lambda p, frozen, rng: student_fn(p, frozen["student"], rng))
-    params_of_state, decode_sh = decode_policy(student_view, bundle.params, mesh)
-    sampler = run.sampler(decode_sh)
-    score_fn = make_score_fn(bundle.graphdef, student_view.params_fn, impl=t.logprob_impl,
-                             temperature=d.temperature if d.temperature > 0 else 1.0,
-                             rows_sh=batch_sh.rows, mesh=mesh, rows_per_call=t.batch_size)
-    demos = Demonstrations(bundle.tokenizer, run.pad_id, d.max_completion_length, G)
-    source = DistillSource(
-        d, demos=demos, prompts=run.train_prompts, sampler=sampler,
-        make_batch=lambda ro, chosen, pb: DistillBatch(ro.rows, ro.advantages_R),
-        rows_per_step=t.batch_size, params_of_state=params_of_state, score_fn=score_fn,
-        score_ref=False, seed=t.seed)
-    return run.trainer(
-        state=state, step_fn=step_fn, source=source, put_batch=run.put_batch(batch_sh),
-        parts=DistillParts(bundle, student_view, tx, teacher=teacher),
-        sampler=sampler, params_of_state=params_of_state)
-
-
-train_distill = register_builder("distill", build_distill_trainer,
-                                 summary=("loss", "eval_accuracy"))

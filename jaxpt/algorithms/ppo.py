@@ -13,12 +13,12 @@ GAE (``gamma``, ``lam``) and whitened advantages (``jaxpt.losses.ppo``). Each op
 takes a mini-batch: ``loss = pg_loss + vf_coef * vf_loss`` (clipped surrogate, clipped value
 loss), token means over the mini-batch (TRL: per micro-batch).
 
-The critic is a value head on the policy: a linear map (``nnx.Linear(E, 1)``) of the
-policy's final hidden state at each token, its own param group ``value`` with its own
-learning rate (``ppo.value_lr``); its loss reaches the shared decoder as well (TRL's older
-``AutoModelForCausalLMWithValueHead``, and the ReFT paper's setup). TRL's current
-``PPOTrainer`` has a separate value model (a sequence-classification copy); a separate
-critic is a possible later option here.
+The critic is a value head on the policy (``jaxpt.rl.critic``): a linear map
+(``nnx.Linear(E, 1)``) of the policy's final hidden state at each token, its own param group
+``value`` with its own learning rate (``ppo.value_lr``); its loss reaches the shared decoder
+as well (TRL's older ``AutoModelForCausalLMWithValueHead``, and the ReFT paper's setup).
+TRL's current ``PPOTrainer`` has a separate value model (a sequence-classification copy); a
+separate critic is a possible later option here.
 
 Where jaxpt differs from TRL: the score lands on the last completion token, not one
 position after it, and truncated rows may bootstrap (``truncation``; see
@@ -49,26 +49,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpt.algorithms.registry import register_builder
-from jaxpt.config import RunConfig, register_section
-from jaxpt.engine import build as eb
-from jaxpt.engine import state as es
-from jaxpt.engine.logprobs import hidden_token_logprobs
-from jaxpt.engine.loop import Trainer
+from jaxpt.config import register_section
 from jaxpt.losses import grpo as grpo_losses
 from jaxpt.losses import ppo as losses
 from jaxpt.rl.config import OnPolicySection
-from jaxpt.rl.hybrids import Demonstrations
+from jaxpt.rl.critic import policy_and_values
 from jaxpt.rl.layout import (
     TokenRows,
-    completion_logprobs,
     completion_token_logprobs,
 )
-from jaxpt.rl.rollout import decode_policy
-from jaxpt.rl.run import start_on_policy
-from jaxpt.rl.scoring import score_rows
-from jaxpt.rl.source import RolloutSource
-from jaxpt.sharding import replicated
 
 
 @register_section("ppo")
@@ -180,32 +169,6 @@ def make_batch_stats(ppo: PPOSection):
     return stats
 
 
-def init_value_head(hidden_size: int, seed: int):
-    """(graphdef, params) of the value head: ``nnx.Linear(E, 1)``, LeCun-normal kernel, zero
-    bias, float32."""
-    graphdef, head = nnx.split(nnx.Linear(hidden_size, 1, rngs=nnx.Rngs(seed)))
-    return graphdef, head.to_pure_dict()
-
-
-def policy_and_values(model, head, rows: TokenRows, *, impl: str, temperature: float,
-                      with_entropy: bool = False, extra_value: bool = False):
-    """(logprobs_RC, entropy_RC | None, values_RC) of the completion tokens from one forward
-    of the decoder; value t is the head at the hidden state that predicts token t (the state
-    before it). ``extra_value``: values [R, C + 1], the last one the state after token C-1
-    (the bootstrap value of a truncated row)."""
-    mask_RC = rows.completion_mask > 0
-    C, S = mask_RC.shape[1], rows.input_ids.shape[1]
-    P = S - C
-    hidden_BTE, _ = model(rows.input_ids, rows.positions, rows.segment_ids)
-    lp_RS, ent_RS, _ = hidden_token_logprobs(
-        hidden_BTE, model.lm_head, rows.targets, impl=impl, temperature=temperature,
-        with_entropy=with_entropy, valid_BT=jnp.pad(mask_RC, ((0, 0), (P - 1, 1))))
-    width = C + 1 if extra_value else C
-    values = head(hidden_BTE[:, P - 1:P - 1 + width].astype(jnp.float32))[..., 0]
-    ent_RC = None if ent_RS is None else completion_logprobs(ent_RS, C)
-    return completion_logprobs(lp_RS, C), ent_RC, values
-
-
 def make_ppo_loss_fn(graphdef, head_gd, ppo: PPOSection, *, impl: str, with_entropy: bool):
     """The loss of a micro-batch: ``rl_weight * pg_loss + vf_coef * vf_loss`` (TRL), plus the
     ReFT warm-up's demonstration NLL; every term normalized by whole-batch counts."""
@@ -249,39 +212,6 @@ def make_ppo_loss_fn(graphdef, head_gd, ppo: PPOSection, *, impl: str, with_entr
         return loss, metrics
 
     return loss_fn
-
-
-def make_rollout_scorer(graphdef, head_gd, params_fn, *, impl: str, temperature: float,
-                        rows_sh, mesh, rows_per_call: int, reference: bool):
-    """``score(state, rows) -> (logprobs_RC, values_RC1, ref_logprobs_RC | None)`` (numpy) of
-    a whole rollout under the state's policy and critic (and its frozen reference), in calls
-    of ``rows_per_call`` rows."""
-
-    def fn(params, rows):
-        full, ref = params
-        model = nnx.merge(graphdef, full["policy"])
-        lp, _, values = policy_and_values(model, nnx.merge(head_gd, full["value"]), rows,
-                                          impl=impl, temperature=temperature, extra_value=True)
-        ref_lp = None
-        if reference:
-            ref_lp, _ = completion_token_logprobs(nnx.merge(graphdef, ref), rows, impl=impl,
-                                                  temperature=temperature)
-        return lp, values, ref_lp
-
-    jitted = jax.jit(fn, out_shardings=replicated(mesh))
-    current = jax.jit(lambda s: params_fn(s.params, s.frozen, None))
-
-    def score(state, rows: TokenRows):
-        params = (current(state), state.frozen if reference else None)
-        parts = [out for _, out in score_rows(
-            jitted, params, len(rows.input_ids), rows_per_call=rows_per_call,
-            host_batch=lambda idx: jax.tree.map(lambda v: v[idx], rows), batch_sh=rows_sh)]
-        lp = np.concatenate([p[0] for p in parts]).astype(np.float32)
-        values = np.concatenate([p[1] for p in parts]).astype(np.float32)
-        ref = np.concatenate([p[2] for p in parts]).astype(np.float32) if reference else None
-        return lp, values, ref
-
-    return score
 
 
 def complete_rollout(ppo: PPOSection, batch: PPOBatch, lp_RC, values_RC1, ref_RC, eos_ids):
@@ -329,50 +259,3 @@ def complete_rollout(ppo: PPOSection, batch: PPOBatch, lp_RC, values_RC1, ref_RC
                               returns=f32(returns_RC), old_logprobs=f32(lp_RC),
                               old_values=f32(values_RC))
     return out, metrics
-
-
-def build_ppo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
-    ppo: PPOSection = cfg.section("ppo")
-    t, G = cfg.train, ppo.num_generations
-    run = start_on_policy(cfg, "ppo", mesh=mesh, demonstrations=ppo.sft_warmup_steps > 0)
-    bundle, mesh = run.bundle, run.mesh
-    head_gd, head = init_value_head(bundle.model_cfg.hidden_size, t.seed)
-    head_sh = jax.tree.map(lambda _: replicated(mesh), head)
-    head = jax.device_put(head, head_sh)
-    value_optim = dataclasses.replace(
-        cfg.optim, lr=cfg.optim.lr if ppo.value_lr is None else ppo.value_lr, weight_decay=0.0)
-    loss_fn = make_ppo_loss_fn(bundle.graphdef, head_gd, ppo, impl=t.logprob_impl,
-                               with_entropy=t.with_entropy)
-    batch_sh = es.batch_shardings(PPOBatch.ndims(ppo), mesh)
-    program = eb.train_program(
-        cfg, bundle, run.total_steps, loss_fn, batch_sh, batch_stats_fn=make_batch_stats(ppo),
-        reference=ppo.uses_reference(), heads={"value": (head, head_sh)},
-        optim={"policy": cfg.optim, "value": value_optim})
-    ts = program.trainable
-    params_of_state, decode_sh = decode_policy(ts, bundle.params, mesh, group="policy")
-    sampler = run.sampler(decode_sh)  # PPO's advantages need the critic: see `complete`
-    T = ppo.temperature if ppo.temperature > 0 else 1.0
-    scorer = make_rollout_scorer(bundle.graphdef, head_gd, ts.params_fn, impl=t.logprob_impl,
-                                 temperature=T, rows_sh=batch_sh.rows, mesh=mesh,
-                                 rows_per_call=t.batch_size, reference=ppo.uses_reference())
-    demos = Demonstrations(bundle.tokenizer, run.pad_id, ppo.max_demo_length, G)
-
-    def make_batch(ro, chosen, pb) -> PPOBatch:
-        demo = demos.rows(chosen, pb) if ppo.sft_warmup_steps > 0 else None
-        return PPOBatch(ro.rows, np.asarray(ro.rewards_R, np.float32), demo=demo)
-
-    def complete(state, batch):
-        lp, values, ref = scorer(state, batch.rows)
-        return complete_rollout(ppo, batch, lp, values, ref, run.eos_ids)
-
-    source = RolloutSource(
-        ppo, prompts=run.train_prompts, sampler=sampler, make_batch=make_batch,
-        rows_per_step=t.batch_size, params_of_state=params_of_state, score_fn=None,
-        score_ref=False, seed=t.seed, complete=complete)
-    return run.trainer(
-        state=ts.state, step_fn=program.step_fn, source=source,
-        put_batch=run.put_batch(batch_sh), parts=eb.RunParts(bundle, ts, program.tx),
-        sampler=sampler, params_of_state=params_of_state)
-
-
-train_ppo = register_builder("ppo", build_ppo_trainer, summary=("reward", "eval_accuracy"))

@@ -223,8 +223,8 @@ def add_rft_parser(sub) -> argparse.ArgumentParser:
 
 
 def run_rft(args, *, callbacks=(), stop=None) -> int:
-    from jaxpt.algorithms.rft import train_rft
     from jaxpt.config import load_config
+    from jaxpt.trainers.rft import train_rft
 
     cfg = load_config(args.config, args.overrides)
     if cfg.algorithm != "rft":

@@ -36,8 +36,8 @@ def run_train(args, *, callbacks=(), stop=None) -> int:
     # Before any JAX computation: connect the processes of a multi-host run.
     distributed.initialize(distributed.settings_from_args(cfg.distributed, args))
 
-    from jaxpt.algorithms.registry import get_trainer
     from jaxpt.engine.loop import NonFiniteError, check_out_dir
+    from jaxpt.trainers.registry import get_trainer
 
     trainer = get_trainer(cfg.algorithm)
     check_out_dir(cfg.out_dir)  # before the model loads

@@ -9,10 +9,10 @@ one device of the slice would use, Pallas/Mosaic kernels included. A program tha
 fit fails here with the compiler's own message, as it would on the chip.
 
 An algorithm says which programs its run compiles with ``aot_programs(cfg, bundle) ->
-list[AotProgram]`` in its module (``bundle`` from :func:`jaxpt.engine.build.abstract_bundle`:
-params are ShapeDtypeStructs in their training shardings, no tokenizer); the trainer and
-``aot_programs`` share the functions that build the step, so what is compiled here is what
-the run executes.
+list[AotProgram]`` in its trainer module (``jaxpt.trainers.<name>``; ``bundle`` from
+:func:`jaxpt.engine.build.abstract_bundle`: params are ShapeDtypeStructs in their training
+shardings, no tokenizer); the trainer and ``aot_programs`` share the functions that build
+the step, so what is compiled here is what the run executes.
 """
 
 from __future__ import annotations
@@ -147,10 +147,10 @@ def compile_program(program: AotProgram) -> CompiledProgram:
 
 
 def algorithm_programs(cfg, bundle) -> list[AotProgram]:
-    """The programs ``cfg.algorithm``'s run compiles (its module's ``aot_programs``)."""
-    from jaxpt.config import algorithm_module
+    """The programs ``cfg.algorithm``'s run compiles (its trainer module's ``aot_programs``)."""
+    from jaxpt.config import trainer_module
 
-    module = importlib.import_module(algorithm_module(cfg.algorithm) or cfg.algorithm)
+    module = importlib.import_module(trainer_module(cfg.algorithm) or cfg.algorithm)
     fn: Callable | None = getattr(module, "aot_programs", None)
     if fn is None:
         raise NotImplementedError(

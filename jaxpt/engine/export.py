@@ -1,5 +1,5 @@
 """Checkpoint -> Hugging Face checkpoint (LoRA adapters merged into the base weights); a
-reward-model run -> a sequence-classification checkpoint (``jaxpt.algorithms.reward``)."""
+reward-model run -> a sequence-classification checkpoint (``jaxpt.trainers.reward``)."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def export_checkpoint(
     check_export_target(out_dir, overwrite=overwrite, protect=protect)
     cfg_path = ckpt_dir.parent / "config.yaml"
     if cfg_path.exists() and load_config(cfg_path).algorithm == "reward":
-        from jaxpt.algorithms.reward import export_reward_checkpoint
+        from jaxpt.trainers.reward import export_reward_checkpoint
 
         return export_reward_checkpoint(
             checkpoint, out_dir, dtype=dtype, overwrite=overwrite, protect=protect

@@ -1,7 +1,7 @@
 """PPO with a critic: per-token rewards, GAE, whitening and the clipped policy / value losses.
 
 Small pure ``jnp`` functions of per-token arrays and masks (no models, no text); the PPO
-trainer (``jaxpt.algorithms.ppo``) calls the reward / GAE ones on a whole rollout and the
+trainer (``jaxpt.trainers.ppo``) calls the reward / GAE ones on a whole rollout and the
 losses inside its jitted step. Definitions follow TRL's ``PPOTrainer.train``
 (``trl/experimental/ppo/ppo_trainer.py``: "4. compute rewards", "6. compute advantages and
 returns" and the mini-batch loop) and its ``masked_whiten``; where jaxpt differs it says so.

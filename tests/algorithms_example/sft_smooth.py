@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxpt.algorithms.registry import register_builder
 from jaxpt.config import RunConfig, register_section
 from jaxpt.data import DataStats, prepare_sft, sft_loader
 from jaxpt.engine.build import read_data_records, start_run, train_program
@@ -28,6 +27,7 @@ from jaxpt.engine.logprobs import hidden_token_logprobs
 from jaxpt.engine.loop import IteratorSource, Trainer
 from jaxpt.engine.state import batch_shardings, put_batch
 from jaxpt.losses.sft import sft_loss
+from jaxpt.trainers.registry import register_builder
 
 
 @register_section("sft_smooth")

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxpt.algorithms.registry import get_trainer
 from jaxpt.algorithms.sft import SFTBatch, make_sft_loss_fn
 from jaxpt.config import ConfigError, SFTConfig, load_config
 from jaxpt.data.packing import collate_padded
@@ -18,6 +17,7 @@ from jaxpt.data.tokenize import TokenizedExample
 from jaxpt.engine.state import accumulate_grads
 from jaxpt.models.config import ModelConfig
 from jaxpt.models.decoder import init_model
+from jaxpt.trainers.registry import get_trainer
 from tests.algorithms_example.sft_smooth import SmoothBatch, batch_stats, make_loss_fn
 
 V = 48

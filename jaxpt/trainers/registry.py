@@ -1,6 +1,6 @@
 """Algorithm name -> trainer entry point, for ``jaxpt train CONFIG``.
 
-A trainer module ``jaxpt/algorithms/<name>.py`` registers itself, either its run builder (the
+A trainer module ``jaxpt/trainers/<name>.py`` registers its algorithm, either its run builder (the
 entry point builds the run and runs the loop)::
 
     train_dpo = register_builder("dpo", build_dpo_trainer)
@@ -10,11 +10,12 @@ or a whole entry point, where a run is more than one loop (rft samples, then tra
     @register_trainer("rft")
     def train_rft(cfg: RunConfig, *, callbacks=(), stop=None) -> LoopResult: ...
 
-and ``get_trainer("dpo")`` imports ``jaxpt.algorithms.dpo`` on first use, so the CLI dispatches on
-``cfg.algorithm`` without a list of algorithms.
+and ``get_trainer("dpo")`` imports ``jaxpt.trainers.dpo`` on first use (which imports
+``jaxpt.algorithms.dpo``), so the CLI dispatches on ``cfg.algorithm`` without a list of
+algorithms.
 
 An algorithm outside jaxpt is named by its module's import path (``algorithm:
-mypkg.my_algo``), and the module registers under that path::
+mypkg.my_algo``); that one module (or one it imports) registers under the path::
 
     train_my_algo = register_builder(__name__, build_my_algo_trainer)
 
