@@ -11,12 +11,12 @@ import pytest
 import yaml
 from train_utils import make_tiny_model_dir, make_tiny_tokenizer, read_metrics
 
-from jaxpt.algorithms import rft as rft_lib
 from jaxpt.algorithms.rft import RFTConfig, sampling_fingerprint
 from jaxpt.config import ConfigError, load_config
 from jaxpt.eval_report import EvalSample
 from jaxpt.rl import rejection
 from jaxpt.rl.rejection import dart_allocation, select_kept
+from jaxpt.trainers import rft as rft_trainer
 
 
 def char_verifier(completions, **kw):
@@ -170,7 +170,7 @@ def test_shipped_config_loads():
     cfg = load_config(repo / "configs" / "rft_arithmetic_tiny.yaml")
     r = cfg.section("rft")
     assert cfg.algorithm == "rft" and r.arithmetic.train > 0 and r.arithmetic.eval > 0
-    s = rft_lib.sft_config(cfg, Path("x/train.jsonl"))
+    s = rft_trainer.sft_config(cfg, Path("x/train.jsonl"))
     assert s.algorithm == "sft" and s.data.train == "x/train.jsonl" and s.data.eval is None
     assert "rft" not in s.sections and s.optim == cfg.optim and s.train == cfg.train
 
