@@ -110,7 +110,7 @@ def run_jaxpt(args) -> dict:
     import yaml
 
     from jaxpt.algorithms.dpo import build_dpo_trainer
-    from jaxpt.config import load_config
+    from jaxpt.config_load import load_config
 
     cfg_path = Path(args.workdir) / "jaxpt.yaml"
     cfg_path.write_text(

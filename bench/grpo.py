@@ -72,7 +72,7 @@ def bench_jaxpt(warmup: int, steps: int, eos: bool) -> dict[str, list[float]]:
     import jax
 
     from jaxpt.algorithms.grpo import build_grpo_trainer
-    from jaxpt.config import build_config
+    from jaxpt.config_load import build_config
 
     out_dir = tempfile.mkdtemp(prefix="bench_grpo_")
     cfg = build_config(

@@ -69,7 +69,7 @@ def run_jaxpt(remat: str, steps: int, warmup: int, out_dir: str) -> dict:
     import jax
 
     from jaxpt.algorithms.sft import build_sft_trainer
-    from jaxpt.config import build_config
+    from jaxpt.config_load import build_config
 
     cfg = build_config(
         {

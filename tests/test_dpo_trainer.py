@@ -28,7 +28,8 @@ from jaxpt.algorithms.dpo import (
     dpo_batch_stats,
     make_dpo_loss_fn,
 )
-from jaxpt.config import ConfigError, load_config
+from jaxpt.config import ConfigError
+from jaxpt.config_load import load_config
 from jaxpt.data.packing import (
     collate_preference,
     collate_preference_shared,
@@ -512,7 +513,7 @@ def test_sharded_precomputed_run_matches_single_device_online(tiny, tmp_path):
     out = run_with_devices(
         f"""
         import json, jax
-        from jaxpt.config import load_config
+        from jaxpt.config_load import load_config
         from jaxpt.sharding import make_mesh
         from jaxpt.algorithms.dpo import build_dpo_trainer
         from jaxpt.engine.loop import run

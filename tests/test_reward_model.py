@@ -25,7 +25,8 @@ from jaxpt.algorithms.reward import (
     pair_collate,
 )
 from jaxpt.cli import main as cli_main
-from jaxpt.config import ConfigError, load_config
+from jaxpt.config import ConfigError
+from jaxpt.config_load import load_config
 from jaxpt.data.tokenize import TokenizedPreference, tokenize_preference
 from jaxpt.models.scalar_head import last_token_index
 
