@@ -23,16 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from jaxpt.data.chat import render_chat
 from jaxpt.data.formats import DataError, DataStats, Record, detect_format, validate_row
 from jaxpt.data.pipeline import prepare_preference
 from jaxpt.data.sources import read_with_holdout
-from jaxpt.data.tokenize import (
-    TokenizedPreference,
-    _completion_text,
-    _with_eos,
-    encode_bounded,
-    render_chat,
-)
+from jaxpt.data.tokenize import TokenizedPreference, _completion_text, _with_eos, encode_bounded
 
 
 @dataclasses.dataclass(frozen=True)
