@@ -109,7 +109,7 @@ def run_jaxpt(args) -> dict:
     import jax
     import yaml
 
-    from jaxpt.config import load_config
+    from jaxpt.config_load import load_config
     from jaxpt.trainers.dpo import build_dpo_trainer
 
     cfg_path = Path(args.workdir) / "jaxpt.yaml"

@@ -71,7 +71,7 @@ def bench_jaxpt(warmup: int, steps: int, eos: bool) -> dict[str, list[float]]:
     source rolls out (decode, rewards, advantages) and its jitted step trains."""
     import jax
 
-    from jaxpt.config import build_config
+    from jaxpt.config_load import build_config
     from jaxpt.trainers.grpo import build_grpo_trainer
 
     out_dir = tempfile.mkdtemp(prefix="bench_grpo_")

@@ -68,7 +68,7 @@ def device_name() -> str:
 def run_jaxpt(remat: str, steps: int, warmup: int, out_dir: str) -> dict:
     import jax
 
-    from jaxpt.config import build_config
+    from jaxpt.config_load import build_config
     from jaxpt.trainers.sft import build_sft_trainer
 
     cfg = build_config(

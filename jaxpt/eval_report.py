@@ -12,7 +12,7 @@ Metrics (:func:`summarize`), over prompts (each prompt weighs the same):
   of Chen et al. (2021), ``1 - C(K - c, k) / C(K, k)`` (:func:`jaxpt.rewards.passk.pass_at_k`).
 - ``maj@K`` (math verifier only): the majority final answer of the K samples
   (:func:`jaxpt.rewards.passk.majority_answer`) matches the reference
-  (``jaxpt.rewards.math.parse_reference`` of the ``answer`` column).
+  (``jaxpt.rewards.answers.parse_reference`` of the ``answer`` column).
 - ``answer_rate``: completions with an extractable final answer; ``mean_tokens``;
   ``clipped_ratio``: completions that hit ``max_new_tokens`` without a stop token.
 """

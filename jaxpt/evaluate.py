@@ -30,12 +30,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from jaxpt.data.pipeline import PromptExample
 from jaxpt.eval_report import EvalError, EvalResult, EvalSample, summarize
-from jaxpt.rewards.math import extract_answer, parse_reference
+from jaxpt.rewards.answers import extract_answer, parse_reference
 from jaxpt.rewards.registry import compute_rewards, get_reward_function
 from jaxpt.sampling.samplers import Sampler
 from jaxpt.sampling.text import Sampled, default_stop_ids, sample_completions, stop_and_pad_ids
@@ -288,23 +289,18 @@ def evaluate(
     num_samples: int = 1,
     sampler: Sampler | None = None,
     max_new_tokens: int = 256,
-    eos_ids: Sequence[int] | None = None,
-    pad_id: int | None = None,
-    batch_size: int = 8,
-    seed: int = 0,
     verifier: str | Callable = "math",
-    threshold: float = 1.0,
     ks: Sequence[int] | None = None,
-    reward_timeout_s: float | None = 60.0,
-    progress: bool | str = False,
-    shardings=None,
-    engine: str = "static",
+    **options: Any,
 ) -> EvalResult:
     """Sample ``num_samples`` completions per prompt, verify them, compute the metrics.
 
     ``params`` are the full model params (LoRA merged); ``sampler`` defaults to greedy
-    (one sample) or temperature 1.0 (several). See the module doc for the metrics;
-    ``metrics`` also has ``seconds`` and ``tokens_per_second`` (generated tokens).
+    (one sample) or temperature 1.0 (several). ``options`` are the other keyword arguments
+    of :func:`sample_and_verify` (``eos_ids``, ``pad_id``, ``batch_size``, ``seed``,
+    ``threshold``, ``reward_timeout_s``, ``progress``, ``shardings``, ``engine``), with its
+    defaults. See the module doc for the metrics; ``metrics`` also has ``seconds`` and
+    ``tokens_per_second`` (generated tokens).
     """
     if not prompts:
         raise EvalError("no prompts to evaluate")
@@ -319,16 +315,8 @@ def evaluate(
         num_samples,
         sampler=sampler,
         max_new_tokens=max_new_tokens,
-        eos_ids=eos_ids,
-        pad_id=pad_id,
-        batch_size=batch_size,
-        seed=seed,
         verifier=verifier,
-        threshold=threshold,
-        reward_timeout_s=reward_timeout_s,
-        progress=progress,
-        shardings=shardings,
-        engine=engine,
+        **options,
     )
     seconds = time.perf_counter() - t0
     references = [parse_reference(p.columns.get("answer")) for p in prompts]

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tolerances import assert_reordered_close, rejects
 
 from jaxpt.config import ConfigError as RunConfigError
-from jaxpt.config import load_config
+from jaxpt.config_load import load_config
 from jaxpt.kernels.attention import PrefixBlockMask, choose_attention, splash_attention
 from jaxpt.models.config import ConfigError, ModelConfig
 from jaxpt.models.decoder import abstract_model, init_model, recomputing_attention

@@ -7,16 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxpt.config import (
-    ConfigError,
-    RunConfig,
-    build_config,
-    config_to_dict,
-    dump_config,
-    load_config,
-    parse_override,
-    register_section,
-)
+from jaxpt.config import ConfigError, RunConfig, config_to_dict, dump_config, register_section
+from jaxpt.config_load import build_config, load_config, parse_override
 from jaxpt.trainers.registry import get_trainer
 
 REPO = Path(__file__).resolve().parents[1]

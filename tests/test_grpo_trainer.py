@@ -18,7 +18,7 @@ from tolerances import (
 from train_utils import make_tiny_model_dir, make_tiny_tokenizer, read_metrics, tiny_run_config
 
 from jaxpt.algorithms.grpo import GRPOBatch
-from jaxpt.config import load_config
+from jaxpt.config_load import load_config
 from jaxpt.models.config import ModelConfig
 from jaxpt.models.decoder import init_model
 from jaxpt.rl.layout import GroupRows, completion_logprobs, rollout_sequences

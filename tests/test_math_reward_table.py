@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 
 import jaxpt.rewards.math as math_mod
+from jaxpt.rewards.answers import extract_last_number
 from jaxpt.rewards.choice import choice_reward
 from jaxpt.rewards.math import math_reward, math_strict_reward
 
@@ -182,7 +183,7 @@ def test_math_reward_table(case):
 
 def _last_number_first(text: str, strict: bool = False) -> str | None:
     """A plausible wrong rule: the last number in the text wins over any box or statement."""
-    last = math_mod.extract_last_number(text)
+    last = extract_last_number(text)
     return last if last is not None else _REAL_SELECT(text, strict)
 
 

@@ -30,7 +30,7 @@ from train_utils import (
     train_losses,
 )
 
-from jaxpt.config import load_config
+from jaxpt.config_load import load_config
 from jaxpt.distributed import (
     DistributedConfig,
     InitPlan,
@@ -368,7 +368,7 @@ def test_loading_any_recipe_starts_no_jax_backend():
         """
         import glob
         from jaxpt.cli import build_parser
-        from jaxpt.config import load_config
+        from jaxpt.config_load import load_config
         build_parser()
         for path in sorted(glob.glob("configs/*.yaml")):
             load_config(path)

@@ -10,7 +10,7 @@ import yaml
 
 from jaxpt.cli import main
 from jaxpt.cli.plan import load_model_config, plan_memory
-from jaxpt.config import load_config
+from jaxpt.config_load import load_config
 from jaxpt.models.config import ModelConfig
 from jaxpt.sharding import ShardingError
 

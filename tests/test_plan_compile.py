@@ -14,7 +14,7 @@ import yaml
 
 from jaxpt.cli import main
 from jaxpt.cli.plan import load_model_config, plan_memory
-from jaxpt.config import load_config
+from jaxpt.config_load import load_config
 from jaxpt.models.config import ModelConfig
 
 if os.environ.get("CI") != "true":  # CI installs the [test] extra, which brings libtpu

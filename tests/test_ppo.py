@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from train_utils import make_tiny_model_dir, make_tiny_tokenizer, read_metrics, tiny_run_config
 
-from jaxpt.config import load_config
+from jaxpt.config_load import load_config
 from jaxpt.losses import ppo as L
 
 G, LAM = 0.9, 0.8

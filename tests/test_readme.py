@@ -502,7 +502,7 @@ def test_readme_sections_exist():
 
 
 def test_recipes_table_lists_every_config_and_each_loads():
-    from jaxpt.config import load_config
+    from jaxpt.config_load import load_config
 
     text = README.read_text()
     section = text.split("## Recipes", 1)[1].split("\n## ", 1)[0]
@@ -530,7 +530,7 @@ def test_cli_table_documents_every_subcommand():
 def test_readme_yaml_blocks_are_valid_config(tmp_path):
     """Every YAML block of the README is a valid section on top of the demo config (so no
     documented key is misspelled or missing from the code)."""
-    from jaxpt.config import load_config
+    from jaxpt.config_load import load_config
 
     blocks = fenced_blocks(README.read_text(), ("yaml",))
     assert len(blocks) >= 2
@@ -548,7 +548,7 @@ def test_readme_yaml_blocks_are_valid_config(tmp_path):
 def test_readme_reward_example_loads_and_scores(tmp_path, monkeypatch):
     """The YAML block is a valid `grpo:` section on the demo config, and the Python block
     is a reward function the registry imports by path and calls as the trainer does."""
-    from jaxpt.config import load_config
+    from jaxpt.config_load import load_config
     from jaxpt.rewards.registry import compute_rewards, get_reward_function
 
     text = README.read_text()
@@ -581,7 +581,7 @@ def test_readme_reward_example_loads_and_scores(tmp_path, monkeypatch):
 def test_readme_equivalence_example(tmp_path, monkeypatch):
     """The README's user-supplied equivalence: the YAML entry loads, the function is
     imported by path, and it decides what counts as the same answer."""
-    from jaxpt.config import load_config
+    from jaxpt.config_load import load_config
     from jaxpt.rewards.registry import compute_rewards, get_reward_function
 
     text = README.read_text()

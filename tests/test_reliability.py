@@ -18,7 +18,7 @@ from train_utils import (
 )
 
 from jaxpt.cli import main as cli_main
-from jaxpt.config import load_config
+from jaxpt.config_load import load_config
 
 
 @pytest.fixture(scope="module")

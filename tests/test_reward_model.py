@@ -20,7 +20,8 @@ from train_utils import read_metrics
 
 from jaxpt.algorithms.reward import RewardSection, bradley_terry_loss, check_margins, pair_collate
 from jaxpt.cli import main as cli_main
-from jaxpt.config import ConfigError, load_config
+from jaxpt.config import ConfigError
+from jaxpt.config_load import load_config
 from jaxpt.data.tokenize import TokenizedPreference, tokenize_preference
 from jaxpt.models.scalar_head import last_token_index
 

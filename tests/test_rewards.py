@@ -8,18 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxpt.rewards.format import THINK_ANSWER_TAGS_PATTERN, format_reward, make_format_reward
-from jaxpt.rewards.length import length_penalty, soft_overlong_punishment
-from jaxpt.rewards.math import (
-    answers_match,
+from jaxpt.rewards.answers import (
     extract_answer,
     extract_boxed,
     extract_strict_answer,
-    math_reward,
-    math_strict_reward,
-    parse_number,
     parse_reference,
 )
+from jaxpt.rewards.format import THINK_ANSWER_TAGS_PATTERN, format_reward, make_format_reward
+from jaxpt.rewards.length import length_penalty, soft_overlong_punishment
+from jaxpt.rewards.math import answers_match, math_reward, math_strict_reward
+from jaxpt.rewards.numbers import parse_number
 from jaxpt.rewards.registry import (
     RewardError,
     compute_rewards,

@@ -12,7 +12,8 @@ import yaml
 from train_utils import make_tiny_model_dir, make_tiny_tokenizer, read_metrics
 
 from jaxpt.algorithms.rft import RFTConfig, sampling_fingerprint
-from jaxpt.config import ConfigError, load_config
+from jaxpt.config import ConfigError
+from jaxpt.config_load import load_config
 from jaxpt.eval_report import EvalSample
 from jaxpt.rl import rejection
 from jaxpt.rl.rejection import dart_allocation, select_kept

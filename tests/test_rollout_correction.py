@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from train_utils import make_tiny_model_dir, make_tiny_tokenizer, read_metrics, tiny_run_config
 
-from jaxpt.config import load_config
+from jaxpt.config_load import load_config
 from jaxpt.losses.grpo import GRPOLossConfig, grpo_loss
 from jaxpt.rl.correction import correction_weights
 

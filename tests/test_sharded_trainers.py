@@ -161,7 +161,7 @@ import os
 os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 import json, jax, numpy as np
 from jax.sharding import PartitionSpec as P
-from jaxpt.config import load_config
+from jaxpt.config_load import load_config
 from jaxpt.sharding import make_mesh
 from tolerances import reorder_atol, run_depth
 

@@ -15,7 +15,7 @@ from tolerances import assert_reordered_close
 from train_utils import make_tiny_tokenizer_and_model, read_metrics, tiny_run_config
 
 from jaxpt.cli import main as cli_main
-from jaxpt.config import load_config
+from jaxpt.config_load import load_config
 from jaxpt.engine import lora as lora_lib
 from jaxpt.engine.checkpoint import Checkpointer, abstract_like
 from jaxpt.engine.loop import NonFiniteError, SourceBase, run

@@ -23,6 +23,8 @@ import json
 import sys
 from pathlib import Path
 
+from jaxpt.cli.args import add_config_command, add_dtype_argument
+
 
 def add_eval_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
@@ -66,12 +68,7 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
         help="decode loop: static batches of --batch-size prompts, or continuous batching "
         "(the same cache rows; a finished row's slot takes the next prompt)",
     )
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16"],
-        default=None,
-        help="compute dtype (default: the model's / run's)",
-    )
+    add_dtype_argument(p, "compute dtype (default: the model's / run's)")
     p.add_argument(
         "--verifier",
         default="math",
@@ -210,20 +207,20 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def add_rft_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    p = add_config_command(
+        sub,
         "rft",
-        help="rejection-sampling fine-tuning: sample, keep verified-correct, SFT on them",
-        description="Rejection-sampling fine-tuning from a YAML run config with an `rft:` "
+        "rejection-sampling fine-tuning: sample, keep verified-correct, SFT on them",
+        "Rejection-sampling fine-tuning from a YAML run config with an `rft:` "
         "section (see configs/rft_*.yaml); key.sub=value overrides any key.",
+        "YAML run config (algorithm: rft)",
     )
-    p.add_argument("config", help="YAML run config (algorithm: rft)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=run_rft)
     return p
 
 
 def run_rft(args, *, callbacks=(), stop=None) -> int:
-    from jaxpt.config import load_config
+    from jaxpt.config_load import load_config
     from jaxpt.trainers.rft import train_rft
 
     cfg = load_config(args.config, args.overrides)

@@ -11,16 +11,18 @@ import argparse
 import errno
 import sys
 
+from jaxpt.cli.args import add_config_command, add_dtype_argument
+
 
 def add_train_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
+    p = add_config_command(
+        sub,
         "train",
-        help="train from a YAML run config (sft, dpo, grpo ...)",
-        description="Train from a YAML run config; key.sub=value overrides any key "
+        "train from a YAML run config (sft, dpo, grpo ...)",
+        "Train from a YAML run config; key.sub=value overrides any key "
         "(values are YAML scalars, e.g. optim.lr=1e-4 lora.rank=8 data.eval=null).",
+        "YAML run config (configs/*.yaml)",
     )
-    p.add_argument("config", help="YAML run config (configs/*.yaml)")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     from jaxpt.distributed import add_cli_flags
 
     add_cli_flags(p)
@@ -30,7 +32,7 @@ def add_train_parser(sub) -> argparse.ArgumentParser:
 
 def run_train(args, *, callbacks=(), stop=None) -> int:
     from jaxpt import distributed
-    from jaxpt.config import load_config
+    from jaxpt.config_load import load_config
 
     cfg = load_config(args.config, args.overrides)
     # Before any JAX computation: connect the processes of a multi-host run.
@@ -96,12 +98,7 @@ def add_export_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", help="run dir, its checkpoints/ dir, or one step dir")
     p.add_argument("out_dir", help="output dir for config.json + safetensors + tokenizer")
-    p.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16"],
-        default=None,
-        help="weight dtype (default: the run's param_dtype)",
-    )
+    add_dtype_argument(p, "weight dtype (default: the run's param_dtype)")
     p.add_argument(
         "--overwrite",
         action="store_true",

@@ -63,6 +63,15 @@ def _prompt(
     return [*msgs, {"role": "user", "content": text}]
 
 
+def _prompt_and_answer(
+    row: dict[str, Any], conversational: bool, system_prompt: str | None, instruction: str | None
+) -> tuple[Any, str]:
+    """The row's prompt and its final answer; a DataError names a missing or bad column."""
+    question = _question(row)
+    answer = extract_gsm8k_answer(row.get("answer"))
+    return _prompt(question, conversational, system_prompt, instruction), answer
+
+
 def gsm8k_to_sft(
     row: dict[str, Any],
     *,
@@ -71,10 +80,8 @@ def gsm8k_to_sft(
     instruction: str | None = DEFAULT_INSTRUCTION,
 ) -> dict[str, Any]:
     """GSM8K row -> prompt-completion row (message lists, or strings when not conversational)."""
-    question = _question(row)
-    extract_gsm8k_answer(row.get("answer"))
+    prompt, _ = _prompt_and_answer(row, conversational, system_prompt, instruction)
     solution = strip_calculator_annotations(row["answer"]).strip()
-    prompt = _prompt(question, conversational, system_prompt, instruction)
     if conversational:
         return {"prompt": prompt, "completion": [{"role": "assistant", "content": solution}]}
     return {"prompt": prompt, "completion": " " + solution}
@@ -88,12 +95,8 @@ def gsm8k_to_prompt(
     instruction: str | None = DEFAULT_INSTRUCTION,
 ) -> dict[str, Any]:
     """GSM8K row -> ``{"prompt": ..., "answer": "<final number>"}`` for GRPO / evaluation."""
-    question = _question(row)
-    answer = extract_gsm8k_answer(row.get("answer"))
-    return {
-        "prompt": _prompt(question, conversational, system_prompt, instruction),
-        "answer": answer,
-    }
+    prompt, answer = _prompt_and_answer(row, conversational, system_prompt, instruction)
+    return {"prompt": prompt, "answer": answer}
 
 
 def convert_gsm8k(

@@ -26,7 +26,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxpt.data.formats import DataStats
 from jaxpt.data.packing import (
     BATCH_KEYS,
     SHARED_PAIR_KEYS,
@@ -36,6 +35,7 @@ from jaxpt.data.packing import (
     shared_pair_shape,
 )
 from jaxpt.data.pipeline import Loader, preference_loader, prepare_preference
+from jaxpt.data.sources import read_with_holdout
 from jaxpt.data.tokenize import TokenizedPreference
 
 SIDES = ("chosen", "rejected")
@@ -182,23 +182,4 @@ def read_pairs(read: Callable[..., list], tokenizer, data, *, holdout: int, sour
             raise ValueError(f"{source}: {what} has no usable preference pairs ({stats})")
         return pairs, stats
 
-    stats = DataStats()
-    records = read("train", stats=stats)
-    eval_records = None
-    if holdout:
-        if data.eval is not None:
-            raise ValueError(f"{source}: set either data.eval or dpo.eval_holdout, not both")
-        if holdout >= len(records):
-            raise ValueError(
-                f"{source}: dpo.eval_holdout={holdout} leaves no training rows "
-                f"(data.train has {len(records)} rows after data.max_train_rows)"
-            )
-        records, eval_records = records[:-holdout], records[-holdout:]
-    elif data.eval is not None:
-        eval_records = read("eval")
-    train_pairs, stats = prepare(records, stats, "data.train")
-    eval_pairs = None
-    if eval_records is not None:
-        what = "dpo.eval_holdout" if holdout else "data.eval"
-        eval_pairs, _ = prepare(eval_records, DataStats(rows_read=len(eval_records)), what)
-    return train_pairs, stats, eval_pairs
+    return read_with_holdout(read, prepare, data, holdout=holdout, source=source, section="dpo")

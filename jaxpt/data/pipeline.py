@@ -83,6 +83,22 @@ def _tokenize_all(records, task, fn, skip_invalid, stats, *, with_record=False):
     return out
 
 
+def _prepare(records, task, fn, truncate, count, skip_invalid, stats, *, with_record=False):
+    """Validate and tokenize every record (`fn`), truncate each result (`truncate(item,
+    stats)`, None: dropped) and count the kept ones' (tokens, target tokens) into `stats`."""
+    stats = _new_stats(records, stats)
+    out = []
+    for item in _tokenize_all(records, task, fn, skip_invalid, stats, with_record=with_record):
+        item = truncate(item, stats)
+        if item is not None:
+            out.append(item)
+            tokens, targets = count(item)
+            stats.tokens += tokens
+            stats.target_tokens += targets
+    stats.examples = len(out)
+    return out, stats
+
+
 def prepare_sft(
     records: Sequence[Record],
     tokenizer: Any,
@@ -96,7 +112,6 @@ def prepare_sft(
     chat_template_kwargs: dict | None = None,
 ) -> tuple[list[TokenizedExample], DataStats]:
     """Validate, tokenize (:func:`~jaxpt.data.tokenize.tokenize_sft`) and truncate every row."""
-    stats = _new_stats(records, stats)
     fn = lambda row: tokenize_sft(
         tokenizer,
         row,
@@ -105,15 +120,9 @@ def prepare_sft(
         chat_template_kwargs=chat_template_kwargs,
         max_length=max_length,
     )
-    out = []
-    for ex in _tokenize_all(records, "sft", fn, skip_invalid, stats):
-        ex = truncate_example(ex, max_length, truncation, stats)
-        if ex is not None:
-            out.append(ex)
-            stats.tokens += len(ex)
-            stats.target_tokens += ex.num_targets
-    stats.examples = len(out)
-    return out, stats
+    truncate = lambda ex, st: truncate_example(ex, max_length, truncation, st)
+    count = lambda ex: (len(ex), ex.num_targets)
+    return _prepare(records, "sft", fn, truncate, count, skip_invalid, stats)
 
 
 def prepare_preference(
@@ -129,20 +138,16 @@ def prepare_preference(
     """Validate, tokenize (:func:`~jaxpt.data.tokenize.tokenize_preference`) and truncate pairs.
 
     ``stats.tokens`` counts both sequences of a pair (prompt counted twice)."""
-    stats = _new_stats(records, stats)
     fn = lambda row: tokenize_preference(
         tokenizer, row, chat_template_kwargs=chat_template_kwargs, max_length=max_length
     )
-    out = []
-    for pair in _tokenize_all(records, "preference", fn, skip_invalid, stats):
-        pair = truncate_preference(pair, max_length, truncation, stats)
-        if pair is not None:
-            out.append(pair)
-            n_c, n_r = len(pair.chosen_ids), len(pair.rejected_ids)
-            stats.tokens += 2 * len(pair.prompt_ids) + n_c + n_r
-            stats.target_tokens += n_c + n_r
-    stats.examples = len(out)
-    return out, stats
+    truncate = lambda pair, st: truncate_preference(pair, max_length, truncation, st)
+
+    def count(pair):
+        n_c, n_r = len(pair.chosen_ids), len(pair.rejected_ids)
+        return 2 * len(pair.prompt_ids) + n_c + n_r, n_c + n_r
+
+    return _prepare(records, "preference", fn, truncate, count, skip_invalid, stats)
 
 
 def prepare_prompts(
@@ -156,7 +161,6 @@ def prepare_prompts(
     chat_template_kwargs: dict | None = None,
 ) -> tuple[list[PromptExample], DataStats]:
     """Validate and tokenize GRPO / eval prompts; every other column is kept for rewards."""
-    stats = _new_stats(records, stats)
     fn = lambda rec: PromptExample(
         tokenize_prompt(
             tokenizer,
@@ -168,14 +172,15 @@ def prepare_prompts(
         rec.source,
         rec.row,
     )
-    out = []
-    for ex in _tokenize_all(records, "prompt", fn, skip_invalid, stats, with_record=True):
-        ids = truncate_prompt(ex.prompt_ids, max_prompt_length, truncation, stats)
-        if ids is not None:
-            out.append(PromptExample(ids, ex.columns, ex.source, ex.row))
-            stats.tokens += len(ids)
-    stats.examples = len(out)
-    return out, stats
+
+    def truncate(ex, st):
+        ids = truncate_prompt(ex.prompt_ids, max_prompt_length, truncation, st)
+        return None if ids is None else PromptExample(ids, ex.columns, ex.source, ex.row)
+
+    count = lambda ex: (len(ex.prompt_ids), 0)
+    return _prepare(
+        records, "prompt", fn, truncate, count, skip_invalid, stats, with_record=True
+    )
 
 
 # ----------------------------------------------------------------------------- loaders

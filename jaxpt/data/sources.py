@@ -20,7 +20,7 @@ import gzip
 import json
 import os
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from jaxpt.data.formats import DataError, DataStats, Record
@@ -232,3 +232,41 @@ def read_records(
             "unknown file type; expected .jsonl, .jsonl.gz, .json or .parquet", source=path
         )
     return read_hf_dataset(path, split=split, skip_invalid=skip_invalid, stats=stats)
+
+
+def read_with_holdout(
+    read: Callable[..., list[Record]],
+    prepare: Callable[[list[Record], DataStats, str], tuple[Any, DataStats]],
+    data,
+    *,
+    holdout: int,
+    source: str,
+    section: str,
+):
+    """(train items, train stats, held-out items | None) of a run's data.
+
+    ``read(which, stats=...)`` gives the records of ``data.train`` / ``data.eval``;
+    ``prepare(records, stats, what)`` validates and tokenizes them (``what`` names the key in
+    its errors). ``holdout`` > 0 holds out the last rows of ``data.train``
+    (``<section>.eval_holdout``) instead of ``data.eval``. ``source`` (the config file)
+    prefixes every error."""
+    stats = DataStats()
+    records = read("train", stats=stats)
+    eval_records = None
+    if holdout:
+        if data.eval is not None:
+            raise ValueError(f"{source}: set either data.eval or {section}.eval_holdout, not both")
+        if holdout >= len(records):
+            raise ValueError(
+                f"{source}: {section}.eval_holdout={holdout} leaves no training rows "
+                f"(data.train has {len(records)} rows after data.max_train_rows)"
+            )
+        records, eval_records = records[:-holdout], records[-holdout:]
+    elif data.eval is not None:
+        eval_records = read("eval")
+    train, stats = prepare(records, stats, "data.train")
+    held_out = None
+    if eval_records is not None:
+        what = f"{section}.eval_holdout" if holdout else "data.eval"
+        held_out, _ = prepare(eval_records, DataStats(rows_read=len(eval_records)), what)
+    return train, stats, held_out

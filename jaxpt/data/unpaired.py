@@ -23,15 +23,11 @@ from typing import Any
 
 import numpy as np
 
+from jaxpt.data.chat import render_chat
 from jaxpt.data.formats import DataError, DataStats, Record, detect_format, validate_row
 from jaxpt.data.pipeline import prepare_preference
-from jaxpt.data.tokenize import (
-    TokenizedPreference,
-    _completion_text,
-    _with_eos,
-    encode_bounded,
-    render_chat,
-)
+from jaxpt.data.sources import read_with_holdout
+from jaxpt.data.tokenize import TokenizedPreference, _completion_text, _with_eos, encode_bounded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,21 +153,5 @@ def read_unpaired(read: Callable[..., list], tokenizer, data, *, holdout: int, s
                              f"are needed ({stats})")
         return ex, stats
 
-    stats = DataStats()
-    records = read("train", stats=stats)
-    eval_records = None
-    if holdout:
-        if data.eval is not None:
-            raise ValueError(f"{source}: set either data.eval or {section}.eval_holdout, not both")
-        if holdout >= len(records):
-            raise ValueError(f"{source}: {section}.eval_holdout={holdout} leaves no training "
-                             f"rows (data.train has {len(records)} rows)")
-        records, eval_records = records[:-holdout], records[-holdout:]
-    elif data.eval is not None:
-        eval_records = read("eval")
-    train, stats = prepare(records, stats, "data.train")
-    held_out = None
-    if eval_records is not None:
-        what = f"{section}.eval_holdout" if holdout else "data.eval"
-        held_out, _ = prepare(eval_records, DataStats(rows_read=len(eval_records)), what)
-    return train, stats, held_out
+    return read_with_holdout(read, prepare, data, holdout=holdout, source=source,
+                             section=section)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import jax
 
-from jaxpt.config import load_config
+from jaxpt.config_load import load_config
 from jaxpt.engine import lora as lora_lib
 from jaxpt.engine.build import load_model_bundle
 from jaxpt.engine.checkpoint import Checkpointer, find_checkpoint_dir

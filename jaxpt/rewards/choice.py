@@ -4,7 +4,7 @@ A choice is a letter ``A``-``Z`` written ``B``, ``(B)``, ``B)``, ``B.``, ``B:``,
 ``\\text{(B)}`` / ``\\textbf{B}`` or ``$B$`` (lower case only in parentheses: ``(b)``; a
 bare ``a`` is an article). The reference may be written any of these ways.
 
-Which text is the answer follows the math rule (:func:`jaxpt.rewards.math.select_answer`)
+Which text is the answer follows the math rule (:func:`jaxpt.rewards.answers.select_answer`)
 in its strict form: the last ``\\boxed{}``, else the last ``answer is`` / ``Answer:`` /
 ``####`` statement, else the whole completion when it is a lone letter or begins with a
 punctuated choice (``(B) 42``, ``B) 42``; not ``A store ...``).
@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from jaxpt.rewards.math import extract_boxed, extract_stated_span
+from jaxpt.rewards.answers import extract_boxed, extract_stated_span
 from jaxpt.rewards.text import score_against_answers
 
 __all__ = ["parse_choice", "extract_choice", "ChoiceReward", "choice_reward"]

@@ -17,7 +17,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from jaxpt.rewards.math import answers_match, normalize_answer, parse_number
+from jaxpt.rewards.math import answers_match
+from jaxpt.rewards.numbers import normalize_answer, parse_number
 
 __all__ = [
     "pass_at_k",

@@ -36,7 +36,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from jaxpt.data.tokenize import ChatTemplateError, render_chat
+from jaxpt.data.chat import render_chat
+from jaxpt.data.formats import ChatTemplateError
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 _TOOL_CALL_RE = re.compile(

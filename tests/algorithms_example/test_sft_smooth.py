@@ -11,7 +11,8 @@ import pytest
 from flax import nnx
 
 from jaxpt.algorithms.sft import SFTBatch, make_sft_loss_fn
-from jaxpt.config import ConfigError, SFTConfig, load_config
+from jaxpt.config import ConfigError, SFTConfig
+from jaxpt.config_load import load_config
 from jaxpt.data.packing import collate_padded
 from jaxpt.data.tokenize import TokenizedExample
 from jaxpt.engine.state import accumulate_grads
