@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     from jaxpt.models import hub
     from jaxpt.sampling import Sampler, encode_prompts, generate, left_pad
     from jaxpt.sampling.continuous import generate_continuous
-    from jaxpt.sampling.loop import bucket_length
+    from jaxpt.sampling.state import bucket_length
 
     model, cfg, resolved = hub.load(args.model)
     tok = resolved.tokenizer()

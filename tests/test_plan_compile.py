@@ -96,6 +96,19 @@ def test_lora_and_dpo_compile_every_program(tmp_path, capsys):
     assert all(p["error"] is None for p in report["programs"])
 
 
+def test_kto_compiles_every_program_and_a_precomputed_reference_keeps_no_copy(tmp_path, capsys):
+    path = write_run(tmp_path, TINY, algorithm="kto", kto={"eval_holdout": 8})
+    rc, online = compiled(capsys, path)
+    assert rc == 0 and [p["name"] for p in online["programs"]] == [
+        "train step", "reference", "eval step"]
+    assert all(p["error"] is None and p["fits"] for p in online["programs"])
+    rc, pre = compiled(capsys, path, "kto.precompute_ref_logps=true")
+    assert rc == 0 and [p["name"] for p in pre["programs"]] == [
+        "train step", "reference", "eval step"]
+    # Online, the train state carries the reference copy of the params; precomputed, not.
+    assert pre["programs"][0]["arguments"] < online["programs"][0]["arguments"]
+
+
 def test_a_run_too_large_for_the_slice_is_refused_by_the_compiler(tmp_path, capsys):
     # A 2M x 2048 embedding and LM head in fp32 with AdamW: 8.6e9 params, 137 GB of state,
     # 34 GB per device over 4 v5e chips of 16 GiB.

@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 GiB = 2**30
 
@@ -158,6 +159,22 @@ def algorithm_programs(cfg, bundle) -> list[AotProgram]:
             f"(no aot_programs in {module.__name__}); the shape-based plan still works"
         )
     return fn(cfg, bundle)
+
+
+def abstract_rows_batch(ndims, shardings, rows: int, length: int):
+    """``ShapeDtypeStruct``s of a typed batch for ``aot_programs``: each 2-D leaf of
+    ``ndims`` (token rows) is [rows, length], int32 ids or float32 loss masks as the loaders
+    give them; each 1-D leaf (a per-row value: reference log-probs, a label, a margin) is
+    [rows] float32; each in its sharding from ``shardings`` (the same pytree)."""
+    from jaxpt.tree import path_str
+
+    def leaf(path, ndim, sh):
+        if ndim == 1:
+            return jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=sh)
+        dtype = jnp.float32 if "loss_mask" in path_str(path) else jnp.int32
+        return jax.ShapeDtypeStruct((rows, length), dtype, sharding=sh)
+
+    return jax.tree_util.tree_map_with_path(leaf, ndims, shardings)
 
 
 def train_step_flops(model_cfg, rows: int, length: int, *, forwards: int = 0) -> float:

@@ -5,24 +5,19 @@ result = generate(graphdef, params, ids_BP, mask_BP, sampler=Sampler(temperature
                   max_new_tokens=256, eos_ids=(2,), rng=0, num_samples=8, pad_id=2)
 """
 
-from jaxpt.sampling.loop import (
+from jaxpt.sampling.loop import decode, generate, result_from_state
+from jaxpt.sampling.prefill import PackedPrompts, pack_prompts, prefill, prefill_packed
+from jaxpt.sampling.samplers import Sampler, SamplerError
+from jaxpt.sampling.state import (
     FINISH_LENGTH,
     FINISH_REASONS,
     FINISH_STOP,
     DecodeState,
     GenerationError,
     GenerationResult,
-    PackedPrompts,
     bucket_length,
-    decode,
     finish_reason_names,
-    generate,
-    pack_prompts,
-    prefill,
-    prefill_packed,
-    result_from_state,
 )
-from jaxpt.sampling.samplers import Sampler, SamplerError
 from jaxpt.sampling.text import (
     Completion,
     PromptError,

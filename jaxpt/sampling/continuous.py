@@ -47,19 +47,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpt.sampling.loop import (
+from jaxpt.sampling.loop import _as_key, check_ids_and_loop, check_sampling_args
+from jaxpt.sampling.prefill import prompt_forward
+from jaxpt.sampling.samplers import Sampler
+from jaxpt.sampling.state import (
     FINISH_LENGTH,
     FINISH_STOP,
     GenerationError,
     GenerationResult,
-    _as_key,
     _is_stop,
     bucket_length,
-    check_ids_and_loop,
-    check_sampling_args,
 )
-from jaxpt.sampling.prefill import prompt_forward
-from jaxpt.sampling.samplers import Sampler
 from jaxpt.sampling.step import (
     DecodeCache,
     cache_from_prefill,

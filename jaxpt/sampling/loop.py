@@ -39,16 +39,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxpt.sampling.prefill import (  # noqa: F401  (re-exported)
-    PackedPrompts,
+from jaxpt.sampling.prefill import (
     pack_prompts,
     prefill,
     prefill_packed,
 )
 from jaxpt.sampling.samplers import Sampler
-from jaxpt.sampling.state import (  # noqa: F401  (re-exported)
+from jaxpt.sampling.state import (
     FINISH_LENGTH,
-    FINISH_REASONS,
     FINISH_STOP,
     DecodeState,
     GenerationError,
@@ -56,7 +54,6 @@ from jaxpt.sampling.state import (  # noqa: F401  (re-exported)
     _constrain,
     _is_stop,
     bucket_length,
-    finish_reason_names,
 )
 from jaxpt.sampling.step import (
     LAYER_LOOPS,
@@ -302,24 +299,11 @@ def generate(
                 mask = jnp.pad(mask, ((0, 0), (target - P, 0)))
                 if shardings is not None:
                     ids, mask = shardings.place_rows(ids), shardings.place_rows(mask)
-        state = prefill(
-            params=params,
-            prompt_ids_BP=ids,
-            prompt_mask_BP=mask,
-            rng=key,
-            max_new_tokens=M,
-            num_samples=num_samples,
-            shardings=shardings,
-            **static,
-        )
-    state = decode(
-        params=params,
-        state=state,
-        max_new_tokens=M,
-        shardings=shardings,
-        layer_loop=layer_loop,
-        **static,
-    )
+        state = prefill(params=params, prompt_ids_BP=ids, prompt_mask_BP=mask, rng=key,
+                        max_new_tokens=M, num_samples=num_samples, shardings=shardings,
+                        **static)
+    state = decode(params=params, state=state, max_new_tokens=M, shardings=shardings,
+                   layer_loop=layer_loop, **static)
     return result_from_state(state)
 
 

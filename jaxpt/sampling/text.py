@@ -18,8 +18,9 @@ import numpy as np
 from flax import nnx
 
 from jaxpt.sampling.continuous import ENGINES, generate_continuous
-from jaxpt.sampling.loop import FINISH_REASONS, FINISH_STOP, generate
+from jaxpt.sampling.loop import generate
 from jaxpt.sampling.samplers import Sampler
+from jaxpt.sampling.state import FINISH_REASONS, FINISH_STOP
 
 # End-of-turn markers of common chat templates; one is a stop id when the tokenizer's
 # chat template uses it.

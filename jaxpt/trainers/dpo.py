@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxpt.algorithms.dpo import (
@@ -32,7 +31,7 @@ from jaxpt.data.pairs import (
     read_pairs,
 )
 from jaxpt.engine import build
-from jaxpt.engine.aot import AotProgram, train_step_flops
+from jaxpt.engine.aot import AotProgram, abstract_rows_batch, train_step_flops
 from jaxpt.engine.loop import Trainer
 from jaxpt.engine.state import (
     batch_shardings,
@@ -42,7 +41,6 @@ from jaxpt.models.config import decoder_forward_flops
 from jaxpt.rl.scoring import RefLogps, make_ref_logps_fn, precompute_ref_table
 from jaxpt.sharding import replicated
 from jaxpt.trainers.registry import register_builder
-from jaxpt.tree import path_str
 
 
 def make_eval_fn(eval_step, new_source, num_batches: int, pairs_per_batch: int):
@@ -126,15 +124,7 @@ def aot_programs(cfg: RunConfig, bundle) -> list[AotProgram]:
         with_eval=with_eval, eval_bs=eval_bs, ref_logps=ref_logps,
     )
 
-    def batch(rows):
-        def row(path, sh):  # [rows, T]; the loss masks are float32 like the loaders'
-            dtype = jnp.float32 if "loss_mask" in path_str(path) else jnp.int32
-            return jax.ShapeDtypeStruct((rows, T), dtype, sharding=sh)
-
-        ref = jax.tree.map(lambda sh: jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=sh),
-                           batch_sh.ref)
-        return DPOBatch(jax.tree_util.tree_map_with_path(row, batch_sh.pairs), ref)
-
+    batch = lambda rows: abstract_rows_batch(ndims, batch_sh, rows, T)  # noqa: E731
     state, m = program.trainable.state, bundle.model_cfg
     flops = lambda rows, **kw: train_step_flops(m, 2 * rows, T, **kw)  # noqa: E731
     out = [AotProgram("train step", program.step_fn, (state, batch(t.batch_size)),

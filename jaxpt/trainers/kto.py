@@ -22,9 +22,10 @@ from jaxpt.algorithms.kto import (
     make_kto_loss_fn,
 )
 from jaxpt.config import RunConfig
-from jaxpt.data.pairs import PairLayout, choose_layout
+from jaxpt.data.pairs import PairLayout, PairRows, choose_layout
 from jaxpt.data.unpaired import read_unpaired, with_mismatched
 from jaxpt.engine import build
+from jaxpt.engine.aot import AotProgram, abstract_rows_batch, train_step_flops
 from jaxpt.engine.loop import Trainer
 from jaxpt.engine.state import batch_shardings
 from jaxpt.models.config import decoder_forward_flops
@@ -40,6 +41,66 @@ class KTOParts(build.RunParts):
     batch_sh: KTOBatch
     train_rows: list  # TokenizedPreference (own, mismatched) per row
     train_labels: np.ndarray
+
+
+def kto_programs(cfg: RunConfig, bundle, total: int, batch_sh, *, ref_logps, with_eval: bool,
+                 eval_bs: int):
+    """The jitted programs of a KTO run: the train program (with the reference copy unless
+    ``kto.precompute_ref_logps``), the online reference forward on ``state.frozen`` for
+    train and eval batches (None when precomputed) and the eval step (None without
+    ``with_eval``): what the trainer runs and ``jaxpt plan --compile`` compiles."""
+    kto, t = cfg.section("kto"), cfg.train
+    online_ref = not kto.precompute_ref_logps
+    loss_fn = make_kto_loss_fn(bundle.graphdef, kto, impl=t.logprob_impl,
+                               with_entropy=t.with_entropy)
+    program = build.train_program(cfg, bundle, total, loss_fn, batch_sh,
+                                  batch_stats_fn=kto_batch_stats, reference=online_ref)
+    ts = program.trainable
+
+    def online(fn):  # jitted reference forward on state.frozen, run by the source
+        return jax.jit(fn, in_shardings=(ts.shardings.frozen, batch_sh.pairs),
+                       out_shardings=batch_sh.ref)
+
+    train_ref = online(ref_logps) if online_ref else None
+    eval_ref = eval_step = None
+    if with_eval:
+        eval_ref = train_ref
+        if online_ref and eval_bs != t.batch_size:  # ref_logps splits train micro-batches
+            eval_ref = online(make_ref_logps_fn(bundle.graphdef, impl=t.logprob_impl))
+        eval_step = jax.jit(make_kto_eval_step(bundle.graphdef, ts.params_fn, kto,
+                                               impl=t.logprob_impl),
+                            in_shardings=(ts.shardings, batch_sh),
+                            out_shardings=replicated(bundle.mesh))
+    return program, train_ref, eval_ref, eval_step
+
+
+def aot_programs(cfg: RunConfig, bundle) -> list[AotProgram]:
+    """For ``jaxpt plan --compile``: the train step, the reference forward (online, or the
+    precompute pass over the same rows) and, with held-out rows, the eval step, on
+    ``train.batch_size`` rows in the flat layout (each row and its mismatched completion:
+    two rows of ``data.max_length``; the shared-prompt layout is never larger)."""
+    kto, t, T = cfg.section("kto"), cfg.train, cfg.data.max_length
+    ndims = KTOBatch(PairRows.ndims(), 1, RefLogps(1, 1))
+    batch_sh = batch_shardings(ndims, bundle.mesh)
+    ref_logps = make_ref_logps_fn(bundle.graphdef, impl=t.logprob_impl, grad_accum=t.grad_accum)
+    with_eval = cfg.data.eval is not None or kto.eval_holdout > 0
+    eval_bs = build.eval_batch_size(cfg)
+    program, train_ref, _, eval_step = kto_programs(
+        cfg, bundle, t.max_steps or 1000, batch_sh, ref_logps=ref_logps, with_eval=with_eval,
+        eval_bs=eval_bs)
+    batch = lambda rows: abstract_rows_batch(ndims, batch_sh, rows, T)  # noqa: E731
+    state, m = program.trainable.state, bundle.model_cfg
+    flops = lambda rows, **kw: train_step_flops(m, 2 * rows, T, **kw)  # noqa: E731
+    out = [AotProgram("train step", program.step_fn, (state, batch(t.batch_size)),
+                      flops(t.batch_size))]
+    fn = train_ref or jax.jit(ref_logps, in_shardings=(bundle.params_sh, batch_sh.pairs),
+                              out_shardings=batch_sh.ref)
+    params = state.frozen if train_ref is not None else bundle.params
+    out.append(AotProgram("reference", fn, (params, batch(t.batch_size).pairs),
+                          flops(t.batch_size) / 3))
+    if eval_step is not None:
+        out.append(AotProgram("eval step", eval_step, (state, batch(eval_bs)), flops(eval_bs) / 3))
+    return out
 
 
 def build_kto_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
@@ -78,28 +139,14 @@ def build_kto_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
             rows_per_call=local_bs, rows_sh=batch_sh.pairs, params_sh=bundle.params_sh)
         print(f"kto: precomputed reference log-probs of {sum(map(len, splits.values()))} rows "
               f"in {time.perf_counter() - t0:.1f}s", flush=True)
-    loss_fn = make_kto_loss_fn(bundle.graphdef, kto, impl=t.logprob_impl,
-                               with_entropy=t.with_entropy)
-    program = build.train_program(cfg, bundle, total, loss_fn, batch_sh,
-                                  batch_stats_fn=kto_batch_stats,
-                                  reference=not kto.precompute_ref_logps)
+    program, online_ref, eval_ref, eval_step = kto_programs(
+        cfg, bundle, total, batch_sh, ref_logps=ref_logps,
+        with_eval=eval_rows is not None, eval_bs=eval_bs)
     ts = program.trainable
-
-    def online(fn):  # jitted reference forward on state.frozen, run by the source
-        return jax.jit(fn, in_shardings=(ts.shardings.frozen, batch_sh.pairs),
-                       out_shardings=batch_sh.ref)
-
-    online_ref = None if kto.precompute_ref_logps else online(ref_logps)
     eval_fn = None
     if eval_rows is not None:
         eval_loader = layout.loader(eval_rows, batch_size=eval_bs // n_proc, shuffle=False,
                                     num_epochs=1)
-        eval_ref = online_ref
-        if online_ref is not None and eval_bs != t.batch_size:  # the train micro-batches
-            eval_ref = online(make_ref_logps_fn(bundle.graphdef, impl=t.logprob_impl))
-        eval_step = jax.jit(make_kto_eval_step(bundle.graphdef, ts.params_fn, kto,
-                                               impl=t.logprob_impl),
-                            in_shardings=(ts.shardings, batch_sh), out_shardings=replicated(mesh))
         per_pair = pairs_eval_fn(
             eval_step,
             lambda: KTOSource(eval_loader, layout, eval_labels, batch_sh, ref_fn=eval_ref,
