@@ -109,6 +109,17 @@ def test_kto_compiles_every_program_and_a_precomputed_reference_keeps_no_copy(tm
     assert pre["programs"][0]["arguments"] < online["programs"][0]["arguments"]
 
 
+def test_reward_model_compiles_with_its_score_head(tmp_path, capsys):
+    path = write_run(tmp_path, TINY, algorithm="reward", reward={"eval_holdout": 8})
+    rc, report = compiled(capsys, path)
+    assert rc == 0 and [p["name"] for p in report["programs"]] == ["train step", "eval step"]
+    assert all(p["error"] is None and p["fits"] for p in report["programs"])
+    sft = compiled(capsys, write_run(tmp_path, TINY))[1]["programs"][0]
+    # Two rows per pair and the [1, E] head beside the decoder: more arguments than SFT's
+    # step on the same params (its batch is one row per example).
+    assert report["programs"][0]["arguments"] > sft["arguments"]
+
+
 def test_a_run_too_large_for_the_slice_is_refused_by_the_compiler(tmp_path, capsys):
     # A 2M x 2048 embedding and LM head in fp32 with AdamW: 8.6e9 params, 137 GB of state,
     # 34 GB per device over 4 v5e chips of 16 GiB.

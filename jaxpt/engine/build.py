@@ -263,15 +263,17 @@ def train_program(
     reference: bool = False,
     heads: Mapping[str, tuple[Any, Any]] | None = None,
     optim=None,
+    model_group: str = "policy",
 ) -> TrainProgram:
     """Optimizer (``cfg.optim`` over ``total_steps``), train state (``reference``: keep a
     frozen copy for a KL / DPO reference; see :func:`build_train_state`) and the pure step
     of ``loss_fn`` with ``train.grad_accum`` micro-batches, jitted once for batches in
     ``batch_sh`` (any pytree of shardings: a typed batch's). ``heads`` and ``optim``
     (``{group: OptimConfig}``, default ``cfg.optim``): modules trained beside the model, as
-    in :func:`build_train_state` (PPO's value head)."""
+    in :func:`build_train_state` (PPO's value head; the model's group is ``model_group``)."""
     tx, schedule = make_optimizer(cfg.optim if optim is None else optim, total_steps)
-    ts = build_train_state(bundle, cfg, tx, reference=reference, heads=heads)
+    ts = build_train_state(bundle, cfg, tx, reference=reference, heads=heads,
+                           model_group=model_group)
     step = make_train_step(
         loss_fn,
         tx,

@@ -29,13 +29,10 @@ from jaxpt.config import RunConfig
 from jaxpt.data.pairs import PairRows, read_pairs
 from jaxpt.data.pipeline import preference_loader
 from jaxpt.engine import build
+from jaxpt.engine.aot import AotProgram, abstract_rows_batch
 from jaxpt.engine.loop import Trainer
-from jaxpt.engine.state import (
-    batch_shardings,
-    compile_step,
-    make_optimizer,
-    make_train_step,
-)
+from jaxpt.engine.state import batch_shardings, is_abstract, with_shardings
+from jaxpt.models.config import decoder_forward_flops
 from jaxpt.models.scalar_head import (
     SCORE,
     export_reward_model,
@@ -55,6 +52,60 @@ class RewardParts(build.RunParts):
     pad_id: int
     train_pairs: list
     eval_pairs: list | None
+
+
+def score_head(cfg: RunConfig, bundle):
+    """The score head's params (shapes only for an abstract bundle) and their shardings
+    (replicated: one [1, E] row)."""
+    sh = {SCORE: replicated(bundle.mesh)}
+    if is_abstract(bundle.params):
+        return with_shardings(score_head_shapes(bundle.model_cfg), sh), sh
+    return jax.device_put(init_score_head(bundle.model_cfg, seed=cfg.train.seed), sh), sh
+
+
+def reward_programs(cfg: RunConfig, bundle, total: int, batch_sh, *, pad_id: int,
+                    with_eval: bool):
+    """The jitted programs of a reward-model run: the train program (decoder and score
+    head, two param groups, ``reward.head_lr`` for the head) and the eval step (None
+    without ``with_eval``): what the trainer runs and ``jaxpt plan --compile`` compiles."""
+    section: RewardSection = cfg.section("reward")
+    head_optim = cfg.optim
+    if section.head_lr is not None:
+        head_optim = dataclasses.replace(cfg.optim, lr=section.head_lr)
+    program = build.train_program(
+        cfg, bundle, total, make_reward_loss_fn(bundle.graphdef, section, pad_id=pad_id),
+        batch_sh, batch_stats_fn=reward_batch_stats, heads={HEAD: score_head(cfg, bundle)},
+        optim={MODEL: cfg.optim, HEAD: head_optim}, model_group=MODEL)
+    eval_step = None
+    if with_eval:
+        ts = program.trainable
+        eval_step = jax.jit(
+            make_reward_eval_step(bundle.graphdef, ts.params_fn, section, pad_id=pad_id),
+            in_shardings=(ts.shardings, batch_sh), out_shardings=replicated(bundle.mesh))
+    return program, eval_step
+
+
+def aot_programs(cfg: RunConfig, bundle) -> list[AotProgram]:
+    """For ``jaxpt plan --compile``: the train step and, with held-out pairs, the eval step,
+    on ``train.batch_size`` pairs (two rows of ``data.max_length`` each, with a margin
+    column: the larger batch). The pad id only moves where each row's score is read."""
+    section: RewardSection = cfg.section("reward")
+    t, T = cfg.train, cfg.data.max_length
+    ndims = RewardBatch(PairRows.ndims(), 1)
+    batch_sh = batch_shardings(ndims, bundle.mesh)
+    with_eval = cfg.data.eval is not None or section.eval_holdout > 0
+    program, eval_step = reward_programs(cfg, bundle, t.max_steps or 1000, batch_sh, pad_id=0,
+                                         with_eval=with_eval)
+    batch = lambda rows: abstract_rows_batch(ndims, batch_sh, rows, T)  # noqa: E731
+    state, m = program.trainable.state, bundle.model_cfg
+    # forward + backward of the decoder; the score head reads one position (no LM head)
+    flops = lambda rows: 3.0 * decoder_forward_flops(m, 2 * rows, T)  # noqa: E731
+    out = [AotProgram("train step", program.step_fn, (state, batch(t.batch_size)),
+                      flops(t.batch_size))]
+    if eval_step is not None:
+        eval_bs = build.eval_batch_size(cfg)
+        out.append(AotProgram("eval step", eval_step, (state, batch(eval_bs)), flops(eval_bs) / 3))
+    return out
 
 
 def build_reward_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
@@ -90,30 +141,15 @@ def build_reward_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     total = t.max_steps or max(1, math.ceil(t.num_epochs * loader.batches_per_epoch))
     batch_sh = batch_shardings(RewardBatch(PairRows.ndims(), 1 if with_margin else None), mesh)
 
-    head_sh = {SCORE: replicated(mesh)}
-    head = jax.device_put(init_score_head(bundle.model_cfg, seed=t.seed), head_sh)
-    head_optim = cfg.optim
-    if section.head_lr is not None:
-        head_optim = dataclasses.replace(cfg.optim, lr=section.head_lr)
-    tx, schedule = make_optimizer({MODEL: cfg.optim, HEAD: head_optim}, total)
-    ts = build.build_train_state(bundle, cfg, tx, heads={HEAD: (head, head_sh)},
-                                 model_group=MODEL)
-    step = make_train_step(
-        make_reward_loss_fn(bundle.graphdef, section, pad_id=pad_id), tx, schedule,
-        grad_accum=t.grad_accum, batch_stats_fn=reward_batch_stats, params_fn=ts.params_fn,
-    )
-    step_fn = compile_step(step, ts.shardings, batch_sh, mesh)
+    program, eval_step = reward_programs(cfg, bundle, total, batch_sh, pad_id=pad_id,
+                                         with_eval=eval_pairs is not None)
+    ts, tx, step_fn = program.trainable, program.tx, program.step_fn
 
     eval_fn = None
     if eval_pairs is not None:
         eval_loader = preference_loader(
             eval_pairs, batch_size=eval_bs // n_proc, max_length=length, collate=collate,
             shuffle=False, num_epochs=1, pad_id=pad_id,
-        )
-        eval_step = jax.jit(
-            make_reward_eval_step(bundle.graphdef, ts.params_fn, section, pad_id=pad_id),
-            in_shardings=(ts.shardings, batch_sh),
-            out_shardings=replicated(mesh),
         )
         eval_fn = make_eval_fn(
             eval_step,
