@@ -201,3 +201,17 @@ def test_online_dpo_programs_compile(tmp_path, capsys):
     assert [p["name"].split(" (")[0] for p in report["programs"]] == [
         "train step", "rollout prefill", "rollout decode"]
     assert all(p["error"] is None and p["fits"] for p in report["programs"])
+
+
+def test_ppo_programs_compile_with_the_value_head_and_refts_demonstrations(tmp_path, capsys):
+    path = write_run(tmp_path, TINY, algorithm="ppo", ppo={
+        "max_prompt_length": 128, "max_completion_length": 128, "task": "arithmetic"})
+    rc, report = compiled(capsys, path)
+    assert rc == 0, report
+    assert [p["name"].split(" (")[0] for p in report["programs"]] == [
+        "train step", "rollout prefill", "rollout decode"]
+    assert all(p["error"] is None and p["fits"] for p in report["programs"])
+    rc, reft = compiled(capsys, path, "ppo.sft_warmup_steps=2")
+    assert rc == 0 and reft["programs"][0]["error"] is None
+    # ReFT's warm-up adds the prompts' demonstration rows to the step's batch.
+    assert reft["programs"][0]["arguments"] > report["programs"][0]["arguments"]

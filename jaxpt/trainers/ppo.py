@@ -69,23 +69,52 @@ def make_rollout_scorer(graphdef, head_gd, params_fn, *, impl: str, temperature:
     return score
 
 
+def ppo_program(cfg: RunConfig, bundle, total_steps: int):
+    """(the value head's graphdef, the batch's shardings, the ``TrainProgram``: policy and
+    value head, one optimizer each) of a run; on an abstract bundle the head is shapes only."""
+    ppo: PPOSection = cfg.section("ppo")
+    t = cfg.train
+    head_gd, head = init_value_head(bundle.model_cfg.hidden_size, t.seed)
+    head_sh = jax.tree.map(lambda _: replicated(bundle.mesh), head)
+    place = es.with_shardings if es.is_abstract(bundle.params) else jax.device_put
+    head = place(head, head_sh)
+    value_optim = dataclasses.replace(
+        cfg.optim, lr=cfg.optim.lr if ppo.value_lr is None else ppo.value_lr, weight_decay=0.0)
+    loss_fn = make_ppo_loss_fn(bundle.graphdef, head_gd, ppo, impl=t.logprob_impl,
+                               with_entropy=t.with_entropy)
+    batch_sh = es.batch_shardings(PPOBatch.ndims(ppo), bundle.mesh)
+    program = eb.train_program(
+        cfg, bundle, total_steps, loss_fn, batch_sh, batch_stats_fn=make_batch_stats(ppo),
+        reference=ppo.uses_reference(), heads={"value": (head, head_sh)},
+        optim={"policy": cfg.optim, "value": value_optim})
+    return head_gd, batch_sh, program
+
+
+def aot_programs(cfg: RunConfig, bundle) -> list:
+    """The train step on a rollout's mini-batch at full widths (with ReFT's demonstrations
+    when ``sft_warmup_steps`` > 0) and the rollout's prefill and decode loop, for ``jaxpt
+    plan --compile``. The whole-rollout scorer (policy, values, reference) is a forward of
+    the same rows and is not listed."""
+    from jaxpt.rl.aot import full_rows, rollout_programs, train_step_program
+
+    ppo: PPOSection = cfg.section("ppo")
+    R, P, C = cfg.train.batch_size, ppo.max_prompt_length, ppo.max_completion_length
+    _, batch_sh, program = ppo_program(cfg, bundle, cfg.train.max_steps or 1000)
+    per_token = np.zeros((R, C), np.float32)
+    demo = full_rows(R, P, ppo.max_demo_length) if ppo.sft_warmup_steps > 0 else None
+    batch = PPOBatch(full_rows(R, P, C), np.zeros(R, np.float32), per_token, per_token,
+                     per_token, per_token, demo=demo)
+    return [train_step_program(program, batch, batch_sh, bundle, rows=R, length=P + C,
+                               forwards=int(ppo.uses_reference())),
+            *rollout_programs(ppo, bundle, R * ppo.steps_per_generation)]
+
+
 def build_ppo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     ppo: PPOSection = cfg.section("ppo")
     t, G = cfg.train, ppo.num_generations
     run = start_on_policy(cfg, "ppo", mesh=mesh, demonstrations=ppo.sft_warmup_steps > 0)
     bundle, mesh = run.bundle, run.mesh
-    head_gd, head = init_value_head(bundle.model_cfg.hidden_size, t.seed)
-    head_sh = jax.tree.map(lambda _: replicated(mesh), head)
-    head = jax.device_put(head, head_sh)
-    value_optim = dataclasses.replace(
-        cfg.optim, lr=cfg.optim.lr if ppo.value_lr is None else ppo.value_lr, weight_decay=0.0)
-    loss_fn = make_ppo_loss_fn(bundle.graphdef, head_gd, ppo, impl=t.logprob_impl,
-                               with_entropy=t.with_entropy)
-    batch_sh = es.batch_shardings(PPOBatch.ndims(ppo), mesh)
-    program = eb.train_program(
-        cfg, bundle, run.total_steps, loss_fn, batch_sh, batch_stats_fn=make_batch_stats(ppo),
-        reference=ppo.uses_reference(), heads={"value": (head, head_sh)},
-        optim={"policy": cfg.optim, "value": value_optim})
+    head_gd, batch_sh, program = ppo_program(cfg, bundle, run.total_steps)
     ts = program.trainable
     params_of_state, decode_sh = decode_policy(ts, bundle.params, mesh, group="policy")
     sampler = run.sampler(decode_sh)  # PPO's advantages need the critic: see `complete`
