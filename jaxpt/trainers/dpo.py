@@ -111,7 +111,7 @@ def aot_programs(cfg: RunConfig, bundle) -> list[AotProgram]:
     precompute pass over the same rows) and, with held-out pairs, the eval step, on
     ``train.batch_size`` pairs in the flat layout (two rows of ``data.max_length``; the
     shared-prompt layout, chosen from the data's lengths, is never larger)."""
-    dpo, t, T = cfg.section("dpo"), cfg.train, cfg.data.max_length
+    dpo, t = cfg.section("dpo"), cfg.train
     use_ref = needs_reference(dpo)
     precompute = use_ref and dpo.precompute_ref_logps
     ndims = DPOBatch(PairRows.ndims(), RefLogps(1, 1) if use_ref else None)
@@ -119,17 +119,27 @@ def aot_programs(cfg: RunConfig, bundle) -> list[AotProgram]:
     ref_logps = make_ref_logps_fn(bundle.graphdef, impl=t.logprob_impl, grad_accum=t.grad_accum)
     with_eval = cfg.data.eval is not None or dpo.eval_holdout > 0
     eval_bs = build.eval_batch_size(cfg)
-    program, train_ref, eval_ref, eval_step = dpo_programs(
+    program, train_ref, _, eval_step = dpo_programs(
         cfg, bundle, t.max_steps or 1000, batch_sh, online_ref=use_ref and not precompute,
         with_eval=with_eval, eval_bs=eval_bs, ref_logps=ref_logps,
     )
+    return pair_aot_programs(cfg, bundle, ndims, batch_sh, program, eval_step, eval_bs,
+                             ref_logps=ref_logps if use_ref else None, train_ref=train_ref)
 
+
+def pair_aot_programs(cfg: RunConfig, bundle, ndims, batch_sh, program, eval_step, eval_bs: int,
+                      *, ref_logps=None, train_ref=None) -> list[AotProgram]:
+    """The ``aot_programs`` of a run on pair rows (DPO, KTO): the train step on
+    ``train.batch_size`` pairs of two ``data.max_length`` rows, the reference forward
+    (``train_ref`` on ``state.frozen`` when online, else ``ref_logps`` on the params: the
+    precompute pass; none when ``ref_logps`` is None) and the eval step when given."""
+    t, T = cfg.train, cfg.data.max_length
     batch = lambda rows: abstract_rows_batch(ndims, batch_sh, rows, T)  # noqa: E731
     state, m = program.trainable.state, bundle.model_cfg
-    flops = lambda rows, **kw: train_step_flops(m, 2 * rows, T, **kw)  # noqa: E731
+    flops = lambda rows: train_step_flops(m, 2 * rows, T)  # noqa: E731
     out = [AotProgram("train step", program.step_fn, (state, batch(t.batch_size)),
                       flops(t.batch_size))]
-    if use_ref:
+    if ref_logps is not None:
         fn = train_ref or jax.jit(ref_logps, in_shardings=(bundle.params_sh, batch_sh.pairs),
                                   out_shardings=batch_sh.ref)
         params = state.frozen if train_ref is not None else bundle.params

@@ -25,13 +25,14 @@ from jaxpt.config import RunConfig
 from jaxpt.data.pairs import PairLayout, PairRows, choose_layout
 from jaxpt.data.unpaired import read_unpaired, with_mismatched
 from jaxpt.engine import build
-from jaxpt.engine.aot import AotProgram, abstract_rows_batch, train_step_flops
+from jaxpt.engine.aot import AotProgram
 from jaxpt.engine.loop import Trainer
 from jaxpt.engine.state import batch_shardings
 from jaxpt.models.config import decoder_forward_flops
 from jaxpt.rl.scoring import RefLogps, make_ref_logps_fn, precompute_ref_table
 from jaxpt.sharding import replicated
 from jaxpt.trainers.dpo import make_eval_fn as pairs_eval_fn
+from jaxpt.trainers.dpo import pair_aot_programs
 from jaxpt.trainers.registry import register_builder
 
 
@@ -79,7 +80,7 @@ def aot_programs(cfg: RunConfig, bundle) -> list[AotProgram]:
     precompute pass over the same rows) and, with held-out rows, the eval step, on
     ``train.batch_size`` rows in the flat layout (each row and its mismatched completion:
     two rows of ``data.max_length``; the shared-prompt layout is never larger)."""
-    kto, t, T = cfg.section("kto"), cfg.train, cfg.data.max_length
+    kto, t = cfg.section("kto"), cfg.train
     ndims = KTOBatch(PairRows.ndims(), 1, RefLogps(1, 1))
     batch_sh = batch_shardings(ndims, bundle.mesh)
     ref_logps = make_ref_logps_fn(bundle.graphdef, impl=t.logprob_impl, grad_accum=t.grad_accum)
@@ -88,19 +89,8 @@ def aot_programs(cfg: RunConfig, bundle) -> list[AotProgram]:
     program, train_ref, _, eval_step = kto_programs(
         cfg, bundle, t.max_steps or 1000, batch_sh, ref_logps=ref_logps, with_eval=with_eval,
         eval_bs=eval_bs)
-    batch = lambda rows: abstract_rows_batch(ndims, batch_sh, rows, T)  # noqa: E731
-    state, m = program.trainable.state, bundle.model_cfg
-    flops = lambda rows, **kw: train_step_flops(m, 2 * rows, T, **kw)  # noqa: E731
-    out = [AotProgram("train step", program.step_fn, (state, batch(t.batch_size)),
-                      flops(t.batch_size))]
-    fn = train_ref or jax.jit(ref_logps, in_shardings=(bundle.params_sh, batch_sh.pairs),
-                              out_shardings=batch_sh.ref)
-    params = state.frozen if train_ref is not None else bundle.params
-    out.append(AotProgram("reference", fn, (params, batch(t.batch_size).pairs),
-                          flops(t.batch_size) / 3))
-    if eval_step is not None:
-        out.append(AotProgram("eval step", eval_step, (state, batch(eval_bs)), flops(eval_bs) / 3))
-    return out
+    return pair_aot_programs(cfg, bundle, ndims, batch_sh, program, eval_step, eval_bs,
+                             ref_logps=ref_logps, train_ref=train_ref)
 
 
 def build_kto_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
