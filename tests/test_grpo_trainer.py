@@ -81,9 +81,12 @@ def _flat_rollout(G=3, B=2, P=6, C=5, seed=0, V=50):
     return GRPOBatch(rows, rng.randn(B * G).astype(np.float32))
 
 
-def test_shared_prompt_rows_give_the_flat_rows_logprobs_and_grads():
+@pytest.mark.parametrize("untrained_token", [False, True])
+def test_shared_prompt_rows_give_the_flat_rows_logprobs_and_grads(untrained_token):
     """One row [prompt | G completions] with the prompt shared equals G separate rows:
-    log-probs, entropies and parameter gradients (fp32, <= 1e-5)."""
+    log-probs, entropies and parameter gradients (fp32, <= 1e-5). ``untrained_token``: the
+    second completion token of every row is real but out of the loss mask (an environment's
+    turn in a multi-turn rollout): the tokens after it still attend to it."""
     import jax
     from flax import nnx
 
@@ -93,6 +96,11 @@ def test_shared_prompt_rows_give_the_flat_rows_logprobs_and_grads():
                       num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
     graphdef, params = nnx.split(init_model(cfg, seed=2))
     flat_batch = _flat_rollout()
+    if untrained_token:
+        mask_RC = np.asarray(flat_batch.rows.completion_mask).copy()
+        mask_RC[:, 1] = 0
+        flat_batch = dataclasses.replace(flat_batch, rows=dataclasses.replace(
+            flat_batch.rows, completion_mask=mask_RC))
     grouped_batch = to_shared_prompt(flat_batch, 3)
     flat, grouped = flat_batch.rows, grouped_batch.rows
     assert grouped.input_ids.shape == (2, 6 + 3 * 5)

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Literal
 
 from jaxpt.data.tasks.arithmetic import arithmetic_config
+from jaxpt.rl.episodes import EpisodeConfig
 from jaxpt.rl.evaluation import HeldOutEval
 from jaxpt.rl.prompts import PromptSpec
 from jaxpt.rl.rollout import RolloutConfig
@@ -47,6 +48,20 @@ class OnPolicySection:
     # row's slot with the next (prompt, sample); one device only.
     rollout_engine: Literal["static", "continuous"] = "static"
     rollout_slots: int = 0
+    # Multi-turn rollouts (`jaxpt.rl.episodes`): each rollout row talks to its own
+    # environment (`jaxpt.rl.environments`: single_turn, tool_use, self_correction, or
+    # "package.module:Class") built with `environment_options`; `tools` alone (TRL's
+    # GRPOTrainer(tools=...)) means the tool_use environment with those tools. Tool outputs
+    # and environment turns never train. `max_completion_length` bounds each model turn,
+    # `max_turns` the model turns, `max_trajectory_length` prompt + all turns (default:
+    # max_prompt_length + max_turns * max_completion_length + 256 for the environment).
+    environment: str | None = None
+    environment_options: dict = dataclasses.field(default_factory=dict)
+    tools: tuple[str, ...] = ()
+    max_tool_calling_iterations: int = 3  # tool_use: tool calls per trajectory (TRL's name)
+    max_turns: int = 4
+    max_trajectory_length: int | None = None
+    environment_workers: int = 1  # threads running the environments' steps of a turn
     # DAPO dynamic sampling: drop groups whose rewards all agree and sample more prompts
     # until the batch is full, at most `max_sampling_rounds` rounds per rollout.
     dynamic_sampling: bool = False
@@ -78,8 +93,25 @@ class OnPolicySection:
             reward_timeout_s=self.reward_timeout_s,
             skip_nonfinite_rewards=self.skip_nonfinite_rewards,
             mask_truncated_completions=self.mask_truncated_completions,
-            engine=self.rollout_engine, slots=self.rollout_slots,
+            engine=self.rollout_engine, slots=self.rollout_slots, episodes=self.episodes(),
         )
+
+    def episodes(self) -> EpisodeConfig | None:
+        """The multi-turn rollout's settings; None where rollouts are single completions."""
+        if self.environment is None and not self.tools:
+            return None
+        name = self.environment or "tool_use"
+        options = dict(self.environment_options)
+        if name == "tool_use":
+            options.setdefault("tools", list(self.tools) or ["calculator"])
+            options.setdefault("max_tool_calls", self.max_tool_calling_iterations)
+        elif self.tools:
+            raise ValueError(f"tools={list(self.tools)} go with environment: tool_use (or "
+                             f"environment_options of {name!r}), not environment: {name}")
+        total = self.max_trajectory_length or (
+            self.max_prompt_length + self.max_turns * self.max_completion_length + 256)
+        return EpisodeConfig(name, tuple(sorted(options.items())), max_turns=self.max_turns,
+                             max_total_tokens=total, step_workers=self.environment_workers)
 
     def prompts(self, *, section: str, demonstrations: bool) -> PromptSpec:
         arithmetic = (arithmetic_config(self, prefix="arithmetic_")
@@ -91,5 +123,6 @@ class OnPolicySection:
         return HeldOutEval(
             prompts=self.eval_prompts, batch_size=self.eval_batch_size,
             max_new_tokens=self.eval_max_completion_length or self.max_completion_length,
-            verifier=self.reward_funcs[0], reward_timeout_s=self.reward_timeout_s,
+            verifier=self.reward_funcs[0] if self.reward_funcs else None,
+            reward_timeout_s=self.reward_timeout_s,
             engine=self.rollout_engine)

@@ -18,7 +18,7 @@ class HeldOutEval:
     prompts: int  # the first this many held-out prompts
     batch_size: int
     max_new_tokens: int
-    verifier: str  # a reward function's name
+    verifier: str | None  # a reward function's name (None: an environment's rewards)
     reward_timeout_s: float
     engine: str = "static"  # `jaxpt.sampling.text.sample_completions(engine=...)`
 
@@ -33,6 +33,8 @@ def make_eval_fn(sampler: RolloutSampler, params_of_state: Callable, prompts: Se
     from jaxpt.rewards.math import math_reward
 
     eval_prompts = prompts[:spec.prompts]
+    if sampler.cfg.episodes is not None:
+        return _episodes_eval_fn(sampler, params_of_state, eval_prompts, spec)
 
     def eval_fn(state) -> dict[str, float]:
         samples = sample_and_verify(
@@ -51,6 +53,58 @@ def make_eval_fn(sampler: RolloutSampler, params_of_state: Callable, prompts: Se
             answers = [p.columns.get("answer") for p in eval_prompts]
             lenient = math_reward(None, [s.text for s in first], answer=answers)
             out["eval_accuracy_lenient"] = float(np.mean([r == 1.0 for r in lenient]))
+        return out
+
+    return eval_fn
+
+
+def _episodes_eval_fn(sampler: RolloutSampler, params_of_state: Callable, prompts: Sequence,
+                      spec: HeldOutEval) -> Callable[..., dict[str, float]]:
+    """The held-out evaluation of a multi-turn run: greedy trajectories with the run's
+    environment, in batches of ``batch_size``; ``eval_accuracy`` = the verifier's reward of
+    the conversation after the prompt (as the rollouts' rewards judge it) plus the
+    environment's reward parts, >= 1; with the tool / turn statistics of the trajectories
+    (``eval_tools/call_frequency``, ``eval_turns/mean``...)."""
+    import jax
+
+    from jaxpt.rewards.registry import compute_rewards, get_reward_function
+    from jaxpt.rl.episodes import episode_rows, run_rollout_episodes, turn_decoder
+
+    verifier = get_reward_function(spec.verifier) if spec.verifier else None
+    episodes = sampler.cfg.episodes
+
+    def eval_fn(state) -> dict[str, float]:
+        params = params_of_state(state)
+        correct, lengths, clipped, metrics = [], [], [], []
+        for start in range(0, len(prompts), spec.batch_size):
+            chunk = prompts[start:start + spec.batch_size]
+            columns = {k: [p.columns.get(k) for p in chunk]
+                       for k in dict.fromkeys(k for p in chunk for k in p.columns)}
+            rows = episode_rows({"prompt_ids": chunk, "columns": columns}, 1)
+            decode = turn_decoder(sampler.graphdef, params, sampler=Sampler.greedy(),
+                                  max_new_tokens=spec.max_new_tokens, eos_ids=sampler.eos_ids,
+                                  pad_id=sampler.pad_id, rng=jax.random.key(0),
+                                  num_rows=spec.batch_size, shardings=sampler.shardings)
+            ep = run_rollout_episodes(episodes, rows, decode, sampler.tokenizer,
+                                      eos_ids=sampler.eos_ids, pad_id=sampler.pad_id)
+            other = {k: v for k, v in columns.items() if k != "prompt"}
+            rewards = np.zeros(len(chunk), np.float32)
+            if verifier is not None:  # else the environment's reward alone
+                rewards, _, _ = compute_rewards(
+                    [verifier], None, columns.get("prompt", [None] * len(chunk)),
+                    ep.completions, None, other, [p.row for p in chunk],
+                    timeout_s=spec.reward_timeout_s, skip_nonfinite=True)
+            correct += list(np.nan_to_num(rewards) + ep.env_rewards_R >= 1.0)
+            lengths += list(ep.lengths_R)
+            clipped += list(ep.truncated_R)
+            metrics.append((len(chunk), ep.metrics))
+        n = sum(k for k, _ in metrics)
+        out = {"eval_accuracy": float(np.mean(correct)),
+               "eval_mean_length": float(np.mean(lengths)),
+               "eval_clipped_ratio": float(np.mean(clipped))}
+        for key in sorted({k for _, m in metrics for k in m}):
+            if key.startswith(("tools/", "turns/mean")):
+                out[f"eval_{key}"] = sum(k * m.get(key, 0.0) for k, m in metrics) / n
         return out
 
     return eval_fn

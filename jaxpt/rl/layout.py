@@ -137,7 +137,11 @@ def group_rows(rows: TokenRows, G: int) -> GroupRows:
                          "prompt (rollout rows must come in groups of num_generations)")
     mask_BGC = np.asarray(rows.completion_mask).reshape(B, G, C)
     completion_BGC = ids_RS[:, P:].reshape(B, G, C)
-    seg_BGC = np.where(mask_BGC > 0, np.arange(2, G + 2, dtype=np.int32)[None, :, None], 0)
+    # Which completion tokens are real comes from the rows' segment ids, not from the loss
+    # mask: tokens that do not train (an environment's turns, truncated rows) are still
+    # attended by the tokens after them.
+    real_BGC = seg_RS[:, P:].reshape(B, G, C) > 0
+    seg_BGC = np.where(real_BGC, np.arange(2, G + 2, dtype=np.int32)[None, :, None], 0)
     prompt_real_BP = prompt_seg_BGP[:, 0] > 0
     return GroupRows(
         input_ids=np.concatenate(

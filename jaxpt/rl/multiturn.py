@@ -52,6 +52,7 @@ class Trajectory:
     row: Mapping[str, Any]
     messages: list[dict]  # environment form: reset messages, then assistant / env turns
     prompt_ids: list[int]
+    prompt_messages: int = 0  # how many of `messages` the environment opened with
     completion_ids: list[int] = dataclasses.field(default_factory=list)  # all turns after it
     loss_mask: list[int] = dataclasses.field(default_factory=list)  # 1 = sampled by the model
     logprobs: list[float] = dataclasses.field(default_factory=list)
@@ -123,7 +124,8 @@ def run_episodes(
         envs.append(env)
         chats.append(chat)
         histories.append(history)
-        trajs.append(Trajectory(row=row, messages=list(messages), prompt_ids=prompt_ids))
+        trajs.append(Trajectory(row=row, messages=list(messages), prompt_ids=prompt_ids,
+                                prompt_messages=len(messages)))
 
     active = list(range(len(trajs)))
     while active:

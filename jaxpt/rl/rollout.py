@@ -24,6 +24,13 @@ from jaxpt.engine.state import identity_params
 from jaxpt.losses.grpo import mask_truncated
 from jaxpt.rewards.registry import compute_rewards
 from jaxpt.rl import processes
+from jaxpt.rl.episodes import (
+    EpisodeConfig,
+    Episodes,
+    episode_rows,
+    run_rollout_episodes,
+    turn_decoder,
+)
 from jaxpt.rl.layout import TokenRows, rollout_sequences
 from jaxpt.sampling import FINISH_LENGTH, Sampler, generate
 from jaxpt.sampling.continuous import ENGINES, generate_continuous
@@ -50,6 +57,8 @@ class RolloutConfig:
     # row's slot taking the next pending (prompt, sample). One device only.
     engine: str = "static"
     slots: int = 0
+    # Multi-turn rollouts with an environment (`jaxpt.rl.episodes`); None: one completion.
+    episodes: EpisodeConfig | None = None
 
     def __post_init__(self):
         if self.engine not in ENGINES or self.slots < 0:
@@ -144,6 +153,19 @@ class RolloutSampler:
         """
         cfg, G = self.cfg, self.cfg.num_generations
         t0 = time.perf_counter()
+        columns = dict(prompt_batch.get("columns", {}))
+        prompts = columns.pop("prompt", [None] * len(prompt_batch["prompt_ids"]))
+        if cfg.episodes is not None:
+            if prefixes_R is not None and any(len(p) for p in prefixes_R):
+                raise ValueError("Prefix-RFT (prefix_rft_ratio > 0) continues single-turn "
+                                 "demonstrations; it does not run with an environment")
+            ep = self._run_episodes(params, prompt_batch, rng=rng)
+            return self._score(
+                prompt_batch, prompts, columns, ep.prompt_ids_RP, ep.prompt_mask_RP,
+                ep.tokens_RC, ep.lengths_R, ep.truncated_R, ep.sampling_logprobs_RC,
+                completions=ep.completions, train_mask_RC=ep.train_mask_RC,
+                extra_rewards_R=ep.env_rewards_R, extra_metrics=ep.metrics,
+                prefix_len_R=None, rollout_time=time.perf_counter() - t0, t0=t0)
         if prefixes_R is None or not any(len(p) for p in prefixes_R):
             prefixes_R = None
             gen = self._generate(params, prompt_batch, rng=rng)
@@ -156,38 +178,59 @@ class RolloutSampler:
         truncated_R = processes.host_rows(gen.finish_reason) == FINISH_LENGTH
         rollout_time = time.perf_counter() - t0
 
-        columns = dict(prompt_batch.get("columns", {}))
-        prompts = columns.pop("prompt", [None] * len(prompt_batch["prompt_ids"]))
         texts = _decode(self.tokenizer, tokens_RC, lengths_R)
         conversational = bool(prompts) and isinstance(prompts[0], list)
         # TRL's convention: conversational prompts get message-list completions.
         completions = (
             [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
         )
+        return self._score(
+            prompt_batch, prompts, columns,
+            np.repeat(np.asarray(prompt_batch["prompt_ids"]), G, axis=0),
+            np.repeat(np.asarray(prompt_batch["prompt_mask"]), G, axis=0),
+            tokens_RC, lengths_R, truncated_R, sampled_lp_RC, completions=completions,
+            prefix_len_R=prefix_len_R if prefixes_R is not None else None,
+            rollout_time=rollout_time, t0=t0)
+
+    def _score(self, prompt_batch, prompts, columns, prompt_ids_RP, prompt_mask_RP, tokens_RC,
+               lengths_R, truncated_R, sampled_lp_RC, *, completions, prefix_len_R,
+               rollout_time, t0, train_mask_RC=None, extra_rewards_R=None,
+               extra_metrics=None) -> Rollout:
+        """Rewards, advantages, rollout rows and metrics of sampled completions.
+        ``train_mask_RC``: which completion tokens train (default: every real one);
+        ``extra_rewards_R``: added to the reward functions' (an environment's)."""
+        cfg, G = self.cfg, self.cfg.num_generations
         row_numbers = prompt_batch.get("rows")
         # Several processes: each scores its block of the rows, then every process gets
         # every reward (`jaxpt.rl.processes`); one process: the block is every row.
-        mine = processes.row_block(len(lengths_R), what="rollout rows")
-        rewards_R, per_function, reward_metrics = compute_rewards(
-            self.reward_funcs, cfg.reward_weights, _repeat(prompts, G)[mine], completions[mine],
-            [list(map(int, t[:n])) for t, n in zip(tokens_RC[mine], lengths_R[mine], strict=True)],
-            {k: _repeat(v, G)[mine] for k, v in columns.items()},
-            _repeat(row_numbers, G)[mine] if row_numbers is not None else None,
-            timeout_s=cfg.reward_timeout_s, skip_nonfinite=cfg.skip_nonfinite_rewards,
-        )
-        rewards_R, _, reward_metrics = processes.gather_rewards(rewards_R, per_function,
-                                                                reward_metrics)
+        if self.reward_funcs:
+            mine = processes.row_block(len(lengths_R), what="rollout rows")
+            rewards_R, per_function, reward_metrics = compute_rewards(
+                self.reward_funcs, cfg.reward_weights, _repeat(prompts, G)[mine],
+                completions[mine],
+                [list(map(int, t[:n])) for t, n in zip(tokens_RC[mine], lengths_R[mine],
+                                                       strict=True)],
+                {k: _repeat(v, G)[mine] for k, v in columns.items()},
+                _repeat(row_numbers, G)[mine] if row_numbers is not None else None,
+                timeout_s=cfg.reward_timeout_s, skip_nonfinite=cfg.skip_nonfinite_rewards,
+            )
+            rewards_R, _, reward_metrics = processes.gather_rewards(rewards_R, per_function,
+                                                                    reward_metrics)
+        elif extra_rewards_R is None:
+            raise ValueError("reward_funcs is empty: rollouts without an environment need at "
+                             "least one reward function")
+        else:  # an environment's rewards alone
+            rewards_R, reward_metrics = np.zeros(len(lengths_R), np.float32), {}
+        if extra_rewards_R is not None:
+            rewards_R = (np.nan_to_num(rewards_R) + extra_rewards_R).astype(np.float32)
         advantages_R, adv_metrics = self.advantages(rewards_R)
 
         completion_mask_RC = np.arange(tokens_RC.shape[1])[None, :] < lengths_R[:, None]
-        train_mask_RC = completion_mask_RC
+        train_mask_RC = completion_mask_RC if train_mask_RC is None else train_mask_RC > 0
         if cfg.mask_truncated_completions:
-            train_mask_RC = np.asarray(mask_truncated(completion_mask_RC, truncated_R))
-        rows = rollout_sequences(
-            np.repeat(np.asarray(prompt_batch["prompt_ids"]), G, axis=0),
-            np.repeat(np.asarray(prompt_batch["prompt_mask"]), G, axis=0),
-            tokens_RC, completion_mask_RC, pad_id=self.pad_id,
-        )
+            train_mask_RC = np.asarray(mask_truncated(train_mask_RC, truncated_R))
+        rows = rollout_sequences(prompt_ids_RP, prompt_mask_RP, tokens_RC, completion_mask_RC,
+                                 pad_id=self.pad_id)
         rows = dataclasses.replace(rows, completion_mask=train_mask_RC.astype(np.float32))
 
         terminated = lengths_R[~truncated_R]
@@ -202,14 +245,25 @@ class RolloutSampler:
                 float(terminated.mean()) if len(terminated) else 0.0,
             **({"prefix/rows_frac": float(np.mean(prefix_len_R > 0)),
                 "prefix/mean_length": float(prefix_len_R[prefix_len_R > 0].mean())}
-               if prefixes_R is not None else {}),
+               if prefix_len_R is not None else {}),
+            **(extra_metrics or {}),
             "time/rollout": rollout_time,
             "time/rewards": time.perf_counter() - t0 - rollout_time,
         }
         return Rollout(rows=rows, advantages_R=np.asarray(advantages_R, np.float32),
-                       prefix_lengths_R=prefix_len_R if prefixes_R is not None else None,
-                       completions=completions, rewards_R=rewards_R, metrics=metrics,
-                       sampling_logprobs_RC=sampled_lp_RC)
+                       prefix_lengths_R=prefix_len_R, completions=completions,
+                       rewards_R=rewards_R, metrics=metrics, sampling_logprobs_RC=sampled_lp_RC)
+
+    def _run_episodes(self, params, prompt_batch, *, rng) -> Episodes:
+        """Every rollout row's multi-turn trajectory (``jaxpt.rl.episodes``)."""
+        cfg, G = self.cfg, self.cfg.num_generations
+        rows = episode_rows(prompt_batch, G)
+        decode = turn_decoder(self.graphdef, params, sampler=cfg.sampler(),
+                              max_new_tokens=cfg.max_new_tokens, eos_ids=self.eos_ids,
+                              pad_id=self.pad_id, rng=rng, num_rows=len(rows),
+                              shardings=self.shardings)
+        return run_rollout_episodes(cfg.episodes, rows, decode, self.tokenizer,
+                                    eos_ids=self.eos_ids, pad_id=self.pad_id)
 
     def _generate(self, params, prompt_batch, *, rng):
         cfg, G = self.cfg, self.cfg.num_generations

@@ -111,6 +111,18 @@ def start_on_policy(cfg: RunConfig, name: str, *, mesh=None, demonstrations: boo
                          f" must be a multiple of {name}.num_generations={G}")
     if not multi_process and jax.process_count() > 1:
         raise NotImplementedError(f"multi-process {name} rollouts are not supported yet")
+    episodes = sec.episodes()
+    if episodes is not None:
+        episodes.env_factory()  # a bad environment or tool fails here, before the model loads
+    if episodes is not None and name not in ("grpo", "online_dpo"):
+        raise ValueError(f"{cfg.source}: {name}.environment / tools: multi-turn rollouts are "
+                         f"wired into grpo and online_dpo; not into {name} yet")
+    if episodes is not None and jax.process_count() > 1:
+        raise NotImplementedError(f"{cfg.source}: multi-turn rollouts ({name}.environment) "
+                                  "run in one process for now")
+    if not sec.reward_funcs and episodes is None:
+        raise ValueError(f"{cfg.source}: {name}.reward_funcs is empty (allowed only with an "
+                         "environment that gives rewards)")
     bundle = eb.start_run(cfg, mesh)
     pad_id, eos_ids = special_token_ids(bundle.tokenizer, bundle.resolved.generation_eos_ids())
     reward_funcs = [get_reward_function(f) for f in sec.reward_funcs]
