@@ -103,6 +103,7 @@ class AotProgram:
     fn: Any  # a jax.jit-wrapped function
     args: tuple
     flops: float | None = None
+    compiled: Any = None  # already compiled where another program needed its output shardings
 
 
 @dataclasses.dataclass
@@ -160,7 +161,7 @@ def compile_program(program: AotProgram) -> CompiledProgram:
     """Lower and compile ``program`` for its inputs' devices; never raises for a program
     the compiler refuses (the message is kept)."""
     try:
-        compiled = compile_lowered(program.fn.lower(*program.args))
+        compiled = program.compiled or compile_lowered(program.fn.lower(*program.args))
     except Exception as e:  # noqa: BLE001 - the compiler's refusal is the result
         msg = str(e).strip().splitlines()
         return CompiledProgram(program.name, flops=program.flops,

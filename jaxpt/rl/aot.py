@@ -75,9 +75,9 @@ def sampling_programs(bundle, what: str, *, prompts: int, prompt_length: int,
     ``shardings``: the decode preset (``jaxpt.sharding.DecodeSharding``), as an on-policy
     rollout decodes. None: as ``generate`` runs without one (RFT's rejection sampling, its
     held-out evaluation): the params in their training shardings, the prompts replicated,
-    and the loop carry where the compiled prefill leaves it (the compiler's choice, so the
-    prefill is compiled once here to read it). Prompts of one length are not packed
-    (``pack_prompts`` takes no fewer rows), so the padded prefill is the one that runs."""
+    and the loop carry where the compiled prefill leaves it (the compiler's choice, read from
+    the prefill compiled here). Prompts of one length are not packed (``pack_prompts``
+    takes no fewer rows), so the padded prefill is the one that runs."""
     mesh, M = bundle.mesh, max_new_tokens
     B, P, R = prompts, bucket_length(prompt_length), prompts * num_samples
     if shardings is None:
@@ -94,9 +94,11 @@ def sampling_programs(bundle, what: str, *, prompts: int, prompt_length: int,
     pre = Bound(prefill, bundle.graphdef, {**static, "num_samples": num_samples})
     pre_args = (params, ids, ids, rng)
     shapes = jax.eval_shape(pre, *pre_args)
+    pre_compiled = None
     if shardings is None:
         try:
-            state_sh = compile_lowered(pre.lower(*pre_args)).output_shardings
+            pre_compiled = compile_lowered(pre.lower(*pre_args))
+            state_sh = pre_compiled.output_shardings
         except Exception:  # noqa: BLE001 - compile_all reports the prefill's own error
             state_sh = jax.tree.map(lambda _: replicated(mesh), shapes)
     else:
@@ -111,7 +113,7 @@ def sampling_programs(bundle, what: str, *, prompts: int, prompt_length: int,
     m = bundle.model_cfg
     return [
         AotProgram(f"{what} prefill ({B} prompts x {P} tokens)", pre, pre_args,
-                   float(decoder_forward_flops(m, B, P))),
+                   float(decoder_forward_flops(m, B, P)), compiled=pre_compiled),
         AotProgram(f"{what} decode ({R} rows x {M} new tokens, cache {P + M - 1} slots)",
                    loop, (params, state), float(decoder_forward_flops(m, R, 1) * M)),
     ]
