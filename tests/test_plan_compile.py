@@ -6,6 +6,7 @@ against what the compiler allocates."""
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import json
 import os
 
@@ -215,3 +216,99 @@ def test_ppo_programs_compile_with_the_value_head_and_refts_demonstrations(tmp_p
     assert rc == 0 and reft["programs"][0]["error"] is None
     # ReFT's warm-up adds the prompts' demonstration rows to the step's batch.
     assert reft["programs"][0]["arguments"] > report["programs"][0]["arguments"]
+
+
+def test_rft_compiles_its_sampling_held_out_and_sft_programs(tmp_path, capsys):
+    """RFT's rejection sampling and held-out evaluation decode through `generate` without
+    the decode preset, on the params in their training shardings; its SFT stage is an SFT
+    run's train step."""
+    path = write_run(tmp_path, TINY, algorithm="rft", rft={
+        "max_prompt_length": 128, "max_new_tokens": 128, "batch_size": 8, "eval_batch_size": 4,
+        "arithmetic": {"train": 4, "eval": 4}})
+    rc, report = compiled(capsys, path)
+    progs = report["programs"]
+    assert rc == 0, report
+    assert [p["name"] for p in progs] == [
+        "sampling prefill (8 prompts x 128 tokens)",
+        "sampling decode (8 rows x 128 new tokens, cache 255 slots)",
+        "held-out prefill (4 prompts x 128 tokens)",
+        "held-out decode (4 rows x 128 new tokens, cache 255 slots)",
+        "train step"]
+    assert all(p["error"] is None and p["fits"] for p in progs)
+    cfg = load_config(path)
+    plan = plan_memory(cfg, load_model_config(cfg), 4)
+    # The sampling prefill reads the params in their training shardings (fsdp over the 4
+    # devices: the plan's params line, not the decode preset's replicated copy) and the
+    # replicated prompt ids and mask (2 x [8, 128] int32) and key, one 512-byte granule each
+    # at most beyond that.
+    assert 0 <= progs[0]["arguments"] - (plan.params + 2 * 8 * 128 * 4) <= 3 * 512
+    # The SFT stage's step: state and batch as in the SFT test above.
+    exact = plan.params + plan.opt_state + 5 * 2 * 256 * 4 + 8 + 4
+    assert 0 <= progs[4]["arguments"] - exact <= 4 * 512
+
+
+def test_distill_compiles_the_student_step_with_the_teacher_and_the_rollout(tmp_path, capsys):
+    teacher = TINY.replace(num_layers=4)  # twice the student's layers: its own shapes
+    teacher_json = tmp_path / "teacher" / "config.json"
+    teacher_json.parent.mkdir()
+    teacher_json.write_text(json.dumps(teacher.to_hf_dict()))
+    path = write_run(tmp_path, TINY, algorithm="distill", distill={
+        "teacher": str(teacher_json), "max_prompt_length": 128, "max_completion_length": 128,
+        "task": "arithmetic"})
+    rc, report = compiled(capsys, path)
+    progs = report["programs"]
+    assert rc == 0, report
+    assert [p["name"].split(" (")[0] for p in progs] == [
+        "train step", "rollout prefill", "rollout decode"]
+    assert all(p["error"] is None and p["fits"] for p in progs)
+    cfg = load_config(path)
+    plan = plan_memory(cfg, load_model_config(cfg), 4)
+    teacher_cfg = cfg.replace(model=dataclasses.replace(cfg.model, name=str(teacher_json)))
+    teacher_params = plan_memory(teacher_cfg, load_model_config(teacher_cfg), 4).params
+    # The step's arguments: the student's state (params, AdamW), the teacher's params (in
+    # state.frozen, sharded as the student's) and the batch: 2 of the 8 rows per device, 4
+    # int32 [., 256] rows, the float32 [., 128] completion mask and [.] advantages.
+    batch = 4 * 2 * 256 * 4 + 2 * 128 * 4 + 2 * 4
+    exact = plan.params + plan.opt_state + teacher_params + batch + 8 + 4
+    assert 0 <= progs[0]["arguments"] - exact <= 4 * 512
+
+
+def test_compiling_for_a_slice_bypasses_the_persistent_cache(tmp_path, recwarn):
+    """A compile-only TPU client writes executables into the persistent cache but cannot
+    load them, so a second compile of a program warned "Error reading persistent
+    compilation cache entry ... PjRtCompiler must be constructed with a Client"; the cache
+    is off while compiling for a slice, and on again after."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from jaxpt.engine import aot
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_enable_compilation_cache")
+    saved = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_enable_compilation_cache", True)
+    cc.reset_cache()
+    try:
+        mesh = Mesh(np.array(aot.topology_devices(aot.topology("v5e-4"))), ("x",))
+        x = jax.ShapeDtypeStruct((4096,), jnp.float32, sharding=NamedSharding(mesh,
+                                                                            PartitionSpec("x")))
+        # Two jitted functions of one program: the same persistent cache key, no in-memory
+        # cache shared between them.
+        first, second = (aot.compile_program(aot.AotProgram("f", jax.jit(lambda v: 2 * v + 1),
+                                                            (x,))) for _ in range(2))
+        assert first.error is None and second == first
+        assert not [w for w in recwarn if "persistent compilation cache" in str(w.message)]
+        assert not list(tmp_path.iterdir())  # nothing written for the slice
+        # Restored: the next compile on this machine's CPU writes its entry.
+        assert jax.config.jax_enable_compilation_cache
+        jax.jit(lambda v: v * 3 - 1)(jnp.arange(7.0)).block_until_ready()
+        assert list(tmp_path.iterdir())
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
+        cc.reset_cache()

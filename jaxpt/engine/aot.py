@@ -17,10 +17,11 @@ the step, so what is compiled here is what the run executes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -102,6 +103,7 @@ class AotProgram:
     fn: Any  # a jax.jit-wrapped function
     args: tuple
     flops: float | None = None
+    compiled: Any = None  # already compiled where another program needed its output shardings
 
 
 @dataclasses.dataclass
@@ -126,11 +128,40 @@ class CompiledProgram:
         )
 
 
+@contextlib.contextmanager
+def no_persistent_cache() -> Iterator[None]:
+    """The persistent compilation cache off inside, as it was after.
+
+    A compile-only TPU client serializes what it compiles into the cache (when
+    ``jax_compilation_cache_dir`` is set) but cannot load an entry back ("PjRtCompiler must
+    be constructed with a Client to call DeserializeLoadedExecutable"), so a second compile
+    of a program would warn and compile anyway. jax decides once per process whether the
+    cache is used (``compilation_cache.is_cache_used``), so the setting is re-read on the
+    way in and out (``reset_cache``; the cache reopens lazily on the next compile)."""
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    cc.reset_cache()
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", was)
+        cc.reset_cache()
+
+
+def compile_lowered(lowered):
+    """``lowered.compile()`` for a slice's abstract devices, without the persistent cache
+    (:func:`no_persistent_cache`)."""
+    with no_persistent_cache():
+        return lowered.compile()
+
+
 def compile_program(program: AotProgram) -> CompiledProgram:
     """Lower and compile ``program`` for its inputs' devices; never raises for a program
     the compiler refuses (the message is kept)."""
     try:
-        compiled = program.fn.lower(*program.args).compile()
+        compiled = program.compiled or compile_lowered(program.fn.lower(*program.args))
     except Exception as e:  # noqa: BLE001 - the compiler's refusal is the result
         msg = str(e).strip().splitlines()
         return CompiledProgram(program.name, flops=program.flops,

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from jaxpt.algorithms.distill import (
     DistillBatch,
     DistillSection,
@@ -66,6 +68,80 @@ class DistillParts(eb.RunParts):
     teacher: eb.ModelBundle  # its params live in the trainer's state.frozen["teacher"]
 
 
+def distill_program(cfg: RunConfig, bundle, teacher, total_steps: int):
+    """(the batch's shardings, the ``TrainProgram``) of a run: the student's train state
+    with the teacher's params beside the student's frozen ones in ``state.frozen``, and the
+    jitted step. The program's ``trainable`` is the student's view of that state: its
+    ``params_fn`` gives the student's params alone (sampling, scoring, evaluation). On
+    abstract bundles (``jaxpt plan --compile``) every part is shapes only."""
+    d: DistillSection = cfg.section("distill")
+    t = cfg.train
+    loss_fn = make_distill_loss_fn(bundle.graphdef, teacher.graphdef, d, impl=t.logprob_impl)
+    batch_sh = es.batch_shardings(DistillBatch.ndims(d), bundle.mesh)
+    tx, schedule = es.make_optimizer(cfg.optim, total_steps)
+    ts = eb.build_train_state(bundle, cfg, tx)  # frozen: the LoRA base, or None
+    student_fn = ts.params_fn
+
+    def params_fn(params, frozen, rng):  # what the loss takes: both models
+        return {"student": student_fn(params, frozen["student"], rng),
+                "teacher": frozen["teacher"]}
+
+    state = ts.state.replace(frozen={"student": ts.state.frozen, "teacher": teacher.params})
+    shardings = ts.shardings.replace(
+        frozen={"student": ts.shardings.frozen, "teacher": teacher.params_sh})
+    step = es.make_train_step(loss_fn, tx, schedule, grad_accum=t.grad_accum,
+                              batch_stats_fn=batch_stats, params_fn=params_fn)
+    step_fn = es.compile_step(step, shardings, batch_sh, bundle.mesh)
+    # The student alone, for sampling, scoring and evaluation.
+    if student_fn is es.identity_params:
+        student_view = dataclasses.replace(ts, state=state, shardings=shardings)
+    else:
+        student_view = dataclasses.replace(
+            ts, state=state, shardings=shardings,
+            params_fn=lambda p, frozen, rng: student_fn(p, frozen["student"], rng))
+    return batch_sh, eb.TrainProgram(student_view, tx, step_fn)
+
+
+def abstract_teacher(cfg: RunConfig, d: DistillSection, student: eb.ModelBundle):
+    """The teacher as shapes in the student's mesh and training shardings (``jaxpt plan
+    --compile``): its config read like the student's (a name, a path, a ``config.json``),
+    in the run's dtypes; a vocabulary size other than the student's is the error
+    :func:`check_same_vocab` gives."""
+    from jaxpt.cli.plan import load_model_config
+
+    if not d.teacher:
+        raise ValueError(f"{cfg.source}: distill.teacher is not set: name the teacher model "
+                         "(a name or path, as for model.name)")
+    teacher_cfg = cfg.replace(model=dataclasses.replace(cfg.model, name=d.teacher, tokenizer=None))
+    model_cfg = load_model_config(teacher_cfg)
+    if model_cfg.vocab_size != student.model_cfg.vocab_size:
+        raise ValueError(
+            f"{cfg.source}: distill.teacher={d.teacher!r} and model.name={cfg.model.name!r} do "
+            f"not share a vocabulary: the teacher's LM head has {model_cfg.vocab_size} rows, "
+            f"the student's {student.model_cfg.vocab_size}")
+    return eb.abstract_bundle(teacher_cfg, student.mesh, model_cfg)
+
+
+def aot_programs(cfg: RunConfig, bundle) -> list:
+    """The student's train step (the teacher's forward inside it, over the same rows) on a
+    step's rows at full widths, and the student's rollout prefill and decode loop, for
+    ``jaxpt plan --compile``. The teacher has no program of its own: the loss runs it on
+    ``state.frozen["teacher"]``. The model FLOPs of the step count the student's forward
+    and backward and the teacher's forward."""
+    from jaxpt.engine.aot import train_step_flops
+    from jaxpt.rl.aot import full_rows, rollout_programs, train_step_program
+
+    d: DistillSection = cfg.section("distill")
+    R, P, C = cfg.train.batch_size, d.max_prompt_length, d.max_completion_length
+    teacher = abstract_teacher(cfg, d, bundle)
+    batch_sh, program = distill_program(cfg, bundle, teacher, cfg.train.max_steps or 1000)
+    old = np.zeros((R, C), np.float32) if d.scores_old_logprobs() else None
+    batch = DistillBatch(full_rows(R, P, C), np.zeros(R, np.float32), old_logprobs=old)
+    step = train_step_program(program, batch, batch_sh, bundle, rows=R, length=P + C)
+    step.flops += train_step_flops(teacher.model_cfg, R, P + C) / 3
+    return [step, *rollout_programs(d, bundle, R * d.steps_per_generation)]
+
+
 def build_distill_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     d: DistillSection = cfg.section("distill")
     t, G = cfg.train, d.num_generations
@@ -80,30 +156,8 @@ def build_distill_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
                 f"{len(missing) - 1} more) has no `completion` column (set distill.lmbda: 1 "
                 "for on-policy only)")
     teacher = load_teacher(cfg, d, bundle)
-
-    loss_fn = make_distill_loss_fn(bundle.graphdef, teacher.graphdef, d, impl=t.logprob_impl)
-    batch_sh = es.batch_shardings(DistillBatch.ndims(d), mesh)
-    tx, schedule = es.make_optimizer(cfg.optim, run.total_steps)
-    ts = eb.build_train_state(bundle, cfg, tx)  # frozen: the LoRA base, or None
-    student_fn = ts.params_fn
-
-    def params_fn(params, frozen, rng):  # what the loss takes: both models
-        return {"student": student_fn(params, frozen["student"], rng),
-                "teacher": frozen["teacher"]}
-
-    state = ts.state.replace(frozen={"student": ts.state.frozen, "teacher": teacher.params})
-    shardings = ts.shardings.replace(
-        frozen={"student": ts.shardings.frozen, "teacher": teacher.params_sh})
-    step = es.make_train_step(loss_fn, tx, schedule, grad_accum=t.grad_accum,
-                              batch_stats_fn=batch_stats, params_fn=params_fn)
-    step_fn = es.compile_step(step, shardings, batch_sh, mesh)
-    # The student alone, for sampling, scoring and evaluation.
-    if student_fn is es.identity_params:
-        student_view = dataclasses.replace(ts, state=state, shardings=shardings)
-    else:
-        student_view = dataclasses.replace(
-            ts, state=state, shardings=shardings,
-            params_fn=lambda p, frozen, rng: student_fn(p, frozen["student"], rng))
+    batch_sh, program = distill_program(cfg, bundle, teacher, run.total_steps)
+    student_view, state = program.trainable, program.trainable.state
     params_of_state, decode_sh = decode_policy(student_view, bundle.params, mesh)
     sampler = run.sampler(decode_sh)
     score_fn = make_score_fn(bundle.graphdef, student_view.params_fn, impl=t.logprob_impl,
@@ -116,8 +170,8 @@ def build_distill_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
         rows_per_step=t.batch_size, params_of_state=params_of_state, score_fn=score_fn,
         score_ref=False, seed=t.seed)
     return run.trainer(
-        state=state, step_fn=step_fn, source=source, put_batch=run.put_batch(batch_sh),
-        parts=DistillParts(bundle, student_view, tx, teacher=teacher),
+        state=state, step_fn=program.step_fn, source=source, put_batch=run.put_batch(batch_sh),
+        parts=DistillParts(bundle, student_view, program.tx, teacher=teacher),
         sampler=sampler, params_of_state=params_of_state)
 
 

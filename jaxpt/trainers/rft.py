@@ -113,6 +113,35 @@ def _sample_and_keep(cfg: RunConfig, bundle, rdir: Path) -> dict[str, Any]:
     return summary
 
 
+def aot_programs(cfg: RunConfig, bundle) -> list:
+    """For ``jaxpt plan --compile``, in the order the run executes them: the rejection
+    sampling's prefill and decode loop (``rft.batch_size`` rows of one sample each, prompts
+    of ``rft.max_prompt_length`` tokens, ``rft.max_new_tokens`` new ones), the held-out
+    evaluation's (greedy, ``rft.eval_batch_size`` prompts) when the run has held-out
+    prompts and ``eval_before`` / ``eval_after``, and the SFT stage's train step
+    (``jaxpt.trainers.sft.aot_programs`` on :func:`sft_config`). Sampling and evaluation
+    call ``jaxpt.sampling.generate`` without the decode preset (``jaxpt.rl.aot``'s
+    ``sampling_programs`` with no shardings), on the params in their training shardings."""
+    from jaxpt.rl.aot import sampling_programs
+    from jaxpt.trainers import sft
+
+    rcfg: RFTConfig = cfg.section("rft")
+    engine = getattr(rcfg, "engine", "static")  # as jaxpt.rl.rejection.run_sampling reads it
+    if engine != "static":
+        raise NotImplementedError(f"{cfg.source}: rft.engine={engine!r}: --compile lists the "
+                                  "static engine's programs only")
+    out = sampling_programs(bundle, "sampling", prompts=rcfg.batch_size,
+                            prompt_length=rcfg.max_prompt_length, num_samples=1,
+                            max_new_tokens=rcfg.max_new_tokens, sampler=rcfg.sampler())
+    held_out = rcfg.arithmetic.eval > 0 or cfg.data.eval is not None
+    if held_out and (rcfg.eval_before or rcfg.eval_after):
+        out += sampling_programs(bundle, "held-out", prompts=rcfg.eval_batch_size,
+                                 prompt_length=rcfg.max_prompt_length, num_samples=1,
+                                 max_new_tokens=rcfg.eval_max_new_tokens or rcfg.max_new_tokens,
+                                 sampler=Sampler.greedy())
+    return out + sft.aot_programs(sft_config(cfg, Path(cfg.out_dir) / "rft" / TRAIN), bundle)
+
+
 @register_trainer("rft")
 def train_rft(
     cfg: RunConfig,
