@@ -442,3 +442,47 @@ class TestErrors:
             token_logprobs(self.h, self.w, self.t, impl="chunked", mesh=mesh, vocab_axis="v")
         with pytest.raises(ValueError, match="unsharded oracle"):
             token_logprobs(self.h, self.w, self.t, impl="reference", mesh=mesh, vocab_axis="vocab")
+
+
+def test_tpu_blocks_fit_scoped_vmem_by_dtype_and_hidden_size():
+    """The TPU blocks shrink (vocab first) until their VMEM fits the budget: (256, 512) at
+    H = 2,048 in bf16 (Qwen3-1.7B), (256, 256) in fp32, (256, 128) at H = 4,096 in bf16
+    (Llama-3.1-8B); hand-computed bytes at the edges."""
+    from jaxpt.kernels.logprob import TPU_VMEM_BUDGET, tpu_vmem_bytes
+
+    assert tpu_vmem_bytes(256, 512, 2048, 2) == 768 * 2048 * 4 + 512 * 2048 * 8  # 14.7 MB
+    assert tpu_vmem_bytes(256, 512, 2048, 2) <= TPU_VMEM_BUDGET
+    assert tpu_vmem_bytes(256, 512, 2048, 4) > TPU_VMEM_BUDGET  # 21 MB: Mosaic's OOM
+    big = 1 << 20
+    assert default_block_sizes("tpu", big, big, 2048, 2) == BlockSizes(256, 512)
+    assert default_block_sizes("tpu", big, big, 2048, 4) == BlockSizes(256, 256)
+    assert default_block_sizes("tpu", big, big, 4096, 2) == BlockSizes(256, 128)
+    assert default_block_sizes("tpu", big, big, 4096, 4) == BlockSizes(128, 128)
+    assert default_block_sizes("tpu", 40, 300, 576, 4) == BlockSizes(40, 384)
+
+
+def test_fp32_tpu_backward_compiles_for_a_slice_with_the_default_blocks():
+    """libtpu's compiler (compile-only, from this CPU) on one v5e chip: the fp32 backward at
+    H = 2,048 runs out of scoped VMEM with the bf16 blocks (256, 512) and compiles with
+    the default fp32 blocks. Skipped without libtpu (the [tpu] extra)."""
+    pytest.importorskip("libtpu")
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from jaxpt.engine.aot import compile_lowered, topology, topology_devices
+
+    N, H, V = 512, 2048, 1024
+    mesh = Mesh(np.array(topology_devices(topology("v5e-4"))[:1]), ("x",))
+    rep = NamedSharding(mesh, PartitionSpec())
+    spec = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=rep)  # noqa: E731
+    args = (spec((N, H), jnp.float32), spec((V, H), jnp.float32), spec((1, V), jnp.int32),
+            spec((N,), jnp.int32), (spec((N,), jnp.float32),) * 4)
+
+    def compile_grads(bs):
+        fn = lambda *a: logprob_pallas_tpu.tpu_grads(  # noqa: E731
+            *a, inv_temp=1.0, with_entropy=True, block_sizes=bs, interpret=False)
+        return compile_lowered(jax.jit(fn).lower(*args))
+
+    with pytest.raises(Exception, match="VmemOom|vmem"):
+        compile_grads(BlockSizes(256, 512))
+    compiled = compile_grads(default_block_sizes("tpu", N, V, H, 4))
+    assert compiled.memory_analysis().output_size_in_bytes >= (N + V) * H * 4

@@ -77,8 +77,25 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def default_block_sizes(layout: str, N: int, V: int, H: int) -> BlockSizes:
-    """Block sizes that fit `layout`, shrunk for tiny inputs."""
+# Scoped VMEM the TPU kernels' blocks may use: Mosaic's default scoped limit is 16 MiB on
+# v5e (32 MiB on v6e); the rest is its own scratch. See `tpu_vmem_bytes`.
+TPU_VMEM_BUDGET = 15 * 2**20
+
+
+def tpu_vmem_bytes(block_n: int, block_v: int, H: int, itemsize: int) -> int:
+    """VMEM of the TPU kernels' blocks (`logprob_pallas_tpu`), the largest of the three:
+    the hidden and LM-head input blocks (full H, padded to 128), double-buffered, plus
+    the fp32 output block of the backward kernels (d hidden [n, H] or d W [v, H]), also
+    double-buffered. Checked against libtpu's compiler: (256, 512) at H = 2,048 compiles in
+    bf16 (14.7 MB) and runs out of scoped VMEM in fp32 (21 MB)."""
+    Hp = -(-H // 128) * 128
+    return (block_n + block_v) * Hp * 2 * itemsize + max(block_n, block_v) * Hp * 2 * 4
+
+
+def default_block_sizes(layout: str, N: int, V: int, H: int, itemsize: int = 2) -> BlockSizes:
+    """Block sizes that fit `layout`, shrunk for tiny inputs; on TPU also shrunk (vocab
+    block first, down to 128, then token block, down to 8) until the blocks fit
+    ``TPU_VMEM_BUDGET`` for inputs of ``itemsize`` bytes."""
     if layout == "chunked":
         return logprob_chunked.DEFAULT_BLOCKS
     if layout == "gpu":
@@ -87,7 +104,15 @@ def default_block_sizes(layout: str, N: int, V: int, H: int) -> BlockSizes:
             block_v=min(128, max(16, _next_pow2(V))),
             block_h=min(64, max(16, _next_pow2(H))),
         )
-    return BlockSizes(block_n=min(256, round_up(N, 8)), block_v=min(512, round_up(V, 128)))
+    block_n, block_v = min(256, round_up(N, 8)), min(512, round_up(V, 128))
+    while tpu_vmem_bytes(block_n, block_v, H, itemsize) > TPU_VMEM_BUDGET:
+        if block_v > 128:
+            block_v //= 2
+        elif block_n > 8:
+            block_n = max(8, block_n // 2)
+        else:
+            break  # the smallest tiles; a hidden size this large fails in Mosaic, by name
+    return BlockSizes(block_n=block_n, block_v=block_v)
 
 
 def _cols(V: int, Vp: int) -> jax.Array:
@@ -313,8 +338,9 @@ def token_logprobs(
         )
         return TokenLogProbs(*_masked(tuple(out), valid_N))
     if block_sizes is None:
+        itemsize = jnp.promote_types(hidden_NH.dtype, lm_head_VH.dtype).itemsize
         block_sizes = default_block_sizes(
-            layout, hidden_NH.shape[0], lm_head_VH.shape[0], hidden_NH.shape[1]
+            layout, hidden_NH.shape[0], lm_head_VH.shape[0], hidden_NH.shape[1], itemsize
         )
     elif not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"{_WHERE}: block_sizes must be a BlockSizes, got {block_sizes!r}")
