@@ -21,11 +21,14 @@ from jaxpt.sampling.session import DecodeSession
 from jaxpt.sampling.state import GenerationError
 
 HIDDEN, VOCAB = 16, 64
+# One set of static settings for the greedy tiny-model tests: they share compiled programs.
+GREEDY = dict(sampler=Sampler.greedy(), max_new_tokens=6, max_total_tokens=40, eos_ids=(),
+              pad_id=0)
 
 
-def tiny_model(vocab: int, seed: int = 0):
+def tiny_model(vocab: int, seed: int = 0, layers: int = 2):
     cfg = ModelConfig(model_type="llama", vocab_size=vocab, hidden_size=HIDDEN,
-                      intermediate_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+                      intermediate_size=32, num_layers=layers, num_heads=2, num_kv_heads=1,
                       head_dim=8)
     graphdef, params = nnx.split(init_model(cfg, seed=seed))
     return graphdef, jax.tree.map(lambda x: x * 4.0, params)  # sharper logits
@@ -47,72 +50,66 @@ class MoreEnv:
 
 
 def test_greedy_episode_equals_full_resubmit_and_fresh_decode():
-    """3-turn episodes of 4 rows, greedy: the session's trajectories (tokens, masks,
+    """2-turn episodes of 3 rows, greedy: the session's trajectories (tokens, masks,
     finishes) are the full-resubmit driver's, and every sampled log-prob equals the one a
     fresh prefill of the whole history gives (that is what the full-resubmit path
     computes each turn), to summation-order rounding."""
     from jaxpt.data.tokenizers import smollm2_tokenizer
 
     tok = smollm2_tokenizer()
-    graphdef, params = tiny_model(len(tok))
+    graphdef, params = tiny_model(len(tok), layers=1)
     # A random model rarely emits <|im_end|>: a third of the vocabulary stops a turn, so
     # rows end turns at different steps (and some run out of max_new_tokens).
     stops = tuple(range(0, len(tok), 3))
-    rows = [{"k": k} for k in range(4)]
-    kw = dict(sampler=Sampler.greedy(), max_new_tokens=6, eos_ids=stops)
+    rows = [{"k": k} for k in range(3)]
+    kw = dict(sampler=Sampler.greedy(), max_new_tokens=4, eos_ids=stops)
     full = run_episodes(MoreEnv, rows, sampling_generate(graphdef, params, tok, **kw), tok,
-                        max_turns=3, stop_token_ids=stops)
-    session = session_generate(graphdef, params, tok, max_total_tokens=160, **kw)
-    kept = run_episodes(MoreEnv, rows, session, tok, max_turns=3, stop_token_ids=stops)
-    assert [t.turns for t in kept] == [2, 3, 2, 3]  # turns of 2 and 3 model turns
-    assert [t.finish for t in kept] == ["truncated", "max_turns", "truncated", "max_turns"]
+                        max_turns=2, stop_token_ids=stops)
+    session = session_generate(graphdef, params, tok, max_total_tokens=120, **kw)
+    kept = run_episodes(MoreEnv, rows, session, tok, max_turns=2, stop_token_ids=stops)
+    assert [(t.turns, t.finish) for t in kept] == [(2, "max_turns")] * 3
     for a, b in zip(full, kept, strict=True):
         assert b.prompt_ids == a.prompt_ids
         assert b.completion_ids == a.completion_ids
         assert b.loss_mask == a.loss_mask
         assert (b.finish, b.turns, b.messages) == (a.finish, a.turns, a.messages)
         # One decode step vs one prefill forward: hidden 16, MLP 32, vocab 49152 reductions
-        # through 2 layers, the head and the log-softmax.
+        # through 1 layer, the head and the log-softmax.
         assert_reordered_close(np.asarray(b.logprobs), np.asarray(a.logprobs), n=len(tok),
-                               depth=4)
+                               depth=3)
     # The continuations differ in length between rows (the env's turn grows with k).
     conts = [len(t.completion_ids) - sum(t.loss_mask) for t in kept]
-    assert len(set(conts)) == 4, conts
-    assert session.num_rows == 4 and session._cache is None  # closed by the driver
+    assert len(set(conts)) == 3, conts
+    assert session.num_rows == 3 and session._cache is None  # closed by the driver
 
 
 def test_resumed_turn_equals_fresh_decode_of_the_history():
-    """Turn 2 of a row, resumed from its cache, against `generate` on prompt + turn 1 +
-    continuation from scratch (greedy): the same tokens; log-probs to rounding."""
+    """Turn 2 of each row, resumed from its cache, against `generate` on prompt + turn 1 +
+    continuation from scratch (greedy): the same tokens; log-probs to rounding. Turn 1
+    against `generate` on the prompt alone."""
     graphdef, params = tiny_model(VOCAB, seed=3)
     prompts = [[5, 9, 13, 2], [7, 3, 22, 41, 8, 30, 1], [11]]
-    s = DecodeSession(graphdef, params, sampler=Sampler.greedy(), max_new_tokens=5,
-                      max_total_tokens=40, eos_ids=(), pad_id=0)
+    s = DecodeSession(graphdef, params, **GREEDY)
     first = s.start(prompts)
-    assert [len(o["token_ids"]) for o in first] == [5, 5, 5]
-    assert all(o["finish"] == "length" for o in first)
-    conts = [[17, 18], [], [40, 41, 42, 43, 44, 45, 46]]
+    conts = [[17, 18], [], [40, 41, 42, 43, 44, 45, 46]]  # 3, 1 and 8 forced tokens
     second = s.resume([0, 1, 2], conts)
-    for r, (p, o1, c, o2) in enumerate(zip(prompts, first, conts, second, strict=True)):
-        history = p + o1["token_ids"] + c
-        ids, mask = left_pad([history], 0)
-        fresh = generate(graphdef, params, ids, mask, sampler=Sampler.greedy(),
-                         max_new_tokens=5, eos_ids=(), rng=0, pad_id=0)
-        assert o2["token_ids"] == np.asarray(fresh.tokens)[0].tolist(), r
-        assert_reordered_close(np.asarray(o2["logprobs"]), np.asarray(fresh.logprobs)[0],
-                               n=VOCAB, depth=4, err_msg=f"row {r}")
-        # and turn 1 against a fresh decode of the prompt alone
-        ids, mask = left_pad([p], 0)
-        fresh1 = generate(graphdef, params, ids, mask, sampler=Sampler.greedy(),
-                          max_new_tokens=5, eos_ids=(), rng=0, pad_id=0)
-        assert o1["token_ids"] == np.asarray(fresh1.tokens)[0].tolist(), r
+    assert [o["finish"] for o in first + second] == ["length"] * 6
+    histories = [p + o["token_ids"] + c for p, o, c in zip(prompts, first, conts, strict=True)]
+    for outs, rows in ((first, prompts), (second, histories)):
+        # one padded length, no packing: both calls share one compiled program
+        fresh = generate(graphdef, params, *left_pad(rows, 0, length=32), pack=False,
+                         sampler=Sampler.greedy(), max_new_tokens=6, eos_ids=(), rng=0,
+                         pad_id=0)
+        assert [o["token_ids"] for o in outs] == np.asarray(fresh.tokens).tolist()
+        # hidden 16, MLP 32, vocab 64 reductions; 2 layers, the head, the log-softmax
+        assert_reordered_close(np.asarray([o["logprobs"] for o in outs]),
+                               np.asarray(fresh.logprobs), n=VOCAB, depth=4)
 
 
 def test_sampled_turns_reproducible_and_independent_of_other_rows():
     graphdef, params = tiny_model(VOCAB, seed=1)
     prompts = [[5, 9, 13], [7, 3, 22, 41, 8], [11], [60, 2, 33, 19]]
-    kw = dict(sampler=Sampler(temperature=1.0), max_new_tokens=6, max_total_tokens=48,
-              eos_ids=(3, 4), pad_id=0)
+    kw = {**GREEDY, "sampler": Sampler(temperature=1.0), "eos_ids": (3, 4)}
 
     def episode(seed, resume_rows):
         s = DecodeSession(graphdef, params, seed=seed, **kw)
@@ -136,19 +133,18 @@ def test_sampled_turns_reproducible_and_independent_of_other_rows():
 
 def test_capacity_ends_rows_and_errors_name_the_row():
     graphdef, params = tiny_model(VOCAB, seed=2)
-    s = DecodeSession(graphdef, params, sampler=Sampler.greedy(), max_new_tokens=8,
-                      max_total_tokens=20, eos_ids=(), pad_id=0)
-    outs = s.start([[1] * 15, [2] * 3])
-    # row 0: 15 + 5 = 20 tokens, cut by max_total_tokens; row 1: its 8 new tokens
-    assert [(len(o["token_ids"]), o["finish"]) for o in outs] == [(5, "capacity"), (8, "length")]
-    (o,) = s.resume([1], [[9] * 4])  # 3 + 8 + 4 = 15 tokens, 5 left
-    assert (len(o["token_ids"]), o["finish"]) == (5, "capacity")
-    with pytest.raises(GenerationError, match="row 0 would hold 21 tokens"):
+    s = DecodeSession(graphdef, params, **GREEDY)
+    outs = s.start([[1] * 36, [2] * 30])
+    # row 0: 36 + 4 = 40 tokens, cut by max_total_tokens; row 1: its 6 new tokens
+    assert [(len(o["token_ids"]), o["finish"]) for o in outs] == [(4, "capacity"), (6, "length")]
+    (o,) = s.resume([1], [[9]])  # 30 + 6 + 1 = 37 tokens: 3 left
+    assert (len(o["token_ids"]), o["finish"]) == (3, "capacity")
+    with pytest.raises(GenerationError, match="row 0 would hold 41 tokens"):
         s.resume([0], [[9]])
     with pytest.raises(GenerationError, match="row 5 is not in the session's 2 rows"):
         s.resume([5], [[9]])
-    with pytest.raises(GenerationError, match="prompt row 1 has 20 tokens"):
-        s.start([[1], [1] * 20])
+    with pytest.raises(GenerationError, match="prompt row 1 has 40 tokens"):
+        s.start([[1], [1] * 40])
 
 
 class ScriptedSession:
@@ -231,8 +227,7 @@ kw = dict(sampler=Sampler.greedy(), max_new_tokens=6, max_total_tokens=40, eos_i
 def episode(p, shardings=None):
     s = DecodeSession(graphdef, p, shardings=shardings, **kw)
     out = [s.start(prompts)]
-    out.append(s.resume([0, 1, 2, 3], [[21], [22, 23], [], [24, 25, 26]]))
-    out.append(s.resume([2], [[30, 31]]))
+    out.append(s.resume([0, 2, 3], [[21], [], [24, 25, 26]]))
     return [[o["token_ids"] for o in turn] for turn in out]
 
 want = episode(params)
