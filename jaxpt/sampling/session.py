@@ -28,8 +28,10 @@ first turn is the same loop as every later one.
 Budgets: a turn samples at most ``max_new_tokens``, and a trajectory (prompt, every turn,
 every continuation) holds at most ``max_total_tokens`` tokens: a turn cut by that limit
 ends with finish "capacity" (by ``max_new_tokens``: "length"; by a stop id: "stop").
-``S = bucket_length(max_total_tokens)`` >= max_total_tokens > the cache's longest row, so
-a row's next slot is always inside the cache.
+Before a turn the cache grows (by `bucket_length` buckets, a few compiled programs) to
+hold every slot the turn may write, so S follows the longest trajectory, up to
+``bucket_length(max_total_tokens)``: a decode step's attention reads all S slots, so a
+cache sized for the longest possible trajectory from the start would slow every turn.
 
 RNG: token t of row r in its k-th turn is drawn with
 ``fold_in(fold_in(fold_in(key(seed), r), k), t)``, so a row's samples depend on the seed,
@@ -98,6 +100,17 @@ def _prefill_rows(graphdef, params, ids_RP, mask_RP, *, num_slots: int, sharding
     if shardings is not None:
         cache = _constrain(cache, shardings.cache(cache))
     return cache, length_R.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("num_slots", "shardings"))
+def _grow_cache(cache: DecodeCache, *, num_slots: int, shardings=None) -> DecodeCache:
+    """The same cache with empty slots (segment 0) appended up to `num_slots` per row."""
+    extra = num_slots - cache.max_len
+    kv = ((0, 0), (0, 0), (0, 0), (0, extra), (0, 0))
+    rs = ((0, 0), (0, extra))
+    cache = DecodeCache(jnp.pad(cache.k_LRKSD, kv), jnp.pad(cache.v_LRKSD, kv),
+                        jnp.pad(cache.positions_RS, rs), jnp.pad(cache.segment_ids_RS, rs))
+    return cache if shardings is None else _constrain(cache, shardings.cache(cache))
 
 
 @functools.partial(
@@ -193,7 +206,6 @@ class DecodeSession:
         self.graphdef, self.params, self.sampler = graphdef, params, sampler
         self.max_new_tokens, self.max_total_tokens = int(max_new_tokens), int(max_total_tokens)
         self.pad_id, self.shardings = int(pad_id), shardings
-        self.num_slots = bucket_length(self.max_total_tokens)
         self.key = jax.random.key(seed)
         self._cache = self._length = None
         self._totals: list[int] = []  # tokens in each row's trajectory so far
@@ -226,8 +238,7 @@ class DecodeSession:
         ids, mask = self._place(ids), self._place(mask)
         self._cache = self._length = None  # free the previous session's cache first
         self._cache, self._length = _prefill_rows(self.graphdef, self.params, ids, mask,
-                                                  num_slots=self.num_slots,
-                                                  shardings=self.shardings)
+                                                  num_slots=P, shardings=self.shardings)
         self._totals = [len(h) for h in heads]  # + the forced last token, counted in _turn
         self._pending = [0] * R
         self._turns = [0] * R
@@ -275,6 +286,13 @@ class DecodeSession:
             forced_RF[r, : len(f)], forced_len_R[r] = f, len(f)
             budget_R[r] = min(M, C - total)
             self._totals[r] = total
+        # Slots this turn may write: each row's all but its last sampled token. Inactive
+        # rows write (segment 0) at their next slot, <= their total - 1 < max_total_tokens.
+        need = max(max(self._totals[r] + int(budget_R[r]) - 1 for r in rows),
+                   max(self._totals) - 1)
+        slots = bucket_length(need + 1)  # + 1: an inactive row's write at its next slot
+        if slots > self._cache.max_len:
+            self._cache = _grow_cache(self._cache, num_slots=slots, shardings=self.shardings)
         out = _run_turn(
             self.graphdef, self.params, self._cache, self._length, self._place(forced_RF),
             self._place(forced_len_R), self._place(budget_R),
