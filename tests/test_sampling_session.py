@@ -23,7 +23,7 @@ from jaxpt.sampling.state import GenerationError
 HIDDEN, VOCAB = 16, 64
 # One set of static settings for the greedy tiny-model tests: they share compiled programs.
 GREEDY = dict(sampler=Sampler.greedy(), max_new_tokens=6, max_total_tokens=40, eos_ids=(),
-              pad_id=0)
+              pad_id=0, cache_slots=48)  # bucket_length(40): no growth, one turn program
 
 
 def tiny_model(vocab: int, seed: int = 0, layers: int = 2):

@@ -194,11 +194,15 @@ class DecodeSession:
     included; their log-probs as `jaxpt.sampling.generate` returns them; one of
     `FINISHES`). `params` (and, with `shardings`, a `DecodeSharding`) as `generate` takes
     them: placed by the caller (`place_params`); R must divide the mesh's batch axes.
+    cache_slots: slots per row to allocate at `start` (the cache still grows past them
+    when a turn needs more); None: the prompts' bucket. A cache sized once, e.g.
+    ``bucket_length(max_total_tokens)``, compiles one turn program instead of one per
+    bucket, at the cost of attention over empty slots in every step.
     """
 
     def __init__(self, graphdef, params, *, sampler: Sampler, max_new_tokens: int,
                  max_total_tokens: int, eos_ids: Sequence[int], pad_id: int = 0, seed: int = 0,
-                 shardings=None, layer_loop: str = "auto"):
+                 shardings=None, layer_loop: str = "auto", cache_slots: int | None = None):
         check_sampling_args(sampler, max_new_tokens, 1)
         if max_total_tokens < 2:
             raise GenerationError(f"max_total_tokens={max_total_tokens}: must be >= 2")
@@ -206,6 +210,7 @@ class DecodeSession:
         self.graphdef, self.params, self.sampler = graphdef, params, sampler
         self.max_new_tokens, self.max_total_tokens = int(max_new_tokens), int(max_total_tokens)
         self.pad_id, self.shardings = int(pad_id), shardings
+        self.cache_slots = cache_slots
         self.key = jax.random.key(seed)
         self._cache = self._length = None
         self._totals: list[int] = []  # tokens in each row's trajectory so far
@@ -238,7 +243,8 @@ class DecodeSession:
         ids, mask = self._place(ids), self._place(mask)
         self._cache = self._length = None  # free the previous session's cache first
         self._cache, self._length = _prefill_rows(self.graphdef, self.params, ids, mask,
-                                                  num_slots=P, shardings=self.shardings)
+                                                  num_slots=max(P, self.cache_slots or 0),
+                                                  shardings=self.shardings)
         self._totals = [len(h) for h in heads]  # + the forced last token, counted in _turn
         self._pending = [0] * R
         self._turns = [0] * R
