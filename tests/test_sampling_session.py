@@ -222,7 +222,7 @@ graphdef, params = nnx.split(init_model(cfg, seed=1))
 params = jax.tree.map(lambda x: x * 8.0, params)
 prompts = [[5, 9, 13], [7, 3, 22, 41, 8], [11], [60, 2, 33, 19]]
 kw = dict(sampler=Sampler.greedy(), max_new_tokens=6, max_total_tokens=40, eos_ids=(3,),
-          pad_id=0)
+          pad_id=0, cache_slots=48)
 
 def episode(p, shardings=None):
     s = DecodeSession(graphdef, p, shardings=shardings, **kw)
