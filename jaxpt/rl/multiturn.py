@@ -15,9 +15,14 @@ rollouts mask them. Sampling log-probs, when the sampler returns them, are kept 
 (0 where the mask is 0).
 
 ``generate`` is any callable from a list of prompt id lists to one completion per prompt:
-a list of ids, or an object / dict with ``token_ids`` (and optionally ``logprobs``). The
-decode-loop integration that resumes each row's KV cache instead of re-prefilling the whole
-history is a later step; this driver re-submits the full sequence each turn.
+a list of ids, or an object / dict with ``token_ids`` (and optionally ``logprobs``); the
+driver then re-submits each row's full sequence every turn. A ``generate`` with a
+``resume`` method (a :class:`jaxpt.sampling.session.DecodeSession`, e.g. from
+:func:`session_generate`) keeps each row's KV cache on the device instead: turn 1 is
+``generate.start(prompts)``, every later turn ``generate.resume(rows, continuations)``
+feeds only the environment's new tokens. Trajectories, masks and continuation ids are the
+same either way; the session's own ``max_total_tokens`` also bounds the run's (a turn the
+session cuts at that limit ends the trajectory with ``finish="length"``).
 
 A turn has ended when its last token is a stop token (``stop_token_ids``, by default the
 sampler's: the EOS and the template's end-of-turn tokens). Limits: ``max_turns`` model
@@ -108,6 +113,9 @@ def run_episodes(
 
         stop_token_ids = default_stop_ids(tokenizer)
     stops = {int(t) for t in stop_token_ids}
+    session = generate if hasattr(generate, "resume") else None
+    if session is not None:
+        max_total_tokens = min(max_total_tokens, session.max_total_tokens)
     envs: list[Environment] = []
     chats, histories, trajs = [], [], []
     for i, row in enumerate(rows):
@@ -128,8 +136,14 @@ def run_episodes(
                                 prompt_messages=len(messages)))
 
     active = list(range(len(trajs)))
+    conts: list[list[int]] = [[] for _ in trajs]  # each row's last continuation
     while active:
-        outs = generate([trajs[i].prompt_ids + trajs[i].completion_ids for i in active])
+        if session is None:
+            outs = generate([trajs[i].prompt_ids + trajs[i].completion_ids for i in active])
+        elif all(t.turns == 0 for t in trajs):  # turn 1: open the rows
+            outs = session.start([t.prompt_ids for t in trajs])
+        else:
+            outs = session.resume(active, [conts[i] for i in active])
         if len(outs) != len(active):
             raise ValueError(f"generate returned {len(outs)} completions for {len(active)} "
                              "prompts")
@@ -143,7 +157,8 @@ def run_episodes(
         else:
             results = [env.step(msgs, text) for env, msgs, text in step_args]
         still = []
-        for i, (ids, lps), text, result in zip(active, parts, texts, results, strict=True):
+        for i, (ids, lps), text, result, out in zip(active, parts, texts, results, outs,
+                                                     strict=True):
             t, chat = trajs[i], chats[i]
             t.completion_ids += ids
             t.loss_mask += [1] * len(ids)
@@ -161,8 +176,9 @@ def run_episodes(
             if result.done:
                 t.finish = "done"
                 continue
-            if not ended:
-                t.finish = "truncated"
+            if not ended:  # cut by the sampler's turn limit, or by the session's capacity
+                capped = isinstance(out, Mapping) and out.get("finish") == "capacity"
+                t.finish = "length" if capped else "truncated"
                 continue
             if t.turns >= max_turns:
                 t.finish = "max_turns"
@@ -176,6 +192,7 @@ def run_episodes(
             if len(t.prompt_ids) + len(t.completion_ids) + len(cont) >= max_total_tokens:
                 t.finish = "length"  # no room for the next turn
                 continue
+            conts[i] = cont
             t.completion_ids += cont
             t.loss_mask += [0] * len(cont)
             t.logprobs += [0.0] * len(cont)
@@ -183,19 +200,24 @@ def run_episodes(
             histories[i] = [*histories[i], templated_assistant, *new_msgs]
             still.append(i)
         active = still
+    if session is not None:
+        session.close()
     return trajs
 
 
 def sampling_generate(graphdef, params, tokenizer, *, sampler, max_new_tokens: int,
-                      seed: int = 0, batch_size: int | None = None, shardings=None
+                      seed: int = 0, batch_size: int | None = None, shardings=None,
+                      eos_ids: Sequence[int] | None = None
                       ) -> Callable[[list[list[int]]], list[Any]]:
     """A `generate` for :func:`run_episodes` from jaxpt's sampler
     (:func:`jaxpt.sampling.text.sample_completions`, one sample per prompt, the tokenizer's
-    stop tokens). Each call draws from its own seed (``seed``, ``seed + 1``, ...), so the
-    turns of a run are independent draws and the run is reproducible."""
+    stop tokens unless ``eos_ids``). Each call draws from its own seed (``seed``,
+    ``seed + 1``, ...), so the turns of a run are independent draws and the run is
+    reproducible. It re-prefills every row's whole history each turn; see
+    :func:`session_generate` for the KV-cache-resuming form."""
     from jaxpt.sampling.text import sample_completions, stop_and_pad_ids
 
-    eos_ids, pad_id = stop_and_pad_ids(tokenizer, None, None)
+    eos_ids, pad_id = stop_and_pad_ids(tokenizer, eos_ids, None)
     calls = [0]
 
     def generate(prompts: list[list[int]]) -> list[Any]:
@@ -211,6 +233,24 @@ def sampling_generate(graphdef, params, tokenizer, *, sampler, max_new_tokens: i
         return out
 
     return generate
+
+
+def session_generate(graphdef, params, tokenizer, *, sampler, max_new_tokens: int,
+                     max_total_tokens: int, seed: int = 0, shardings=None,
+                     eos_ids: Sequence[int] | None = None, layer_loop: str = "auto"):
+    """A `generate` for :func:`run_episodes` that keeps each row's KV cache between turns
+    (:class:`jaxpt.sampling.session.DecodeSession`: only the environment's new tokens are
+    fed each turn). The tokenizer's stop tokens unless ``eos_ids``; ``max_total_tokens``
+    per trajectory sizes the cache (and bounds the run). Token t of row r's k-th turn is
+    drawn from (seed, r, k, t), so a row's samples do not depend on the other rows; they
+    differ from :func:`sampling_generate`'s draws (greedy tokens are the same)."""
+    from jaxpt.sampling.session import DecodeSession
+    from jaxpt.sampling.text import stop_and_pad_ids
+
+    eos, pad_id = stop_and_pad_ids(tokenizer, eos_ids, None)
+    return DecodeSession(graphdef, params, sampler=sampler, max_new_tokens=max_new_tokens,
+                         max_total_tokens=max_total_tokens, eos_ids=eos, pad_id=pad_id,
+                         seed=seed, shardings=shardings, layer_loop=layer_loop)
 
 
 def multiturn_metrics(trajectories: Sequence[Trajectory]) -> dict[str, float]:
