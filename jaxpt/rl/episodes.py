@@ -15,10 +15,9 @@ the prompt (TRL's convention for tool rollouts: the completion is the list of me
 assistant and tool turns), plus the environment's reward parts summed over the trajectory
 (``self_correction``'s shaping, for instance).
 
-Each turn decodes every trajectory still going in one call of the static decode loop, with
-the batch padded to the R rows of the rollout (copies of an active row, dropped) so that one
-compiled program serves every turn of every rollout per prompt-length bucket; turn k draws
-from ``fold_in(rng, k)``.
+Each turn is one jitted decode loop over the rollout's R rows (``jaxpt.sampling.session``):
+a row that goes on is fed the environment's new tokens into its own KV cache and samples
+its next turn; rows that are done sit idle. Nothing is re-tokenized or re-prefilled.
 """
 
 from __future__ import annotations
@@ -27,13 +26,12 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
-from jaxpt.rl import processes
 from jaxpt.rl.environments import make_environment
 from jaxpt.rl.multiturn import Trajectory, multiturn_metrics, run_episodes
-from jaxpt.sampling import Sampler, generate
+from jaxpt.sampling import Sampler
+from jaxpt.sampling.session import DecodeSession
 from jaxpt.sampling.state import bucket_length
 from jaxpt.sampling.text import left_pad
 
@@ -68,6 +66,7 @@ class Episodes:
     completions: list[list[dict]]  # the messages after the prompt (what rewards judge)
     env_rewards_R: np.ndarray  # the environment's reward parts, summed
     metrics: dict[str, float]
+    trajectories: list[Trajectory]
 
 
 def episode_rows(prompt_batch: Mapping[str, Any], G: int) -> list[dict]:
@@ -78,34 +77,15 @@ def episode_rows(prompt_batch: Mapping[str, Any], G: int) -> list[dict]:
     return [dict(r) for r in rows for _ in range(G)]
 
 
-def turn_decoder(graphdef, params, *, sampler: Sampler, max_new_tokens: int,
-                 eos_ids: Sequence[int], pad_id: int, rng, num_rows: int, shardings=None
-                 ) -> Callable[[list[list[int]]], list[dict]]:
-    """``generate(prompts)`` for ``run_episodes``: each call decodes ``num_rows`` rows (the
-    prompts, padded with copies of the first), turn k from ``fold_in(rng, k)``."""
-    turn = [0]
-
-    def decode(prompts: list[list[int]]) -> list[dict]:
-        n = len(prompts)
-        if n > num_rows:
-            raise ValueError(f"{n} trajectories for a decode batch of {num_rows} rows")
-        rows = list(prompts) + [prompts[0]] * (num_rows - n)
-        width = bucket_length(max(len(p) for p in rows))
-        ids, mask = left_pad(rows, pad_id, width)
-        if shardings is not None:
-            ids, mask = shardings.place_rows(ids), shardings.place_rows(mask)
-        gen = generate(graphdef, params, ids, mask, sampler=sampler,
-                       max_new_tokens=max_new_tokens, eos_ids=tuple(eos_ids),
-                       rng=jax.random.fold_in(rng, turn[0]), num_samples=1, pad_id=pad_id,
-                       bucket=False, shardings=shardings)
-        turn[0] += 1
-        tokens = processes.host_rows(gen.tokens)
-        lengths = processes.host_rows(gen.lengths)
-        logprobs = processes.host_rows(gen.logprobs)
-        return [{"token_ids": tokens[r, :lengths[r]].tolist(),
-                 "logprobs": logprobs[r, :lengths[r]].tolist()} for r in range(n)]
-
-    return decode
+def session_decoder(graphdef, params, *, sampler: Sampler, max_new_tokens: int,
+                    max_total_tokens: int, eos_ids: Sequence[int], pad_id: int, rng,
+                    shardings=None) -> DecodeSession:
+    """The decoder ``run_episodes`` drives: each row keeps its KV cache between turns and
+    only the environment's new tokens are fed into it (``jaxpt.sampling.session``); token
+    t of row r's k-th turn is drawn from (rng, r, k, t)."""
+    return DecodeSession(graphdef, params, sampler=sampler, max_new_tokens=max_new_tokens,
+                         max_total_tokens=max_total_tokens, eos_ids=tuple(eos_ids),
+                         pad_id=pad_id, seed=rng, shardings=shardings)
 
 
 def to_episodes(trajs: Sequence[Trajectory], *, pad_id: int) -> Episodes:
@@ -130,12 +110,13 @@ def to_episodes(trajs: Sequence[Trajectory], *, pad_id: int) -> Episodes:
         tokens_RC=tokens_RC, lengths_R=lengths_R, train_mask_RC=train_RC,
         sampling_logprobs_RC=lp_RC,
         truncated_R=np.asarray([t.finish in ("truncated", "length") for t in trajs]),
-        completions=completions, env_rewards_R=env_R, metrics=multiturn_metrics(trajs))
+        completions=completions, env_rewards_R=env_R, metrics=multiturn_metrics(trajs),
+        trajectories=list(trajs))
 
 
 def run_rollout_episodes(cfg: EpisodeConfig, rows: Sequence[Mapping[str, Any]], decode,
                          tokenizer, *, eos_ids: Sequence[int], pad_id: int) -> Episodes:
-    """Every row's trajectory, to the end (``decode``: a ``turn_decoder``)."""
+    """Every row's trajectory, to the end (``decode``: a ``session_decoder``)."""
     trajs = run_episodes(cfg.env_factory(), rows, decode, tokenizer, max_turns=cfg.max_turns,
                          max_total_tokens=cfg.max_total_tokens, stop_token_ids=eos_ids,
                          step_workers=cfg.step_workers)

@@ -65,46 +65,48 @@ def _episodes_eval_fn(sampler: RolloutSampler, params_of_state: Callable, prompt
     the conversation after the prompt (as the rollouts' rewards judge it) plus the
     environment's reward parts, >= 1; with the tool / turn statistics of the trajectories
     (``eval_tools/call_frequency``, ``eval_turns/mean``...)."""
-    import jax
-
     from jaxpt.rewards.registry import compute_rewards, get_reward_function
-    from jaxpt.rl.episodes import episode_rows, run_rollout_episodes, turn_decoder
+    from jaxpt.rl.episodes import episode_rows, run_rollout_episodes, session_decoder
+    from jaxpt.rl.multiturn import multiturn_metrics
 
     verifier = get_reward_function(spec.verifier) if spec.verifier else None
     episodes = sampler.cfg.episodes
 
     def eval_fn(state) -> dict[str, float]:
         params = params_of_state(state)
-        correct, lengths, clipped, metrics = [], [], [], []
+        correct, lengths, clipped, trajectories = [], [], [], []
         for start in range(0, len(prompts), spec.batch_size):
             chunk = prompts[start:start + spec.batch_size]
+            n = len(chunk)
             columns = {k: [p.columns.get(k) for p in chunk]
                        for k in dict.fromkeys(k for p in chunk for k in p.columns)}
             rows = episode_rows({"prompt_ids": chunk, "columns": columns}, 1)
-            decode = turn_decoder(sampler.graphdef, params, sampler=Sampler.greedy(),
-                                  max_new_tokens=spec.max_new_tokens, eos_ids=sampler.eos_ids,
-                                  pad_id=sampler.pad_id, rng=jax.random.key(0),
-                                  num_rows=spec.batch_size, shardings=sampler.shardings)
+            if sampler.shardings is not None:  # a short last batch: copies fill the shards
+                rows += [rows[0]] * (spec.batch_size - n)
+            decode = session_decoder(sampler.graphdef, params, sampler=Sampler.greedy(),
+                                     max_new_tokens=spec.max_new_tokens,
+                                     max_total_tokens=episodes.max_total_tokens,
+                                     eos_ids=sampler.eos_ids, pad_id=sampler.pad_id, rng=0,
+                                     shardings=sampler.shardings)
             ep = run_rollout_episodes(episodes, rows, decode, sampler.tokenizer,
                                       eos_ids=sampler.eos_ids, pad_id=sampler.pad_id)
             other = {k: v for k, v in columns.items() if k != "prompt"}
-            rewards = np.zeros(len(chunk), np.float32)
+            rewards = np.zeros(n, np.float32)
             if verifier is not None:  # else the environment's reward alone
                 rewards, _, _ = compute_rewards(
-                    [verifier], None, columns.get("prompt", [None] * len(chunk)),
-                    ep.completions, None, other, [p.row for p in chunk],
-                    timeout_s=spec.reward_timeout_s, skip_nonfinite=True)
-            correct += list(np.nan_to_num(rewards) + ep.env_rewards_R >= 1.0)
-            lengths += list(ep.lengths_R)
-            clipped += list(ep.truncated_R)
-            metrics.append((len(chunk), ep.metrics))
-        n = sum(k for k, _ in metrics)
+                    [verifier], None, columns.get("prompt", [None] * n), ep.completions[:n],
+                    None, other, [p.row for p in chunk], timeout_s=spec.reward_timeout_s,
+                    skip_nonfinite=True)
+            correct += list(np.nan_to_num(rewards) + ep.env_rewards_R[:n] >= 1.0)
+            lengths += list(ep.lengths_R[:n])
+            clipped += list(ep.truncated_R[:n])
+            trajectories += ep.trajectories[:n]
         out = {"eval_accuracy": float(np.mean(correct)),
                "eval_mean_length": float(np.mean(lengths)),
                "eval_clipped_ratio": float(np.mean(clipped))}
-        for key in sorted({k for _, m in metrics for k in m}):
+        for key, value in multiturn_metrics(trajectories).items():
             if key.startswith(("tools/", "turns/mean")):
-                out[f"eval_{key}"] = sum(k * m.get(key, 0.0) for k, m in metrics) / n
+                out[f"eval_{key}"] = value
         return out
 
     return eval_fn

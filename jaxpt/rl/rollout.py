@@ -29,7 +29,7 @@ from jaxpt.rl.episodes import (
     Episodes,
     episode_rows,
     run_rollout_episodes,
-    turn_decoder,
+    session_decoder,
 )
 from jaxpt.rl.layout import TokenRows, rollout_sequences
 from jaxpt.sampling import FINISH_LENGTH, Sampler, generate
@@ -258,10 +258,11 @@ class RolloutSampler:
         """Every rollout row's multi-turn trajectory (``jaxpt.rl.episodes``)."""
         cfg, G = self.cfg, self.cfg.num_generations
         rows = episode_rows(prompt_batch, G)
-        decode = turn_decoder(self.graphdef, params, sampler=cfg.sampler(),
-                              max_new_tokens=cfg.max_new_tokens, eos_ids=self.eos_ids,
-                              pad_id=self.pad_id, rng=rng, num_rows=len(rows),
-                              shardings=self.shardings)
+        decode = session_decoder(self.graphdef, params, sampler=cfg.sampler(),
+                                 max_new_tokens=cfg.max_new_tokens,
+                                 max_total_tokens=cfg.episodes.max_total_tokens,
+                                 eos_ids=self.eos_ids, pad_id=self.pad_id, rng=rng,
+                                 shardings=self.shardings)
         return run_rollout_episodes(cfg.episodes, rows, decode, self.tokenizer,
                                     eos_ids=self.eos_ids, pad_id=self.pad_id)
 

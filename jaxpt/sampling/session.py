@@ -201,7 +201,7 @@ class DecodeSession:
     """
 
     def __init__(self, graphdef, params, *, sampler: Sampler, max_new_tokens: int,
-                 max_total_tokens: int, eos_ids: Sequence[int], pad_id: int = 0, seed: int = 0,
+                 max_total_tokens: int, eos_ids: Sequence[int], pad_id: int = 0, seed=0,
                  shardings=None, layer_loop: str = "auto", cache_slots: int | None = None):
         check_sampling_args(sampler, max_new_tokens, 1)
         if max_total_tokens < 2:
@@ -211,7 +211,8 @@ class DecodeSession:
         self.max_new_tokens, self.max_total_tokens = int(max_new_tokens), int(max_total_tokens)
         self.pad_id, self.shardings = int(pad_id), shardings
         self.cache_slots = cache_slots
-        self.key = jax.random.key(seed)
+        # `seed`: an int, or a PRNG key (a trainer's per-rollout key)
+        self.key = seed if isinstance(seed, jax.Array) else jax.random.key(seed)
         self._cache = self._length = None
         self._totals: list[int] = []  # tokens in each row's trajectory so far
         self._pending: list[int] = []  # each row's last token, not yet in its cache
