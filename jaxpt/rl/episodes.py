@@ -102,7 +102,7 @@ def to_episodes(trajs: Sequence[Trajectory], *, pad_id: int) -> Episodes:
         n = len(t.completion_ids)
         tokens_RC[r, :n] = t.completion_ids
         train_RC[r, :n] = t.loss_mask
-        lp_RC[r, :n] = np.where(np.asarray(t.loss_mask, bool), t.logprobs, 0.0)
+        lp_RC[r, :n] = t.logprobs  # 0 on the environment's tokens (run_episodes)
     completions = [[dict(m) for m in t.messages[t.prompt_messages:]] for t in trajs]
     env_R = np.asarray([sum(t.reward_parts.values()) for t in trajs], np.float32)
     return Episodes(

@@ -65,6 +65,7 @@ def _episodes_eval_fn(sampler: RolloutSampler, params_of_state: Callable, prompt
     the conversation after the prompt (as the rollouts' rewards judge it) plus the
     environment's reward parts, >= 1; with the tool / turn statistics of the trajectories
     (``eval_tools/call_frequency``, ``eval_turns/mean``...)."""
+    from jaxpt.data.pipeline import prompt_batch
     from jaxpt.rewards.registry import compute_rewards, get_reward_function
     from jaxpt.rl.episodes import episode_rows, run_rollout_episodes, session_decoder
     from jaxpt.rl.multiturn import multiturn_metrics
@@ -78,9 +79,9 @@ def _episodes_eval_fn(sampler: RolloutSampler, params_of_state: Callable, prompt
         for start in range(0, len(prompts), spec.batch_size):
             chunk = prompts[start:start + spec.batch_size]
             n = len(chunk)
-            columns = {k: [p.columns.get(k) for p in chunk]
-                       for k in dict.fromkeys(k for p in chunk for k in p.columns)}
-            rows = episode_rows({"prompt_ids": chunk, "columns": columns}, 1)
+            batch = prompt_batch(chunk, pad_id=sampler.pad_id)  # its columns, as rollouts
+            columns = batch["columns"]
+            rows = episode_rows(batch, 1)
             if sampler.shardings is not None:  # a short last batch: copies fill the shards
                 rows += [rows[0]] * (spec.batch_size - n)
             decode = session_decoder(sampler.graphdef, params, sampler=Sampler.greedy(),
@@ -95,7 +96,7 @@ def _episodes_eval_fn(sampler: RolloutSampler, params_of_state: Callable, prompt
             if verifier is not None:  # else the environment's reward alone
                 rewards, _, _ = compute_rewards(
                     [verifier], None, columns.get("prompt", [None] * n), ep.completions[:n],
-                    None, other, [p.row for p in chunk], timeout_s=spec.reward_timeout_s,
+                    None, other, batch["rows"], timeout_s=spec.reward_timeout_s,
                     skip_nonfinite=True)
             correct += list(np.nan_to_num(rewards) + ep.env_rewards_R[:n] >= 1.0)
             lengths += list(ep.lengths_R[:n])
