@@ -201,6 +201,18 @@ def is_primary() -> bool:
 # ----------------------------------------------------------------------------- checks
 
 
+def host_rows(x):
+    """A jax.Array (maybe spread over several hosts' devices) as a numpy array holding
+    every row, on every process (a collective there: every process must call it)."""
+    import numpy as np
+
+    if isinstance(x, np.ndarray) or getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def check_batch_layout(mesh, rules=None, *, process_count=None, process_of=None) -> None:
     """Raise unless the batch dimension is laid out by process: with P processes and the
     batch split into D shards over the mesh's batch axes, process p's devices must hold

@@ -24,6 +24,8 @@ import yaml
 from conftest import run_with_devices
 from tolerances import assert_reordered_close, run_depth
 from train_utils import (
+    make_tiny_model_dir,
+    make_tiny_tokenizer,
     make_tiny_tokenizer_and_model,
     read_metrics,
     tiny_run_config,
@@ -511,3 +513,69 @@ def test_row_blocks_of_processes(monkeypatch):
                                          "rows per process, not whole groups"):
         processes.rows_per_process(12, 4, where="run.yaml")
     assert processes.rows_per_process(12, None, where="run.yaml") == 6
+
+
+def test_environment_steps_run_on_the_row_owner_only(monkeypatch):
+    """``map_owned`` (pretend process 1 of 2): only the rows of this process's block run
+    here, every result comes back in order (process 0's from the gather), and a row keeps
+    its owner however many rows are still active."""
+    import jax
+
+    from jaxpt.rl import processes
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert [processes.row_owner(r, 5) for r in range(5)] == [0, 0, 0, 1, 1]
+    with pytest.raises(ValueError, match="row 5 is not one of 5 rows"):
+        processes.row_owner(5, 5)
+    ran: list[int] = []
+
+    def step(x):
+        ran.append(x)
+        return x * 10
+
+    def gather(local):  # process 0 ran its rows (as x * 10) and sent them
+        return [{k: rows[k] * 10 for k in range(len(rows)) if rows[k] < 3}, local]
+
+    monkeypatch.setattr(processes, "gather_objects", gather)
+    rows = [0, 2, 3, 4]  # the rows still active this turn
+    assert processes.map_owned(step, rows, rows, 5) == [0, 20, 30, 40]
+    assert ran == [3, 4]  # rows 0 and 2 belong to process 0
+
+
+@pytest.fixture(scope="module")
+def multiturn_config(tmp_path_factory, data_dir) -> Path:
+    """Multi-turn GRPO with the two-turn ``AskTwiceEnv`` (its own turn counter: a row's
+    steps must all run on one process) and a reward function beside its reward part; half
+    the tiny vocabulary ends a turn, so the random policy's turns end."""
+    root = tmp_path_factory.mktemp("multihost_multiturn")
+    tok = make_tiny_tokenizer(root / "tok", data_dir)
+    model_dir = make_tiny_model_dir(root / "model", tok)
+    (model_dir / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": list(range(1, len(tok), 2))}))
+    grpo = {"num_generations": 4, "max_completion_length": 8, "max_prompt_length": 128,
+            "reward_funcs": ["tests.grpo_rewards:digit_fraction"], "temperature": 1.0,
+            "environment": "tests.grpo_rewards:AskTwiceEnv", "max_turns": 2}
+    return tiny_run_config(
+        root / "grpo.yaml", model_dir, data_dir, root / "unused",
+        algorithm="grpo", grpo=grpo, checkpoint={"every": 0},
+        train={"max_steps": 2, "batch_size": 8, "seed": 0, "logprob_impl": "chunked"},
+        optim={"lr": 1e-2, "schedule": "constant", "warmup_steps": 0},
+    )
+
+
+@pytest.mark.e2e
+def test_multi_turn_grpo_two_processes_match_one(tmp_path, multiturn_config, procs):
+    """Multi-turn GRPO on 2 processes x 4 devices (one decode session over both hosts'
+    devices; each row's environment steps on its owner process) logs what 1 process x 8
+    devices logs: the same turns, environment rewards, losses."""
+    ref_dir, run_dir, logs_dir = tmp_path / "ref", tmp_path / "multi", tmp_path / "logs"
+    logs = [tmp_path / "ref.log", tmp_path / "multi.log", logs_dir / "process_1.log"]
+    procs.start(train_cmd(multiturn_config, f"out_dir={ref_dir}"), env_with_devices(8), logs[0])
+    launch(procs, multiturn_config, logs_dir, logs[1], f"out_dir={run_dir}")
+    procs.wait_all(RL_TIMEOUT, logs)
+    reference = read_metrics(ref_dir)
+    assert [r["step"] for r in reference] == [1, 2]
+    assert all(r["turns/mean"] > 1.0 for r in reference), reference  # the env asked again
+    assert "env_rewards/second_turn_digits/mean" in reference[0]
+    assert_same_run(read_metrics(run_dir), reference)

@@ -28,6 +28,7 @@ class OnPolicySection:
     arithmetic_ops: str = "+-"
     arithmetic_max_value: int | None = None  # cap on the numbers (else 10**digits - 1)
     arithmetic_style: Literal["word", "plain"] = "word"  # story, or "Calculate 7 + 5."
+    arithmetic_test_fraction: float = 0.1  # share of the problem space held out (by hash)
     max_prompt_length: int = 256
     # Rollouts.
     num_generations: int = 4

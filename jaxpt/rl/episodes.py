@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxpt.rl import processes
 from jaxpt.rl.environments import make_environment
 from jaxpt.rl.multiturn import Trajectory, multiturn_metrics, run_episodes
 from jaxpt.sampling import Sampler
@@ -116,9 +117,21 @@ def to_episodes(trajs: Sequence[Trajectory], *, pad_id: int) -> Episodes:
 
 def run_rollout_episodes(cfg: EpisodeConfig, rows: Sequence[Mapping[str, Any]], decode,
                          tokenizer, *, eos_ids: Sequence[int], pad_id: int) -> Episodes:
-    """Every row's trajectory, to the end (``decode``: a ``session_decoder``)."""
+    """Every row's trajectory, to the end (``decode``: a ``session_decoder``).
+
+    With several processes every process drives the same decode (one SPMD program over
+    the mesh, every row's tokens gathered onto every host) and opens every row's
+    environment, but a row's ``step`` runs only on the process that owns the row
+    (``processes.map_owned``) and its results are gathered: a tool runs once, an
+    environment's own state stays on one process, and every process builds the same
+    trajectories. ``reset`` must therefore depend only on the row (it runs everywhere)."""
+    R = len(rows)
+    spread = None
+    if processes.count() > 1:
+        spread = lambda fn, calls, idx, local_map: processes.map_owned(
+            fn, calls, idx, R, local_map)
     trajs = run_episodes(cfg.env_factory(), rows, decode, tokenizer, max_turns=cfg.max_turns,
                          max_total_tokens=cfg.max_total_tokens, stop_token_ids=eos_ids,
-                         step_workers=cfg.step_workers)
+                         step_workers=cfg.step_workers, map_steps=spread)
     return to_episodes(trajs, pad_id=pad_id)
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -74,6 +75,19 @@ class Trajectory:
         return sum(self.tool_calls.values())
 
 
+def _step(args: tuple[Environment, list[dict], str]) -> Any:
+    env, messages, text = args
+    return env.step(messages, text)
+
+
+def _map_in_threads(fn: Callable, items: list, *, workers: int) -> list:
+    """``[fn(x) for x in items]``, in ``workers`` threads when that is more than one."""
+    if workers > 1 and len(items) > 1:
+        with concurrent.futures.ThreadPoolExecutor(min(workers, len(items))) as pool:
+            return list(pool.map(fn, items))
+    return [fn(x) for x in items]
+
+
 def _completion_parts(out: Any) -> tuple[list[int], list[float] | None]:
     if isinstance(out, Mapping):
         ids, lps = out["token_ids"], out.get("logprobs")
@@ -100,12 +114,16 @@ def run_episodes(
     stop_token_ids: Sequence[int] | None = None,
     chat_template_kwargs: dict | None = None,
     step_workers: int = 1,
+    map_steps: Callable[[Callable, list, list[int], Callable], list] | None = None,
 ) -> list[Trajectory]:
     """Run one fresh environment per row to the end (see the module docstring).
 
     ``step_workers`` > 1 runs the rows' ``env.step`` calls of a turn in that many threads
     (tools such as the sandbox spend their time in another process); results are applied
-    in row order either way, so trajectories do not depend on it."""
+    in row order either way, so trajectories do not depend on it. ``map_steps(fn, calls,
+    rows, local_map)`` replaces how a turn's calls run, e.g. spread over processes
+    (``jaxpt.rl.processes.map_owned``: each row's environment steps on one process, every
+    process gets every result); it must return ``fn`` of every call, in order."""
     if max_turns < 1:
         raise ValueError(f"max_turns must be >= 1, got {max_turns}")
     if stop_token_ids is None:
@@ -151,11 +169,11 @@ def run_episodes(
         texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids, _ in parts]
         step_args = [(envs[i], list(trajs[i].messages), text) for i, text in zip(active, texts,
                                                                                  strict=True)]
-        if step_workers > 1 and len(active) > 1:
-            with concurrent.futures.ThreadPoolExecutor(min(step_workers, len(active))) as pool:
-                results = list(pool.map(lambda a: a[0].step(a[1], a[2]), step_args))
+        local_map = functools.partial(_map_in_threads, workers=step_workers)
+        if map_steps is None:
+            results = local_map(_step, step_args)
         else:
-            results = [env.step(msgs, text) for env, msgs, text in step_args]
+            results = map_steps(_step, step_args, list(active), local_map)
         still = []
         for i, (ids, lps), text, result, out in zip(active, parts, texts, results, outs,
                                                      strict=True):

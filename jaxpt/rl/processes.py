@@ -26,8 +26,14 @@ so one code path serves both and a single-process run is unchanged.
 
 from __future__ import annotations
 
+import pickle
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import jax
 import numpy as np
+
+from jaxpt.distributed import host_rows  # noqa: F401  (re-exported: rl code imports it here)
 
 
 def count() -> int:
@@ -50,16 +56,6 @@ def local_rows(tree, num_rows: int, *, what: str = "rows"):
         return tree
     blk = row_block(num_rows, what=what)
     return jax.tree.map(lambda v: v[blk], tree)
-
-
-def host_rows(x) -> np.ndarray:
-    """A jax.Array (maybe spread over several hosts' devices) as a numpy array holding
-    every row, on every process."""
-    if isinstance(x, np.ndarray) or getattr(x, "is_fully_addressable", True):
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def allgather(x_local: np.ndarray) -> np.ndarray:
@@ -123,3 +119,43 @@ def rows_per_process(rows: int, group_size: int | None, *, where: str) -> int:
             f"not whole groups of grpo.num_generations={group_size}; use a batch size that is "
             f"a multiple of {n * group_size} or grpo.share_prompt=false")
     return local
+
+
+def gather_objects(local: Any) -> list[Any]:
+    """Every process's picklable ``local`` in process order (``[local]`` with one process):
+    pickled, padded to the longest, gathered as bytes."""
+    if jax.process_count() == 1:
+        return [local]
+    data = np.frombuffer(pickle.dumps(local), np.uint8)
+    sizes = allgather(np.asarray([data.size], np.int64))
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[: data.size] = data
+    blocks = allgather(padded).reshape(len(sizes), -1)
+    return [pickle.loads(blocks[p, : int(n)].tobytes()) for p, n in enumerate(sizes)]
+
+
+def row_owner(row: int, num_rows: int) -> int:
+    """The process that owns ``row`` of ``num_rows``: the rows form P near-equal contiguous
+    blocks, one per process, so a row keeps its owner for the whole rollout."""
+    if not 0 <= row < num_rows:
+        raise ValueError(f"row {row} is not one of {num_rows} rows")
+    return row * jax.process_count() // num_rows
+
+
+def map_owned(fn: Callable[[Any], Any], items: Sequence[Any], rows: Sequence[int], num_rows: int,
+              local_map: Callable[[Callable, list], list] | None = None) -> list[Any]:
+    """``[fn(x) for x in items]`` on every process, where item k runs only on the process
+    that owns ``rows[k]`` (:func:`row_owner`) and the results (picklable) are gathered.
+    Work with host state (an environment's ``step``) then runs once, on the same process
+    every time for a given row. ``local_map`` runs this process's items (default: a loop)."""
+    local_map = local_map or (lambda f, xs: [f(x) for x in xs])
+    if jax.process_count() == 1:
+        return local_map(fn, list(items))
+    me = jax.process_index()
+    mine = [k for k, r in enumerate(rows) if row_owner(r, num_rows) == me]
+    done = dict(zip(mine, local_map(fn, [items[k] for k in mine]), strict=True))
+    out: list[Any] = [None] * len(items)
+    for part in gather_objects(done):
+        for k, v in part.items():
+            out[k] = v
+    return out

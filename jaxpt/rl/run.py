@@ -117,9 +117,6 @@ def start_on_policy(cfg: RunConfig, name: str, *, mesh=None, demonstrations: boo
     if episodes is not None and name not in ("grpo", "online_dpo"):
         raise ValueError(f"{cfg.source}: {name}.environment / tools: multi-turn rollouts are "
                          f"wired into grpo and online_dpo; not into {name} yet")
-    if episodes is not None and jax.process_count() > 1:
-        raise NotImplementedError(f"{cfg.source}: multi-turn rollouts ({name}.environment) "
-                                  "run in one process for now")
     if not sec.reward_funcs and episodes is None:
         raise ValueError(f"{cfg.source}: {name}.reward_funcs is empty (allowed only with an "
                          "environment that gives rewards)")

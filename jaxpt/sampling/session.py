@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxpt.distributed import host_rows
 from jaxpt.sampling.continuous import _sample_rows
 from jaxpt.sampling.loop import check_ids_and_loop, check_sampling_args
 from jaxpt.sampling.prefill import prompt_forward
@@ -307,7 +308,9 @@ class DecodeSession:
             max_new_tokens=M, eos_ids=self.eos_ids, pad_id=self.pad_id,
             shardings=self.shardings, layer_loop=self.layer_loop)
         self._cache, self._length = out[0], out[1]
-        tokens_RM, logprobs_RM, sampled_R, stop_R = jax.device_get(out[2:])
+        # Every process needs every row (the environments' next turns): a gather where the
+        # rows are spread over several hosts' devices.
+        tokens_RM, logprobs_RM, sampled_R, stop_R = (host_rows(x) for x in out[2:])
         results = []
         for r in rows:
             n = int(sampled_R[r])
