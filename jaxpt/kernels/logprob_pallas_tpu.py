@@ -10,8 +10,13 @@ in VMEM while their block index does not change:
   d hidden  grid (N/n, V/v): recompute the tile, d_hidden[n] += d_logits @ W[v].
   d W       grid (V/v, N/n): recompute the tile, d_W[v] += d_logits.T @ hidden[n].
 
-Blocks hold the full (padded to 128) hidden size; the wrapper pads N and V to whole
-blocks (padded vocab columns carry id -1 and are masked out).
+Blocks hold the full hidden size. The LM head is never copied: the vocab grid is
+cdiv(V, v) and the last block reads past V (undefined values on the chip, NaN in
+interpret mode; d W's rows there are not written). Only the cheap operands are padded:
+the column ids to whole blocks with -1 (no column), and the tokens (hidden rows and
+per-token vectors) to whole token blocks. Each tile's logits at id -1 are set to 0
+before any use, and the d hidden kernel zeroes the LM-head rows past V, so nothing
+read out of bounds reaches a result.
 """
 
 from __future__ import annotations
@@ -29,15 +34,18 @@ from jaxpt.kernels.logprob_common import (
     dlogits,
     init_stats,
     online_update,
-    pad_operands,
+    pad_axis,
+    round_up,
 )
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 
 
-def _logits(h_ref, w_ref, inv_temp):
+def _logits(h_ref, w_ref, cols_ref, inv_temp):
+    """The n x v logits tile; 0 at columns past the vocabulary (id -1), whose LM-head rows
+    were read out of bounds."""
     z = lax.dot_general(h_ref[...], w_ref[...], _NT, preferred_element_type=jnp.float32)
-    return z * inv_temp
+    return jnp.where(cols_ref[...] >= 0, z * inv_temp, 0.0)
 
 
 def _fwd_kernel(
@@ -50,7 +58,7 @@ def _fwd_kernel(
         for ref, x in zip(refs, init_stats(m_ref.shape), strict=True):
             ref[...] = x
 
-    z = _logits(h_ref, w_ref, inv_temp)
+    z = _logits(h_ref, w_ref, cols_ref, inv_temp)
     stats = online_update(tuple(r[...] for r in refs), z, cols_ref[...], tgt_ref[...], with_entropy)
     for ref, x in zip(refs, stats, strict=True):
         ref[...] = x
@@ -59,7 +67,7 @@ def _fwd_kernel(
 def _dz(
     h_ref, w_ref, cols_ref, tgt_ref, lse_ref, blp_ref, ba_ref, bent_ref, inv_temp, with_entropy
 ):
-    z = _logits(h_ref, w_ref, inv_temp)
+    z = _logits(h_ref, w_ref, cols_ref, inv_temp)
     return dlogits(
         z,
         cols_ref[...],
@@ -72,7 +80,7 @@ def _dz(
     )
 
 
-def _dh_kernel(*refs, inv_temp, with_entropy):
+def _dh_kernel(*refs, inv_temp, with_entropy, vocab):
     *ins, dh_ref = refs
 
     @pl.when(pl.program_id(1) == 0)
@@ -81,7 +89,12 @@ def _dh_kernel(*refs, inv_temp, with_entropy):
 
     w_ref = ins[1]
     dz = _dz(*ins, inv_temp, with_entropy).astype(w_ref.dtype)
-    dh_ref[...] += jnp.dot(dz, w_ref[...], preferred_element_type=jnp.float32)
+    # dz is 0 past the vocabulary, but 0 x (an out-of-bounds NaN / inf) is not: zero the
+    # LM-head rows there (a select over one block; only the last block has any).
+    bv = w_ref.shape[0]
+    row_v1 = pl.program_id(1) * bv + lax.broadcasted_iota(jnp.int32, (bv, 1), 0)
+    w = jnp.where(row_v1 < vocab, w_ref[...], jnp.zeros((), w_ref.dtype))
+    dh_ref[...] += jnp.dot(dz, w, preferred_element_type=jnp.float32)
 
 
 def _dw_kernel(*refs, inv_temp, with_entropy):
@@ -96,19 +109,21 @@ def _dw_kernel(*refs, inv_temp, with_entropy):
     dw_ref[...] += jnp.dot(dz.T, h_ref[...], preferred_element_type=jnp.float32)
 
 
-def _padded(h_NH, w_VH, cols_1V, vecs_N, bs: BlockSizes):
-    return pad_operands(
-        h_NH, w_VH, cols_1V, vecs_N, block_n=bs.block_n, block_v=bs.block_v, block_h=128
-    )
+def _padded(h_NH, cols_1V, vecs_N, bs: BlockSizes):
+    """Token rows padded to whole token blocks, column ids to whole vocab blocks (-1);
+    the LM head is left as it is (see the module docstring)."""
+    Np, Vp = round_up(h_NH.shape[0], bs.block_n), round_up(cols_1V.shape[1], bs.block_v)
+    vecs = [pad_axis(x, 0, Np)[:, None] for x in vecs_N]
+    return pad_axis(h_NH, 0, Np), pad_axis(cols_1V, 1, Vp, value=-1), vecs
 
 
-def _specs(bn, bv, Hp, n_vecs, token_major: bool):
+def _specs(bn, bv, H, n_vecs, token_major: bool):
     """BlockSpecs for (h, w, cols, *vecs); the grid is (n, v) or, if not token_major, (v, n)."""
     ij = (lambda i, j: (i, j)) if token_major else (lambda j, i: (i, j))
     on = lambda f: lambda a, b: f(*ij(a, b))
     return [
-        pl.BlockSpec((bn, Hp), on(lambda i, j: (i, 0))),
-        pl.BlockSpec((bv, Hp), on(lambda i, j: (j, 0))),
+        pl.BlockSpec((bn, H), on(lambda i, j: (i, 0))),
+        pl.BlockSpec((bv, H), on(lambda i, j: (j, 0))),
         pl.BlockSpec((1, bv), on(lambda i, j: (0, j))),
         *[pl.BlockSpec((bn, 1), on(lambda i, j: (i, 0)))] * n_vecs,
     ]
@@ -121,20 +136,20 @@ def tpu_stats(h_NH, w_VH, cols_1V, tgt_N, *, inv_temp, with_entropy, block_sizes
     """Per-token (m, s, t, zt), each (N,) fp32, over the columns of w_VH."""
     bs = block_sizes.check("tpu")
     N = h_NH.shape[0]
-    h, w, cols, (tgt,) = _padded(h_NH, w_VH, cols_1V, [tgt_N], bs)
-    (Np, Hp), Vp = h.shape, w.shape[0]
+    h, cols, (tgt,) = _padded(h_NH, cols_1V, [tgt_N], bs)
+    (Np, H), Vp = h.shape, cols.shape[1]
     bn, bv = bs.block_n, bs.block_v
     kernel = functools.partial(_fwd_kernel, inv_temp=inv_temp, with_entropy=with_entropy)
     stats = pl.pallas_call(
         kernel,
         grid=(Np // bn, Vp // bv),
-        in_specs=_specs(bn, bv, Hp, 1, token_major=True),
+        in_specs=_specs(bn, bv, H, 1, token_major=True),
         out_specs=[pl.BlockSpec((bn, 1), lambda i, j: (i, 0))] * 4,
         out_shape=[jax.ShapeDtypeStruct((Np, 1), jnp.float32)] * 4,
         compiler_params=_PARAMS,
         interpret=interpret,
         name="jaxpt_logprob_fwd",
-    )(h, w, cols, tgt)
+    )(h, w_VH, cols, tgt)
     return tuple(x[:N, 0] for x in stats)
 
 
@@ -144,29 +159,29 @@ def tpu_grads(
     """(d hidden (N, H), d lm_head (V, H)), both fp32, for the coefficients ``coeffs_N``
     = (lse, b_lp, b_a, b_ent) (see ``logprob_common.dlogits``)."""
     bs = block_sizes.check("tpu")
-    (N, H), V = h_NH.shape, w_VH.shape[0]
-    h, w, cols, vecs = _padded(h_NH, w_VH, cols_1V, [tgt_N, *coeffs_N], bs)
-    (Np, Hp), Vp = h.shape, w.shape[0]
+    N, V = h_NH.shape[0], w_VH.shape[0]
+    h, cols, vecs = _padded(h_NH, cols_1V, [tgt_N, *coeffs_N], bs)
+    (Np, H), Vp = h.shape, cols.shape[1]
     bn, bv = bs.block_n, bs.block_v
     kw = dict(inv_temp=inv_temp, with_entropy=with_entropy)
     dh = pl.pallas_call(
-        functools.partial(_dh_kernel, **kw),
+        functools.partial(_dh_kernel, vocab=V, **kw),
         grid=(Np // bn, Vp // bv),
-        in_specs=_specs(bn, bv, Hp, 5, token_major=True),
-        out_specs=pl.BlockSpec((bn, Hp), lambda i, j: (i, 0)),
-        out_shape=jax.ShapeDtypeStruct((Np, Hp), jnp.float32),
+        in_specs=_specs(bn, bv, H, 5, token_major=True),
+        out_specs=pl.BlockSpec((bn, H), lambda i, j: (i, 0)),
+        out_shape=jax.ShapeDtypeStruct((Np, H), jnp.float32),
         compiler_params=_PARAMS,
         interpret=interpret,
         name="jaxpt_logprob_bwd_dh",
-    )(h, w, cols, *vecs)
+    )(h, w_VH, cols, *vecs)
     dw = pl.pallas_call(
         functools.partial(_dw_kernel, **kw),
         grid=(Vp // bv, Np // bn),
-        in_specs=_specs(bn, bv, Hp, 5, token_major=False),
-        out_specs=pl.BlockSpec((bv, Hp), lambda j, i: (j, 0)),
-        out_shape=jax.ShapeDtypeStruct((Vp, Hp), jnp.float32),
-        compiler_params=_PARAMS,
+        in_specs=_specs(bn, bv, H, 5, token_major=False),
+        out_specs=pl.BlockSpec((bv, H), lambda j, i: (j, 0)),
+        out_shape=jax.ShapeDtypeStruct((V, H), jnp.float32),  # the last block's rows past V
+        compiler_params=_PARAMS,                                # are not written
         interpret=interpret,
         name="jaxpt_logprob_bwd_dw",
-    )(h, w, cols, *vecs)
-    return dh[:N, :H], dw[:V, :H]
+    )(h, w_VH, cols, *vecs)
+    return dh[:N], dw
