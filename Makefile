@@ -27,9 +27,10 @@ demo: setup
 	JAX_PLATFORMS=$${JAX_PLATFORMS:-cpu} $(BIN)/jaxpt train configs/grpo_arithmetic_tiny.yaml
 
 # Two workers, one test file each at a time (a file's module fixtures are built once).
+# --durations: the 30 slowest tests at the end of every run (where CI time goes).
 TEST_WORKERS ?= 2
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check jaxpt tests bench

@@ -397,14 +397,18 @@ def launch(procs: Procs, config: Path, logs_dir: Path, log: Path, *overrides: st
     return procs.start(cmd, env_with_devices(4), log)
 
 
-def assert_same_run(multi: list[dict], reference: list[dict], num_layers: int = 2) -> None:
-    """Same steps and keys; host metrics equal; device metrics equal up to reordering."""
+def assert_same_run(multi: list[dict], reference: list[dict], num_layers: int = 2,
+                    device: tuple[str, ...] = (), skip=lambda step, key: False) -> None:
+    """Same steps and keys; host metrics equal; device metrics (``DEVICE_METRICS`` and
+    ``device``) equal up to reordering; ``skip(step, key)``: not compared."""
     assert [r["step"] for r in multi] == [r["step"] for r in reference]
     for m, r in zip(multi, reference, strict=True):
         keys = {k for k in r if not k.startswith(WALL_CLOCK)}
         assert keys == {k for k in m if not k.startswith(WALL_CLOCK)}, (m, r)
         for k in sorted(keys):
-            if k.startswith(DEVICE_METRICS):
+            if skip(r["step"], k):
+                continue
+            if k.startswith(DEVICE_METRICS + device):
                 # A loss near 0 is a sum of terms of size ~1 (advantages): scale 1.
                 assert_reordered_close(m[k], r[k], n=1000, depth=run_depth(r["step"], num_layers),
                                        scale=max(1.0, abs(r[k])), err_msg=f"step {r['step']} {k}")
@@ -579,3 +583,43 @@ def test_multi_turn_grpo_two_processes_match_one(tmp_path, multiturn_config, pro
     assert all(r["turns/mean"] > 1.0 for r in reference), reference  # the env asked again
     assert "env_rewards/second_turn_digits/mean" in reference[0]
     assert_same_run(read_metrics(run_dir), reference)
+
+
+@pytest.mark.e2e
+def test_online_dpo_two_processes_match_one(tmp_path, model_dir, procs):
+    """Online DPO on 2 processes x 4 devices (pairs sampled over both hosts' devices, the
+    ranking on every process, each process serving its block of the pairs; the held-out
+    eval too) logs what 1 process x 8 devices logs."""
+    cfg = {
+        "algorithm": "online_dpo",
+        "model": {"name": str(model_dir)},
+        "data": {"max_train_rows": 32, "max_eval_rows": 8},
+        "optim": {"lr": 1e-2, "schedule": "constant"},
+        "train": {"max_steps": 2, "batch_size": 8, "seed": 0, "logprob_impl": "chunked",
+                  "eval_every": 2},
+        "checkpoint": {"every": 0},
+        "logging": {"progress": False, "every": 1},
+        "online_dpo": {"task": "arithmetic", "max_completion_length": 8, "temperature": 1.0,
+                       "reward_funcs": ["tests.grpo_rewards:digit_fraction"],
+                       "eval_prompts": 8, "eval_batch_size": 8, "missing_eos_penalty": 0.5},
+    }
+    path = tmp_path / "odpo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    ref_dir, run_dir, logs_dir = tmp_path / "ref", tmp_path / "multi", tmp_path / "logs"
+    logs = [tmp_path / "ref.log", tmp_path / "multi.log", logs_dir / "process_1.log"]
+    procs.start(train_cmd(path, f"out_dir={ref_dir}"), env_with_devices(8), logs[0])
+    launch(procs, path, logs_dir, logs[1], f"out_dir={run_dir}")
+    procs.wait_all(RL_TIMEOUT, logs)
+    reference = read_metrics(ref_dir)
+    assert [r["step"] for r in reference if "loss" in r] == [1, 2]
+    assert any("eval_accuracy" in r for r in reference)
+    assert any(r.get("pairs/tied_frac", 1.0) < 1.0 for r in reference), reference  # pairs trained
+    # The DPO statistics come from the device (log-probs): equal up to reordering. At step 1
+    # the policy is the reference, so every implicit reward is rounding noise (~1e-7) and
+    # the fraction of pairs with a positive margin is that noise's sign: not compared.
+    assert abs(reference[0]["rewards/margins"]) < 1e-5
+    dpo_device = ("logps/", "logits/", "rewards/chosen", "rewards/rejected", "rewards/margins",
+                  "rewards/accuracies", "objective/kl", "objective/entropy",
+                  "objective/non_score_reward", "objective/rlhf_reward")
+    assert_same_run(read_metrics(run_dir), reference, device=dpo_device,
+                    skip=lambda step, k: step == 1 and k == "rewards/accuracies")

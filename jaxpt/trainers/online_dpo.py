@@ -20,7 +20,7 @@ from jaxpt.config import RunConfig
 from jaxpt.engine import build as eb
 from jaxpt.engine import state as es
 from jaxpt.engine.loop import Trainer
-from jaxpt.rl import layout
+from jaxpt.rl import layout, processes
 from jaxpt.rl.rollout import decode_policy
 from jaxpt.rl.run import start_on_policy
 from jaxpt.rl.scoring import make_score_fn
@@ -67,14 +67,16 @@ def aot_programs(cfg: RunConfig, bundle) -> list:
 def build_online_dpo_trainer(cfg: RunConfig, *, mesh=None) -> Trainer:
     sec: OnlineDPOSection = cfg.section("online_dpo")
     t, G = cfg.train, 2
-    run = start_on_policy(cfg, "online_dpo", mesh=mesh)
+    run = start_on_policy(cfg, "online_dpo", mesh=mesh, multi_process=True)
     bundle, mesh = run.bundle, run.mesh
     share, batch_sh, program = online_dpo_program(cfg, bundle, run.total_steps)
     ts = program.trainable
     params_of_state, decode_sh = decode_policy(ts, bundle.params, mesh)
     sampler = run.sampler(decode_sh)  # rewards are ranked in make_batch, not advantages
     score_fn = make_score_fn(bundle.graphdef, ts.params_fn, impl=t.logprob_impl, temperature=1.0,
-                             rows_sh=batch_sh.rows, mesh=mesh, rows_per_call=t.batch_size,
+                             rows_sh=batch_sh.rows, mesh=mesh,
+                             rows_per_call=processes.rows_per_process(
+                                 t.batch_size, G if share else None, where=cfg.source),
                              group_size=G if share else None)
 
     def make_batch(ro, chosen, pb) -> OnlineDPOBatch:
