@@ -14,6 +14,15 @@ benchmark); on GPU/TPU `chunked` is reported too (case suffix `_chunked`). The p
 
 Cases whose reference needs more memory than --max-run-gb are compiled (memory rows)
 but not run. Axis legend: N tokens, H hidden, V vocab.
+
+    python bench/logprob.py --tpu-compile [--quick]   # compiled for one v5e chip (libtpu)
+
+compiles the same forward+backward for one v5e chip with libtpu's compile-only path (the
+`[tpu]` extra; nothing runs), on a 1-device mesh of that chip so `pallas` is the Mosaic
+kernel, for fp32 and bf16 at N {4096, 16384} x H {896, 2048, 4096} x V {49152, 128256,
+151936} (`--quick`: N=4096, H=2048, V=151936), and prints `temp` (the temporaries: what
+an implementation adds beyond its inputs and gradient outputs) and `temp_plus_output` of
+`pallas` and `chunked` against `reference`.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 from jaxpt.kernels.logprob import token_logprobs  # noqa: E402
 
@@ -106,6 +116,60 @@ def _measure_in_subprocess(impl, N, H, V, dtype, repeats, run) -> dict | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+TPU_CASES = [(n, h, v) for n in (4096, 16384) for h in (896, 2048, 4096)
+             for v in (49152, 128256, 151936)]
+TPU_QUICK = [(4096, 2048, 151936)]
+
+
+def tpu_compile(quick: bool) -> list[dict]:
+    """Temporaries of each implementation's fwd+bwd compiled for one v5e chip."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from jaxpt.engine.aot import compile_lowered, topology, topology_devices
+
+    mesh = Mesh(np.array(topology_devices(topology("v5e-4"))[:1]), ("vocab",))
+    rep = NamedSharding(mesh, PartitionSpec())
+    date, lines = datetime.date.today().isoformat(), []
+    for N, H, V in TPU_QUICK if quick else TPU_CASES:
+        for dtype in (jnp.float32, jnp.bfloat16):
+            args = (jax.ShapeDtypeStruct((N, H), dtype, sharding=rep),
+                    jax.ShapeDtypeStruct((V, H), dtype, sharding=rep),
+                    jax.ShapeDtypeStruct((N,), jnp.int32, sharding=rep))
+            mem = {}
+            for impl in ("reference", "pallas", "chunked"):
+                sh = {} if impl == "reference" else {"mesh": mesh, "vocab_axis": "vocab"}
+
+                def loss(h, w, t, impl=impl, sh=sh):
+                    return -jnp.mean(token_logprobs(h, w, t, impl=impl, **sh).logprobs_N)
+
+                fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+                try:
+                    m = compile_lowered(fn.lower(*args)).memory_analysis()
+                except Exception as e:  # an out-of-memory compile is a result too
+                    print(f"note: {impl} N={N} H={H} V={V} {jnp.dtype(dtype).name}: "
+                          f"{str(e).splitlines()[0][:300]}", file=sys.stderr)
+                    continue
+                mem[impl] = {"temp": m.temp_size_in_bytes / 2**20,
+                             "temp_plus_output": (m.temp_size_in_bytes
+                                                  + m.output_size_in_bytes) / 2**20}
+            if "reference" not in mem:
+                continue
+            for impl in ("pallas", "chunked"):
+                for metric, value in mem.get(impl, {}).items():
+                    peer = mem["reference"][metric]
+                    line = {"bench": "logprob_tpu_compile",
+                            "case": f"N{N}_H{H}_V{V}_{jnp.dtype(dtype).name}_{impl}",
+                            "metric": metric, "unit": "MiB", "jaxpt": round(value, 1),
+                            "peer": round(peer, 1), "peer_name": PEER_NAME,
+                            "ratio": round(value / peer, 4) if peer else None,
+                            "target": 0.10 if (impl, metric) == ("pallas", "temp") else None,
+                            "lower_is_better": True, "device": "v5e x1 (compile-only)",
+                            "date": date}
+                    lines.append(line)
+                    print(json.dumps(line), flush=True)
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smallest case only")
@@ -119,8 +183,12 @@ def main(argv=None):
         default=None,
         help="skip running cases whose N x V fp32 logits exceed this",
     )
+    parser.add_argument("--tpu-compile", action="store_true",
+                        help="compile for one v5e chip (libtpu) and report memory only")
     parser.add_argument("--measure", nargs=7, help=argparse.SUPPRESS)  # internal
     a = parser.parse_args(argv)
+    if a.tpu_compile:
+        return tpu_compile(a.quick)
     platform, device = _device()
     if a.measure:
         impl, N, H, V, dtype, repeats, run = a.measure

@@ -85,9 +85,11 @@ TPU_VMEM_BUDGET = 15 * 2**20
 def tpu_vmem_bytes(block_n: int, block_v: int, H: int, itemsize: int) -> int:
     """VMEM of the TPU kernels' blocks (`logprob_pallas_tpu`), the largest of the three:
     the hidden and LM-head input blocks (full H, padded to 128), double-buffered, plus
-    the fp32 output block of the backward kernels (d hidden [n, H] or d W [v, H]), also
-    double-buffered. Checked against libtpu's compiler: (256, 512) at H = 2,048 compiles in
-    bf16 (14.7 MB) and runs out of scoped VMEM in fp32 (21 MB)."""
+    the output block of the backward kernels (d hidden [n, H] or d W [v, H]): fp32
+    double-buffered, or (written in the inputs' dtype) bf16 double-buffered plus an fp32
+    accumulator, the same 8 bytes per element. Checked against libtpu's compiler:
+    (256, 512) at H = 2,048 compiles in bf16 (14.7 MB) and runs out of scoped VMEM in
+    fp32 (21 MB)."""
     Hp = -(-H // 128) * 128
     return (block_n + block_v) * Hp * 2 * itemsize + max(block_n, block_v) * Hp * 2 * 4
 
@@ -182,9 +184,17 @@ def _grads(cfg: _Config, h_NH, w_VH, tgt_N, coeffs, valid_N):
     grads_fn = functools.partial(_GRADS[cfg.layout], **cfg.kernel_kwargs())
     V = w_VH.shape[0]
     w, cols = _vocab_padded(cfg, w_VH)
+    tok = None if cfg.mesh is None else _token_axes(cfg, h_NH.shape[0])
+    if cfg.layout == "tpu":
+        # The TPU kernel writes a gradient in its input's dtype where no sum over shards
+        # follows (d hidden sums over vocab shards, d lm_head over token shards); else fp32.
+        shards = 1 if cfg.mesh is None else cfg.mesh.shape[cfg.vocab_axis]
+        grads_fn = functools.partial(
+            grads_fn, dh_dtype=h_NH.dtype if shards == 1 else jnp.float32,
+            dw_dtype=w_VH.dtype if tok is None else jnp.float32)
     if cfg.mesh is None:
         return grads_fn(h_NH, w, cols, tgt_N, coeffs, **_skip_kwargs(cfg, valid_N))
-    ax, tok = cfg.vocab_axis, _token_axes(cfg, h_NH.shape[0])
+    ax = cfg.vocab_axis
 
     def local(h, w, cols, tgt, *coeffs):
         dh, dw = grads_fn(h, w, cols, tgt, coeffs)

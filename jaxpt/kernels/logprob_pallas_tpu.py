@@ -80,33 +80,55 @@ def _dz(
     )
 
 
-def _dh_kernel(*refs, inv_temp, with_entropy, vocab):
-    *ins, dh_ref = refs
+def _split_acc(refs, scratch: bool):
+    """(inputs, output, accumulator): an fp32 output accumulates in place; any other dtype
+    in an fp32 VMEM scratch written out once (same VMEM: 2 x 2 + 4 bytes vs 2 x 4)."""
+    if scratch:
+        *ins, out_ref, acc_ref = refs
+        return ins, out_ref, acc_ref
+    *ins, out_ref = refs
+    return ins, out_ref, out_ref
 
-    @pl.when(pl.program_id(1) == 0)
+
+def _dh_kernel(*refs, inv_temp, with_entropy, vocab, scratch):
+    ins, dh_ref, acc_ref = _split_acc(refs, scratch)
+    j = pl.program_id(1)
+
+    @pl.when(j == 0)
     def _():
-        dh_ref[...] = jnp.zeros_like(dh_ref)
+        acc_ref[...] = jnp.zeros_like(acc_ref)
 
     w_ref = ins[1]
     dz = _dz(*ins, inv_temp, with_entropy).astype(w_ref.dtype)
     # dz is 0 past the vocabulary, but 0 x (an out-of-bounds NaN / inf) is not: zero the
     # LM-head rows there (a select over one block; only the last block has any).
     bv = w_ref.shape[0]
-    row_v1 = pl.program_id(1) * bv + lax.broadcasted_iota(jnp.int32, (bv, 1), 0)
+    row_v1 = j * bv + lax.broadcasted_iota(jnp.int32, (bv, 1), 0)
     w = jnp.where(row_v1 < vocab, w_ref[...], jnp.zeros((), w_ref.dtype))
-    dh_ref[...] += jnp.dot(dz, w, preferred_element_type=jnp.float32)
+    acc_ref[...] += jnp.dot(dz, w, preferred_element_type=jnp.float32)
+
+    if scratch:
+        @pl.when(j == pl.num_programs(1) - 1)  # fp32 sums, written once in the output dtype
+        def _():
+            dh_ref[...] = acc_ref[...].astype(dh_ref.dtype)
 
 
-def _dw_kernel(*refs, inv_temp, with_entropy):
-    *ins, dw_ref = refs
+def _dw_kernel(*refs, inv_temp, with_entropy, scratch):
+    ins, dw_ref, acc_ref = _split_acc(refs, scratch)
+    i = pl.program_id(1)
 
-    @pl.when(pl.program_id(1) == 0)
+    @pl.when(i == 0)
     def _():
-        dw_ref[...] = jnp.zeros_like(dw_ref)
+        acc_ref[...] = jnp.zeros_like(acc_ref)
 
     h_ref = ins[0]
     dz = _dz(*ins, inv_temp, with_entropy).astype(h_ref.dtype)
-    dw_ref[...] += jnp.dot(dz.T, h_ref[...], preferred_element_type=jnp.float32)
+    acc_ref[...] += jnp.dot(dz.T, h_ref[...], preferred_element_type=jnp.float32)
+
+    if scratch:
+        @pl.when(i == pl.num_programs(1) - 1)
+        def _():
+            dw_ref[...] = acc_ref[...].astype(dw_ref.dtype)
 
 
 def _padded(h_NH, cols_1V, vecs_N, bs: BlockSizes):
@@ -154,33 +176,40 @@ def tpu_stats(h_NH, w_VH, cols_1V, tgt_N, *, inv_temp, with_entropy, block_sizes
 
 
 def tpu_grads(
-    h_NH, w_VH, cols_1V, tgt_N, coeffs_N, *, inv_temp, with_entropy, block_sizes, interpret
+    h_NH, w_VH, cols_1V, tgt_N, coeffs_N, *, inv_temp, with_entropy, block_sizes, interpret,
+    dh_dtype=jnp.float32, dw_dtype=jnp.float32,
 ):
-    """(d hidden (N, H), d lm_head (V, H)), both fp32, for the coefficients ``coeffs_N``
-    = (lse, b_lp, b_a, b_ent) (see ``logprob_common.dlogits``)."""
+    """(d hidden (N, H), d lm_head (V, H)) for the coefficients ``coeffs_N`` = (lse, b_lp,
+    b_a, b_ent) (see ``logprob_common.dlogits``). Each sums in fp32 in a VMEM accumulator
+    and is written once as ``dh_dtype`` / ``dw_dtype``: the caller asks for its inputs'
+    dtype where nothing is summed afterwards, so no fp32 copy of d W (V x H) exists."""
     bs = block_sizes.check("tpu")
     N, V = h_NH.shape[0], w_VH.shape[0]
     h, cols, vecs = _padded(h_NH, cols_1V, [tgt_N, *coeffs_N], bs)
     (Np, H), Vp = h.shape, cols.shape[1]
     bn, bv = bs.block_n, bs.block_v
     kw = dict(inv_temp=inv_temp, with_entropy=with_entropy)
+    dh_scratch = jnp.dtype(dh_dtype) != jnp.float32
+    dw_scratch = jnp.dtype(dw_dtype) != jnp.float32
     dh = pl.pallas_call(
-        functools.partial(_dh_kernel, vocab=V, **kw),
+        functools.partial(_dh_kernel, vocab=V, scratch=dh_scratch, **kw),
         grid=(Np // bn, Vp // bv),
         in_specs=_specs(bn, bv, H, 5, token_major=True),
         out_specs=pl.BlockSpec((bn, H), lambda i, j: (i, 0)),
-        out_shape=jax.ShapeDtypeStruct((Np, H), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((Np, H), dh_dtype),
+        scratch_shapes=[pltpu.VMEM((bn, H), jnp.float32)] if dh_scratch else [],
         compiler_params=_PARAMS,
         interpret=interpret,
         name="jaxpt_logprob_bwd_dh",
     )(h, w_VH, cols, *vecs)
     dw = pl.pallas_call(
-        functools.partial(_dw_kernel, **kw),
+        functools.partial(_dw_kernel, scratch=dw_scratch, **kw),
         grid=(Vp // bv, Np // bn),
         in_specs=_specs(bn, bv, H, 5, token_major=False),
         out_specs=pl.BlockSpec((bv, H), lambda j, i: (j, 0)),
-        out_shape=jax.ShapeDtypeStruct((V, H), jnp.float32),  # the last block's rows past V
-        compiler_params=_PARAMS,                                # are not written
+        out_shape=jax.ShapeDtypeStruct((V, H), dw_dtype),  # the last block's rows past V
+        scratch_shapes=[pltpu.VMEM((bv, H), jnp.float32)] if dw_scratch else [],  # not written
+        compiler_params=_PARAMS,
         interpret=interpret,
         name="jaxpt_logprob_bwd_dw",
     )(h, w_VH, cols, *vecs)
