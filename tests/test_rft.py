@@ -159,6 +159,12 @@ def test_fingerprint_tracks_sampling_settings_only(tmp_path):
         == f0
     )
     assert sampling_fingerprint(load_config(p, ["rft.num_samples=8"])) != f0
+    # The static engine is the default (older runs' fingerprints stay); continuous draws
+    # other samples, so it is another sampling stage.
+    assert sampling_fingerprint(load_config(p, ["rft.engine=static"])) == f0
+    assert sampling_fingerprint(load_config(p, ["rft.engine=continuous"])) != f0
+    with pytest.raises(ConfigError, match="rft.engine"):
+        load_config(p, ["rft.engine=paged"])
     assert sampling_fingerprint(load_config(p, ["rft.arithmetic.seed=1"])) != f0
     with pytest.raises(ConfigError, match="rft.temperature must be > 0"):
         load_config(p, ["rft.temperature=0"])
@@ -204,6 +210,7 @@ def test_rft_tiny_run_keeps_only_verified_samples(tmp_path, data_dir, capsys):
             "keep_truncated": True,
             "max_new_tokens": 4,
             "batch_size": 8,
+            "engine": "continuous",  # the multi-process RFT test runs the static engine
             "temperature": 1.0,
             "verifier": "tests.test_rft:char_verifier",
             "arithmetic": {"train": 6, "eval": 2, "seed": 1},

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from typing import Literal
 
 from jaxpt.config import RunConfig, config_to_dict, register_section
 from jaxpt.sampling.samplers import Sampler
@@ -73,6 +74,11 @@ class RFTConfig:
     max_new_tokens: int = 256
     max_prompt_length: int = 512  # longer prompts are dropped (counted in the summary)
     batch_size: int = 32  # decoded rows per generate call
+    # Decode loop of the sampling rounds (`jaxpt.sampling.continuous`): "continuous" keeps
+    # batch_size rows decoding and refills a finished row's slot with the next sample, so
+    # a round costs about the sum of the lengths, not rows x the longest. Its samples are
+    # other draws than the static loop's (same seed), so it is part of the fingerprint.
+    engine: Literal["static", "continuous"] = "static"
     verifier: str = "math"  # reward name or package.module:function
     threshold: float = 1.0  # reward >= threshold means correct
     reward_timeout_s: float = 60.0
@@ -94,6 +100,8 @@ class RFTConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"rft.{name} must be >= 1 or null, got {v}")
+        if self.engine not in ("static", "continuous"):
+            raise ValueError(f"rft.engine={self.engine!r}; expected 'static' or 'continuous'")
         if self.temperature <= 0:
             raise ValueError(
                 f"rft.temperature must be > 0 (greedy samples are all identical), "
@@ -121,6 +129,8 @@ def sampling_fingerprint(cfg: RunConfig) -> str:
     for k in ("eval_before", "eval_after", "eval_max_new_tokens", "eval_batch_size",
               "reuse_samples"):
         rcfg.pop(k, None)
+    if rcfg.get("engine") == "static":  # the default: runs from before the key keep theirs
+        rcfg.pop("engine")
     data = ("train", "train_split", "format", "max_train_rows", "skip_invalid")
     key = {"rft": rcfg, "model": config_to_dict(cfg)["model"],
            "data": {k: getattr(cfg.data, k) for k in data}}

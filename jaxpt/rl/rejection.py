@@ -202,7 +202,7 @@ def run_sampling(
             eos_ids=eos_ids,
             pad_id=pad_id,
             batch_size=rcfg.batch_size,
-            engine=getattr(rcfg, "engine", "static"),  # rft.engine, once RFTConfig has it
+            engine=rcfg.engine,
             seed=rcfg.seed * 1000 + r,
             verifier=rcfg.verifier,
             threshold=rcfg.threshold,

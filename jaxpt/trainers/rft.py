@@ -126,7 +126,7 @@ def aot_programs(cfg: RunConfig, bundle) -> list:
     from jaxpt.trainers import sft
 
     rcfg: RFTConfig = cfg.section("rft")
-    engine = getattr(rcfg, "engine", "static")  # as jaxpt.rl.rejection.run_sampling reads it
+    engine = rcfg.engine
     if engine != "static":
         raise NotImplementedError(f"{cfg.source}: rft.engine={engine!r}: --compile lists the "
                                   "static engine's programs only")
