@@ -397,6 +397,17 @@ def launch(procs: Procs, config: Path, logs_dir: Path, log: Path, *overrides: st
     return procs.start(cmd, env_with_devices(4), log)
 
 
+def one_vs_two(procs: Procs, config: Path, tmp_path: Path) -> tuple[Path, Path, list[Path]]:
+    """``config`` run by 1 process x 8 devices and, beside it, by 2 processes x 4 devices
+    (the launch script); waits for both. Returns (reference dir, 2-process dir, logs)."""
+    ref_dir, run_dir, logs_dir = tmp_path / "ref", tmp_path / "multi", tmp_path / "logs"
+    logs = [tmp_path / "ref.log", tmp_path / "multi.log", logs_dir / "process_1.log"]
+    procs.start(train_cmd(config, f"out_dir={ref_dir}"), env_with_devices(8), logs[0])
+    launch(procs, config, logs_dir, logs[1], f"out_dir={run_dir}")
+    procs.wait_all(RL_TIMEOUT, logs)
+    return ref_dir, run_dir, logs
+
+
 def assert_same_run(multi: list[dict], reference: list[dict], num_layers: int = 2,
                     device: tuple[str, ...] = (), skip=lambda step, key: False) -> None:
     """Same steps and keys; host metrics equal; device metrics (``DEVICE_METRICS`` and
@@ -479,11 +490,7 @@ def test_rft_two_processes_keep_the_same_samples(tmp_path, model_dir, procs):
     }
     path = tmp_path / "rft.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    ref_dir, run_dir, logs_dir = tmp_path / "ref", tmp_path / "multi", tmp_path / "logs"
-    logs = [tmp_path / "ref.log", tmp_path / "multi.log", logs_dir / "process_1.log"]
-    procs.start(train_cmd(path, f"out_dir={ref_dir}"), env_with_devices(8), logs[0])
-    launch(procs, path, logs_dir, logs[1], f"out_dir={run_dir}")
-    procs.wait_all(RL_TIMEOUT, logs)
+    ref_dir, run_dir, logs = one_vs_two(procs, path, tmp_path)
 
     for name in ("samples.jsonl", "train.jsonl"):
         assert (run_dir / "rft" / name).read_text() == (ref_dir / "rft" / name).read_text()
@@ -573,11 +580,7 @@ def test_multi_turn_grpo_two_processes_match_one(tmp_path, multiturn_config, pro
     """Multi-turn GRPO on 2 processes x 4 devices (one decode session over both hosts'
     devices; each row's environment steps on its owner process) logs what 1 process x 8
     devices logs: the same turns, environment rewards, losses."""
-    ref_dir, run_dir, logs_dir = tmp_path / "ref", tmp_path / "multi", tmp_path / "logs"
-    logs = [tmp_path / "ref.log", tmp_path / "multi.log", logs_dir / "process_1.log"]
-    procs.start(train_cmd(multiturn_config, f"out_dir={ref_dir}"), env_with_devices(8), logs[0])
-    launch(procs, multiturn_config, logs_dir, logs[1], f"out_dir={run_dir}")
-    procs.wait_all(RL_TIMEOUT, logs)
+    ref_dir, run_dir, _ = one_vs_two(procs, multiturn_config, tmp_path)
     reference = read_metrics(ref_dir)
     assert [r["step"] for r in reference] == [1, 2]
     assert all(r["turns/mean"] > 1.0 for r in reference), reference  # the env asked again
@@ -605,11 +608,7 @@ def test_online_dpo_two_processes_match_one(tmp_path, model_dir, procs):
     }
     path = tmp_path / "odpo.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    ref_dir, run_dir, logs_dir = tmp_path / "ref", tmp_path / "multi", tmp_path / "logs"
-    logs = [tmp_path / "ref.log", tmp_path / "multi.log", logs_dir / "process_1.log"]
-    procs.start(train_cmd(path, f"out_dir={ref_dir}"), env_with_devices(8), logs[0])
-    launch(procs, path, logs_dir, logs[1], f"out_dir={run_dir}")
-    procs.wait_all(RL_TIMEOUT, logs)
+    ref_dir, run_dir, _ = one_vs_two(procs, path, tmp_path)
     reference = read_metrics(ref_dir)
     assert [r["step"] for r in reference if "loss" in r] == [1, 2]
     assert any("eval_accuracy" in r for r in reference)
