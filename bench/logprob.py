@@ -121,7 +121,7 @@ TPU_CASES = [(n, h, v) for n in (4096, 16384) for h in (896, 2048, 4096)
 TPU_QUICK = [(4096, 2048, 151936)]
 
 
-def tpu_compile(quick: bool) -> list[dict]:
+def tpu_compile(quick: bool, shapes: list[tuple[int, int, int]] | None = None) -> list[dict]:
     """Temporaries of each implementation's fwd+bwd compiled for one v5e chip."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -130,12 +130,12 @@ def tpu_compile(quick: bool) -> list[dict]:
     mesh = Mesh(np.array(topology_devices(topology("v5e-4"))[:1]), ("vocab",))
     rep = NamedSharding(mesh, PartitionSpec())
     date, lines = datetime.date.today().isoformat(), []
-    for N, H, V in TPU_QUICK if quick else TPU_CASES:
+    for N, H, V in shapes or (TPU_QUICK if quick else TPU_CASES):
         for dtype in (jnp.float32, jnp.bfloat16):
             args = (jax.ShapeDtypeStruct((N, H), dtype, sharding=rep),
                     jax.ShapeDtypeStruct((V, H), dtype, sharding=rep),
                     jax.ShapeDtypeStruct((N,), jnp.int32, sharding=rep))
-            mem = {}
+            mem, failed = {}, {}
             for impl in ("reference", "pallas", "chunked"):
                 sh = {} if impl == "reference" else {"mesh": mesh, "vocab_axis": "vocab"}
 
@@ -146,21 +146,25 @@ def tpu_compile(quick: bool) -> list[dict]:
                 try:
                     m = compile_lowered(fn.lower(*args)).memory_analysis()
                 except Exception as e:  # an out-of-memory compile is a result too
+                    failed[impl] = str(e).splitlines()[0][:300]
                     print(f"note: {impl} N={N} H={H} V={V} {jnp.dtype(dtype).name}: "
-                          f"{str(e).splitlines()[0][:300]}", file=sys.stderr)
+                          f"{failed[impl]}", file=sys.stderr)
                     continue
                 mem[impl] = {"temp": m.temp_size_in_bytes / 2**20,
                              "temp_plus_output": (m.temp_size_in_bytes
                                                   + m.output_size_in_bytes) / 2**20}
-            if "reference" not in mem:
-                continue
             for impl in ("pallas", "chunked"):
                 for metric, value in mem.get(impl, {}).items():
-                    peer = mem["reference"][metric]
+                    # A reference that does not fit the chip has no figure: its error is
+                    # the result (peer null, peer_error the compiler's message).
+                    peer = mem.get("reference", {}).get(metric)
                     line = {"bench": "logprob_tpu_compile",
                             "case": f"N{N}_H{H}_V{V}_{jnp.dtype(dtype).name}_{impl}",
                             "metric": metric, "unit": "MiB", "jaxpt": round(value, 1),
-                            "peer": round(peer, 1), "peer_name": PEER_NAME,
+                            "peer": None if peer is None else round(peer, 1),
+                            "peer_name": PEER_NAME,
+                            **({"peer_error": failed["reference"]} if "reference" in failed
+                               else {}),
                             "ratio": round(value / peer, 4) if peer else None,
                             "target": 0.10 if (impl, metric) == ("pallas", "temp") else None,
                             "lower_is_better": True, "device": "v5e x1 (compile-only)",
@@ -185,10 +189,14 @@ def main(argv=None):
     )
     parser.add_argument("--tpu-compile", action="store_true",
                         help="compile for one v5e chip (libtpu) and report memory only")
+    parser.add_argument("--shapes", default=None,
+                        help="with --tpu-compile: NxHxV,... instead of the grid")
     parser.add_argument("--measure", nargs=7, help=argparse.SUPPRESS)  # internal
     a = parser.parse_args(argv)
     if a.tpu_compile:
-        return tpu_compile(a.quick)
+        shapes = None if a.shapes is None else [
+            tuple(int(x) for x in s.split("x")) for s in a.shapes.split(",")]
+        return tpu_compile(a.quick, shapes)
     platform, device = _device()
     if a.measure:
         impl, N, H, V, dtype, repeats, run = a.measure
