@@ -550,7 +550,7 @@ def test_environment_steps_run_on_the_row_owner_only(monkeypatch):
 
     monkeypatch.setattr(processes, "gather_objects", gather)
     rows = [0, 2, 3, 4]  # the rows still active this turn
-    assert processes.map_owned(step, rows, rows, 5) == [0, 20, 30, 40]
+    assert processes.map_owned(step, rows, rows, num_rows=5) == [0, 20, 30, 40]
     assert ran == [3, 4]  # rows 0 and 2 belong to process 0
 
 

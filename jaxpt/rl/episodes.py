@@ -23,6 +23,7 @@ its next turn; rows that are done sit idle. Nothing is re-tokenized or re-prefil
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -125,13 +126,9 @@ def run_rollout_episodes(cfg: EpisodeConfig, rows: Sequence[Mapping[str, Any]], 
     (``processes.map_owned``) and its results are gathered: a tool runs once, an
     environment's own state stays on one process, and every process builds the same
     trajectories. ``reset`` must therefore depend only on the row (it runs everywhere)."""
-    R = len(rows)
-    spread = None
-    if processes.count() > 1:
-        spread = lambda fn, calls, idx, local_map: processes.map_owned(
-            fn, calls, idx, R, local_map)
     trajs = run_episodes(cfg.env_factory(), rows, decode, tokenizer, max_turns=cfg.max_turns,
                          max_total_tokens=cfg.max_total_tokens, stop_token_ids=eos_ids,
-                         step_workers=cfg.step_workers, map_steps=spread)
+                         step_workers=cfg.step_workers,
+                         map_steps=functools.partial(processes.map_owned, num_rows=len(rows)))
     return to_episodes(trajs, pad_id=pad_id)
 

@@ -142,8 +142,9 @@ def row_owner(row: int, num_rows: int) -> int:
     return row * jax.process_count() // num_rows
 
 
-def map_owned(fn: Callable[[Any], Any], items: Sequence[Any], rows: Sequence[int], num_rows: int,
-              local_map: Callable[[Callable, list], list] | None = None) -> list[Any]:
+def map_owned(fn: Callable[[Any], Any], items: Sequence[Any], rows: Sequence[int],
+              local_map: Callable[[Callable, list], list] | None = None, *,
+              num_rows: int) -> list[Any]:
     """``[fn(x) for x in items]`` on every process, where item k runs only on the process
     that owns ``rows[k]`` (:func:`row_owner`) and the results (picklable) are gathered.
     Work with host state (an environment's ``step``) then runs once, on the same process
